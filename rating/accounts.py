@@ -1,0 +1,130 @@
+"""Accounts: who is rated on which plan, with which wallet settings (SPEC accounts.yaml)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rating.catalog import BILLING_MODES, Catalog
+from rating.money import MoneyError, parse_micros
+
+_ACCOUNT_KEYS = {
+    "id", "plan", "home_country", "billing", "balance", "period_anchor_day", "auto_topup",
+    "low_balance_alert", "credit_limit",
+}
+
+
+class AccountsError(ValueError):
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{source}: accounts refused, {len(errors)} error(s):\n{lines}")
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    account_id: str
+    plan_id: str
+    home_country: str
+    billing: str  # prepaid | postpaid
+    balance: int  # opening balance, micros
+    period_anchor_day: int  # 1..28, UTC
+    topup_threshold: int | None = None  # micros
+    topup_amount: int | None = None  # micros
+    low_balance_alert: int | None = None  # micros
+    credit_limit: int | None = None  # micros, postpaid: block once owed amount passes it
+
+
+def _money(errors: list[str], path: str, value: Any, *, allow_negative: bool = True) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        errors.append(f'{path}: money must be a quoted decimal string like "10.00", got the float {value!r}')
+        return None
+    try:
+        return parse_micros(value, allow_negative=allow_negative)
+    except MoneyError as exc:
+        errors.append(f"{path}: {exc}")
+        return None
+
+
+def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dict[str, Account]:
+    items = data.get("accounts") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise AccountsError(source, ["(top): expected a list of accounts (or a mapping with key accounts)"])
+    errors: list[str] = []
+    accounts: dict[str, Account] = {}
+    for i, item in enumerate(items):
+        path = f"accounts[{i}]"
+        if not isinstance(item, dict):
+            errors.append(f"{path}: expected a mapping, got {item!r}")
+            continue
+        for key in item:
+            if key not in _ACCOUNT_KEYS:
+                errors.append(f"{path}.{key}: unknown key (allowed: {', '.join(sorted(_ACCOUNT_KEYS))})")
+        acc_id = item.get("id")
+        if not isinstance(acc_id, str) or not 1 <= len(acc_id) <= 128:
+            errors.append(f"{path}.id: expected a string of 1..128 chars, got {acc_id!r}")
+            continue
+        path = f"accounts[{i}] ({acc_id})"
+        if acc_id in accounts:
+            errors.append(f"{path}.id: duplicate account id")
+        plan_id = item.get("plan")
+        plan = catalog.plans.get(str(plan_id))
+        if plan is None:
+            errors.append(f"{path}.plan: unknown plan {plan_id!r} (plans: {', '.join(sorted(catalog.plans))})")
+        home = item.get("home_country")
+        if not isinstance(home, str) or not re.match(r"^[A-Z]{2}$", home):
+            errors.append(f"{path}.home_country: expected an ISO alpha-2 code, got {home!r}")
+        billing = item.get("billing", plan.billing if plan else "prepaid")
+        if billing not in BILLING_MODES:
+            errors.append(f"{path}.billing: expected prepaid or postpaid, got {billing!r}")
+        anchor = item.get("period_anchor_day", 1)
+        if not isinstance(anchor, int) or isinstance(anchor, bool) or not 1 <= anchor <= 28:
+            errors.append(f"{path}.period_anchor_day: expected an integer 1..28, got {anchor!r}")
+        balance = _money(errors, f"{path}.balance", item.get("balance", "0"))
+        topup = item.get("auto_topup")
+        threshold = amount = None
+        if topup is not None:
+            if not isinstance(topup, dict) or set(topup) != {"threshold", "amount"}:
+                errors.append(f"{path}.auto_topup: expected {{threshold, amount}} or null, got {topup!r}")
+            else:
+                threshold = _money(errors, f"{path}.auto_topup.threshold", topup["threshold"])
+                amount = _money(errors, f"{path}.auto_topup.amount", topup["amount"], allow_negative=False)
+                if amount == 0:
+                    errors.append(f"{path}.auto_topup.amount: must be > 0")
+        alert = _money(errors, f"{path}.low_balance_alert", item.get("low_balance_alert"))
+        limit = _money(errors, f"{path}.credit_limit", item.get("credit_limit"), allow_negative=False)
+        if errors:
+            continue
+        accounts[acc_id] = Account(
+            account_id=acc_id,
+            plan_id=str(plan_id),
+            home_country=str(home),
+            billing=str(billing),
+            balance=balance or 0,
+            period_anchor_day=int(anchor),
+            topup_threshold=threshold,
+            topup_amount=amount,
+            low_balance_alert=alert,
+            credit_limit=limit,
+        )
+    if errors:
+        raise AccountsError(source, errors)
+    return accounts
+
+
+def load_accounts(path: str | Path, catalog: Catalog) -> dict[str, Account]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AccountsError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise AccountsError(str(p), [f"(yaml): {exc}"]) from None
+    return parse_accounts(data, catalog, str(p))

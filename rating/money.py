@@ -1,0 +1,71 @@
+"""Exact money: integer micros inside, 6-place decimal strings at the edges.
+
+Catalog prices are parsed from their decimal text into integer *pico*-units (10**-12 of the
+currency), so a price with up to 12 decimals is exact and every charge is an integer
+computation rounded half-up exactly once, at the end, to micros.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+MICROS = 1_000_000
+PICO = 1_000_000_000_000
+PICO_PER_MICRO = PICO // MICROS
+PRICE_DECIMALS = 12
+
+
+class MoneyError(ValueError):
+    pass
+
+
+def parse_price_pico(text: object) -> int:
+    """Decimal text ("0.0125") -> integer pico-units. Rejects floats, negatives, >12 places."""
+    if not isinstance(text, str | int) or isinstance(text, bool):
+        raise MoneyError(f"expected a decimal string like \"0.0125\", got {text!r}")
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        raise MoneyError(f"expected a decimal string like \"0.0125\", got {text!r}") from None
+    if not value.is_finite():
+        raise MoneyError(f"expected a finite decimal, got {text!r}")
+    if value < 0:
+        raise MoneyError(f"price must be >= 0, got {text!r}")
+    scaled = value.scaleb(PRICE_DECIMALS)
+    if scaled != scaled.to_integral_value():
+        raise MoneyError(f"at most {PRICE_DECIMALS} decimal places, got {text!r}")
+    return int(scaled)
+
+
+def parse_micros(text: object, *, allow_negative: bool = True) -> int:
+    """Decimal text ("12.34") -> integer micros; more than 6 places is an error, not a rounding."""
+    if not isinstance(text, str | int) or isinstance(text, bool):
+        raise MoneyError(f"expected a decimal string like \"12.50\", got {text!r}")
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        raise MoneyError(f"expected a decimal string like \"12.50\", got {text!r}") from None
+    if not value.is_finite():
+        raise MoneyError(f"expected a finite decimal, got {text!r}")
+    if value < 0 and not allow_negative:
+        raise MoneyError(f"must be >= 0, got {text!r}")
+    scaled = value.scaleb(6)
+    if scaled != scaled.to_integral_value():
+        raise MoneyError(f"at most 6 decimal places, got {text!r}")
+    return int(scaled)
+
+
+def div_half_up(numerator: int, denominator: int) -> int:
+    """Round numerator/denominator half-up (away from zero at .5) for non-negative values."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def format_micros(micros: int) -> str:
+    """12340000 -> "12.340000"; -5 -> "-0.000005"."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def micros_to_decimal(micros: int) -> Decimal:
+    return Decimal(micros).scaleb(-6)

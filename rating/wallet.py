@@ -1,0 +1,197 @@
+"""Wallet rules behind a small batch store interface (SPEC "Wallets").
+
+The engine rates a batch in two store round trips:
+
+1. `lookup` — for every event: what the store remembers of an earlier delivery (dedupe), and
+   the allowance already used for every (account, package, period) the batch touches.
+2. `apply` — one atomic step for the whole batch: balances move, allowances grow, dedupe
+   entries are written, and the balance-driven wallet events are decided *where the balance
+   lives* (an operator credit may land between two batches).
+
+Allowances and dedupe entries are written only by the owner of an account's Kafka partition,
+so the snapshot read in step 1 is still true in step 2; stores fence stale owners.
+`MemoryWalletStore` is the reference implementation used offline; the Redis debiter
+implements the same two calls as Lua scripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from rating.accounts import Account
+
+# Wallet-event bits decided by the store on a debit or credit.
+EV_BLOCKED = 1
+EV_UNBLOCKED = 2
+EV_TOPUP_REQUESTED = 4
+EV_LOW_BALANCE = 8
+BALANCE_EVENTS = (
+    (EV_BLOCKED, "blocked"),
+    (EV_UNBLOCKED, "unblocked"),
+    (EV_TOPUP_REQUESTED, "topup_requested"),
+    (EV_LOW_BALANCE, "low_balance"),
+)
+
+AllowanceKey = tuple[str, str, str]  # (account_id, package_id, period_start ISO date)
+DedupeKey = tuple[str, str]  # (account_id, event_id)
+
+
+class Debit(NamedTuple):
+    """One newly rated event to apply. `outcome` is the engine's compact record of the result,
+    stored with the dedupe entry so a redelivered message re-emits the same record."""
+
+    account_id: str
+    event_id: str
+    amount: int  # micros charged (>= 0)
+    allowance_key: AllowanceKey | None
+    covered_s: int
+    fingerprint: int
+    source: str  # where this delivery came from, e.g. "3:1200" (partition:offset)
+    outcome: str
+    reservation_id: str | None
+
+
+class Applied(NamedTuple):
+    balance_after: int
+    events: int  # EV_* bits
+
+
+class Prior(NamedTuple):
+    """What the store remembers of an applied event."""
+
+    fingerprint: int
+    source: str
+    outcome: str
+    balance_after: int
+    events: int
+
+
+def encode_prior(fingerprint: int, source: str, outcome: str, balance_after: int, events: int) -> str:
+    return f"{fingerprint}|{source}|{balance_after}|{events}|{outcome}"
+
+
+def decode_prior(text: str) -> Prior:
+    fp, source, balance, events, outcome = text.split("|", 4)
+    return Prior(int(fp), source, outcome, int(balance), int(events))
+
+
+class WalletStore(Protocol):
+    def lookup(
+        self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
+    ) -> tuple[list[str | None], list[int]]:
+        """Encoded priors (or None) per dedupe key, and used seconds per allowance key."""
+        ...
+
+    def apply(self, debits: Sequence[Debit]) -> list[Applied]:
+        """Apply all debits atomically, in order; returns the balance after each one."""
+        ...
+
+
+@dataclass(slots=True)
+class WalletState:
+    """Live state of one wallet; what the Redis account hash holds too."""
+
+    balance: int
+    billing: str
+    blocked: bool
+    topup_pending: bool
+    topup_threshold: int | None
+    topup_amount: int | None
+    low_balance_alert: int | None
+    credit_limit: int | None
+
+    @classmethod
+    def opening(cls, account: Account) -> WalletState:
+        state = cls(
+            balance=account.balance,
+            billing=account.billing,
+            blocked=False,
+            topup_pending=False,
+            topup_threshold=account.topup_threshold,
+            topup_amount=account.topup_amount,
+            low_balance_alert=account.low_balance_alert,
+            credit_limit=account.credit_limit,
+        )
+        state.blocked = state.should_block()
+        return state
+
+    def should_block(self) -> bool:
+        if self.billing == "prepaid":
+            return self.balance <= 0
+        return self.credit_limit is not None and -self.balance > self.credit_limit
+
+    def debit(self, amount: int) -> int:
+        """Apply a charge (always: the call already happened); returns EV_* bits."""
+        before = self.balance
+        after = before - amount
+        self.balance = after
+        bits = 0
+        if not self.blocked and self.should_block():
+            self.blocked = True
+            bits |= EV_BLOCKED
+        if self.billing == "prepaid":
+            t = self.topup_threshold
+            if t is not None and not self.topup_pending and before >= t > after:
+                self.topup_pending = True
+                bits |= EV_TOPUP_REQUESTED
+            a = self.low_balance_alert
+            if a is not None and before >= a > after:
+                bits |= EV_LOW_BALANCE
+        return bits
+
+    def credit(self, amount: int, *, settles_topup: bool) -> int:
+        """A credit or top-up; a top-up (or its failure) settles the outstanding request."""
+        self.balance += amount
+        if settles_topup:
+            self.topup_pending = False
+        if self.blocked and not self.should_block():
+            self.blocked = False
+            return EV_UNBLOCKED
+        return 0
+
+
+class MemoryWalletStore:
+    """In-process wallets: the offline `metering rate` store and the tests' reference."""
+
+    def __init__(self, accounts: Mapping[str, Account]) -> None:
+        self._accounts = accounts
+        self.wallets: dict[str, WalletState] = {}
+        self.dedupe: dict[DedupeKey, str] = {}
+        self.allowance_used: dict[AllowanceKey, int] = {}
+        self.released_reservations: set[str] = set()
+
+    def wallet(self, account_id: str) -> WalletState:
+        state = self.wallets.get(account_id)
+        if state is None:
+            state = self.wallets[account_id] = WalletState.opening(self._accounts[account_id])
+        return state
+
+    def lookup(
+        self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
+    ) -> tuple[list[str | None], list[int]]:
+        seen = self.dedupe
+        used = self.allowance_used
+        return [seen.get(k) for k in dedupe], [used.get(k, 0) for k in allowances]
+
+    def apply(self, debits: Sequence[Debit]) -> list[Applied]:
+        out: list[Applied] = []
+        used = self.allowance_used
+        for d in debits:
+            wallet = self.wallet(d.account_id)
+            bits = wallet.debit(d.amount)
+            if d.allowance_key is not None and d.covered_s:
+                used[d.allowance_key] = used.get(d.allowance_key, 0) + d.covered_s
+            if d.reservation_id:
+                self.released_reservations.add(d.reservation_id)
+            self.dedupe[(d.account_id, d.event_id)] = encode_prior(
+                d.fingerprint, d.source, d.outcome, wallet.balance, bits
+            )
+            out.append(Applied(wallet.balance, bits))
+        return out
+
+    def credit(self, account_id: str, amount: int, *, settles_topup: bool = False) -> tuple[int, int]:
+        wallet = self.wallet(account_id)
+        bits = wallet.credit(amount, settles_topup=settles_topup)
+        return wallet.balance, bits
