@@ -12,11 +12,12 @@ from typing import IO
 
 import msgspec
 
-from rating.engine import Rater
+from rating.engine import ROW_FIELDS, Rater, Row
 from rating.money import format_micros
-from schemas.records import RatedRecord, WalletEvent
+from schemas.records import WalletEvent
 
 BATCH_LINES = 4096
+assert ROW_FIELDS[15] == "balance_after" and ROW_FIELDS[14] == "charge"
 
 
 class OfflineLine(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -50,14 +51,13 @@ class OfflineWalletEvent(msgspec.Struct, omit_defaults=True):
     percent: int | None = None
 
 
-def offline_line(r: RatedRecord) -> OfflineLine:
+def offline_line(r: Row) -> OfflineLine:
+    balance = r[15]
     return OfflineLine(
-        event_id=r.event_id, account_id=r.account_id, status=r.status, kind=r.kind,
-        country=r.country, dest_class=r.dest_class, billable_s=r.billable_s,
-        covered_s=r.covered_s, charged_s=r.charged_s, package_id=r.package_id,
-        fair_use_exceeded=r.fair_use_exceeded, charge=format_micros(r.charge),
-        balance_after=None if r.balance_after is None else format_micros(r.balance_after),
-        reason=r.reason, detail=r.detail, conflict=r.conflict,
+        event_id=r[0], account_id=r[1], status=r[2], reason=r[4], detail=r[5], conflict=r[6],
+        kind=r[3], country=r[7], dest_class=r[8], billable_s=r[9], covered_s=r[10],
+        charged_s=r[11], package_id=r[12], fair_use_exceeded=r[13], charge=format_micros(r[14]),
+        balance_after=None if balance is None else format_micros(balance),
     )
 
 
@@ -95,9 +95,9 @@ def rate_stream(
     for batch in _batches(lines, batch_lines):
         result = rater.rate_batch(batch, now)
         buf = bytearray()
-        for rec in result.records:
-            counts[rec.status] += 1
-            encoder.encode_into(offline_line(rec), buf, len(buf))
+        for row in result.rows:
+            counts[row[2]] += 1
+            encoder.encode_into(offline_line(row), buf, len(buf))
             buf += b"\n"
         out.write(buf)
         if wallet_out is not None and result.wallet_events:

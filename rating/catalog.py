@@ -60,6 +60,17 @@ class Rate:
     intervals: tuple[Interval, ...]
     connect_fee_pico: int
 
+    @property
+    def simple(self) -> tuple[int, int, int] | None:
+        """(first, next, per_minute_pico) when one price applies throughout (the common
+        `increments: [first, next]` form), which the engine prices without a loop."""
+        ivs = self.intervals
+        if len(ivs) == 2 and ivs[0].per_minute_pico == ivs[1].per_minute_pico and ivs[0].end_s == ivs[0].increment_s:
+            return ivs[0].increment_s, ivs[1].increment_s, ivs[0].per_minute_pico
+        if len(ivs) == 1:
+            return ivs[0].increment_s, ivs[0].increment_s, ivs[0].per_minute_pico
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Destination:
@@ -232,6 +243,7 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             if "per_minute" not in iv:
                 errs.add(f"{ipath}.per_minute", "missing (a decimal string)")
             pm = _price(errs, f"{ipath}.per_minute", iv.get("per_minute", "0"))
+            assert isinstance(inc, int)
             starts.append(start)
             parsed.append((start, pm, inc))
         if starts[0] != 0:
@@ -375,16 +387,16 @@ def _validate(data: Any, source: str) -> Catalog:
         scope = spec.get("scope", "international")
         if scope not in SCOPES:
             errs.add(f"{path}.scope", f"expected domestic or international, got {scope!r}")
-        minutes = spec.get("minutes")
-        fair = spec.get("fair_use_minutes")
+        minutes: Any = spec.get("minutes")
+        fair: Any = spec.get("fair_use_minutes")
         allowance_s: int | None = None
         fair_s: int | None = None
         if minutes == "unlimited":
             if fair is not None and not _pos_int(fair):
                 errs.add(f"{path}.fair_use_minutes", f"expected a positive integer, got {fair!r}")
-            fair_s = fair * 60 if _pos_int(fair) else None
+            fair_s = int(fair) * 60 if _pos_int(fair) else None
         elif _pos_int(minutes):
-            allowance_s = minutes * 60
+            allowance_s = int(minutes) * 60
             if fair is not None:
                 errs.add(f"{path}.fair_use_minutes", "only unlimited packages have a fair-use limit")
         else:
@@ -405,9 +417,9 @@ def _validate(data: Any, source: str) -> Catalog:
         billing = spec.get("billing", "prepaid")
         if billing not in BILLING_MODES:
             errs.add(f"{path}.billing", f"expected prepaid or postpaid, got {billing!r}")
-        table = spec.get("rate_table")
-        if table not in raw_rates:
-            errs.add(f"{path}.rate_table", f"names a missing rate table {table!r} (tables: {', '.join(sorted(raw_rates)) or 'none'})")
+        table_name = spec.get("rate_table")
+        if table_name not in raw_rates:
+            errs.add(f"{path}.rate_table", f"names a missing rate table {table_name!r} (tables: {', '.join(sorted(raw_rates)) or 'none'})")
         inbound = spec.get("inbound_rate_table")
         if inbound is not None and inbound not in raw_rates:
             errs.add(f"{path}.inbound_rate_table", f"names a missing rate table {inbound!r}")
@@ -434,7 +446,7 @@ def _validate(data: Any, source: str) -> Catalog:
             plan_id=str(name),
             monthly_fee_pico=fee,
             billing=str(billing),
-            rate_table=str(table),
+            rate_table=str(table_name),
             inbound_rate_table=None if inbound is None else str(inbound),
             packages=tuple(str(p) for p in pkgs),
             sms_outbound_pico=sms_out,

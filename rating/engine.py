@@ -1,8 +1,12 @@
-"""The rating engine: raw event bytes in, rated records and wallet events out.
+"""The rating engine: raw event bytes in, rated rows and wallet events out.
 
 Pure apart from the `WalletStore` it is given (two calls per batch) and `now`, which the caller
 passes in. The same code runs offline (`metering rate`, memory store) and in the live debit
 worker (Redis store), which is why the two agree record for record.
+
+Hot-path notes: one msgspec decode per event (types, E.164 and ranges checked in C), one
+cached dict probe per destination, integer arithmetic, and one plain tuple per event as the
+output row (`ROW_FIELDS`); no per-event objects beyond those.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any, NamedTuple
 
@@ -18,16 +22,16 @@ import msgspec
 
 from rating.accounts import Account
 from rating.catalog import Catalog, Package, Plan, Rate
+from rating.money import PICO_PER_MICRO, div_half_up
 from rating.periods import period_start
-from rating.pricing import billed_parts, charge_micros, price_units_micros
-from rating.money import PICO_PER_MICRO
+from rating.pricing import billed_parts, charge_micros
 from rating.wallet import (
     BALANCE_EVENTS,
     AllowanceKey,
     Debit,
     DedupeKey,
+    Prior,
     WalletStore,
-    decode_prior,
 )
 from schemas.events import CallEvent, MeterEvent, SmsEvent, UsageEvent
 from schemas.records import RatedRecord, WalletEvent
@@ -37,8 +41,19 @@ MAX_METER_QUANTITY = Decimal(10) ** 12
 USAGE_THRESHOLDS = (50, 80, 100)
 _EXACT = Context(prec=80)
 _ONE = Decimal(1)
+_MICRO_DEN = 60 * PICO_PER_MICRO
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+# One output row per input event, in this column order (RatedRecord has the same fields).
+ROW_FIELDS = (
+    "event_id", "account_id", "status", "kind", "reason", "detail", "conflict", "country",
+    "dest_class", "billable_s", "covered_s", "charged_s", "package_id", "fair_use_exceeded",
+    "charge", "balance_after", "direction", "from_number", "to_number", "at", "period_start",
+    "plan_id", "catalog_version", "meter", "quantity", "reservation_id", "source",
+)
+Row = tuple[Any, ...]
+COL = {name: i for i, name in enumerate(ROW_FIELDS)}
 
 
 class Rejection(Exception):
@@ -51,12 +66,20 @@ class Rejection(Exception):
 
 
 class BatchResult(NamedTuple):
-    records: list[RatedRecord]  # one per input, in input order
+    rows: list[Row]  # one per input, in input order (see ROW_FIELDS)
     wallet_events: list[WalletEvent]
+
+    def records(self) -> list[RatedRecord]:
+        """Rows as structs, for callers that prefer names over speed (tests, tools)."""
+        return [row_to_record(r) for r in self.rows]
+
+
+def row_to_record(row: Row) -> RatedRecord:
+    return RatedRecord(**dict(zip(ROW_FIELDS[:-1], row[:-1], strict=True)))
 
 
 class _Ids(msgspec.Struct):
-    """Best-effort identifiers of an event that failed validation (for the rejected record)."""
+    """Best-effort identifiers of an event that failed validation (for the rejected row)."""
 
     event_id: Any = None
     account_id: Any = None
@@ -66,25 +89,9 @@ class _Ids(msgspec.Struct):
 class _Route(NamedTuple):
     country: str
     dest_class: str
-    rate: Rate | None  # None: free (inbound without an inbound rate table entry)
+    rate: Rate | None  # None: free (inbound without an inbound rate, or SMS)
+    simple: tuple[int, int, int] | None  # (first, next, per_minute_pico) for one-price rates
     packages: tuple[Package, ...]  # plan packages covering (country, class), in plan order
-
-
-class _Pending(NamedTuple):
-    """An event that passed validation and pricing, waiting for store state."""
-
-    index: int
-    source: str
-    event: UsageEvent
-    account: Account
-    plan: Plan
-    route: _Route | None
-    parts: list[tuple[int, int]]
-    billable_s: int
-    amount: int  # micros if nothing is covered
-    package: Package | None
-    period: date
-    fingerprint: int
 
 
 def _validation_rejection(message: str) -> Rejection:
@@ -98,18 +105,7 @@ def _validation_rejection(message: str) -> Rejection:
         return Rejection("unknown_kind", f"kind: {text.removeprefix('Invalid value ')} is not call, sms or meter")
     if not field:
         return Rejection("invalid_field", f"(event): {text}")
-    if field == "from_":
-        field = "from"
     return Rejection("invalid_field", f"{field}: {text}")
-
-
-def _event_time(event: UsageEvent) -> datetime:
-    if type(event) is CallEvent:
-        return event.started_at
-    if type(event) is SmsEvent:
-        return event.sent_at
-    assert isinstance(event, MeterEvent)
-    return event.at
 
 
 def _threshold_bits(used_before: int, used_after: int, limit: int) -> int:
@@ -121,34 +117,62 @@ def _threshold_bits(used_before: int, used_after: int, limit: int) -> int:
     return bits
 
 
+def call_charge(route_rate: Rate, duration_s: int, covered_s: int) -> int:
+    """Micros for a call whose first `covered_s` billable seconds are covered by a package."""
+    return charge_micros(billed_parts(route_rate, duration_s), covered_s, route_rate.connect_fee_pico)
+
+
 class Rater:
-    def __init__(
-        self,
-        catalog: Catalog,
-        accounts: Mapping[str, Account],
-        store: WalletStore,
-    ) -> None:
+    def __init__(self, catalog: Catalog, accounts: Mapping[str, Account], store: WalletStore) -> None:
         self._decoder = msgspec.json.Decoder(UsageEvent)
-        self._encoder = msgspec.json.Encoder()
         self.store = store
         self.accounts = accounts
         self.set_catalog(catalog)
 
     def set_catalog(self, catalog: Catalog) -> None:
-        """Swap the catalog (hot reload); routes are re-derived lazily."""
+        """Swap the catalog (hot reload); routes and periods are re-derived lazily."""
         self.catalog = catalog
         self._key_len = catalog.max_prefix_len
         self._routes: dict[tuple[str, str], dict[str, _Route | str]] = {}
+        self._periods: dict[tuple[date, int], tuple[date, str]] = {}
 
     def set_accounts(self, accounts: Mapping[str, Account]) -> None:
         self.accounts = accounts
 
-    # ------------------------------------------------------------------ pure part
+    # ------------------------------------------------------------------ routes
 
-    def _route(self, plan: Plan, direction: str, number: str) -> _Route:
-        cache = self._routes.get((plan.plan_id, direction))
+    def _routes_for(self, plan: Plan, direction: str) -> dict[str, _Route | str]:
+        key = (plan.plan_id, direction)
+        cache = self._routes.get(key)
         if cache is None:
-            cache = self._routes[(plan.plan_id, direction)] = {}
+            cache = self._routes[key] = {}
+        return cache
+
+    def _resolve(self, plan: Plan, direction: str, digits: str) -> _Route | str:
+        catalog = self.catalog
+        dest = catalog.destinations.lookup(digits)
+        if dest is None:
+            return "unknown_destination"
+        if direction == "sms":
+            return _Route(dest.country, dest.dest_class, None, None, ())
+        if direction == "outbound":
+            rate = catalog.rate_tables[plan.rate_table].lookup(digits)
+            if rate is None:
+                return "no_rate"
+            pkgs = tuple(
+                p
+                for p in (catalog.packages[name] for name in plan.packages)
+                if dest.dest_class in p.classes and dest.country in p.countries
+            )
+            return _Route(dest.country, dest.dest_class, rate, rate.simple, pkgs)
+        # Inbound: rated on the plan's inbound table when it prices this number, else free.
+        table = plan.inbound_rate_table
+        rate = catalog.rate_tables[table].lookup(digits) if table else None
+        return _Route(dest.country, dest.dest_class, rate, rate.simple if rate else None, ())
+
+    def route(self, plan: Plan, direction: str, number: str) -> _Route:
+        """Destination, rate and candidate packages of `number` ("+digits") on `plan`."""
+        cache = self._routes_for(plan, direction)
         key = number[1 : 1 + self._key_len]
         hit = cache.get(key)
         if hit is None:
@@ -160,245 +184,245 @@ class Rater:
             raise Rejection(hit, f"to: {number}")
         return hit  # type: ignore[return-value]
 
-    def _resolve(self, plan: Plan, direction: str, digits: str) -> _Route | str:
-        catalog = self.catalog
-        dest = catalog.destinations.lookup(digits)
-        if dest is None:
-            return "unknown_destination"
-        if direction == "sms":
-            return _Route(dest.country, dest.dest_class, None, ())
-        if direction == "outbound":
-            rate = catalog.rate_tables[plan.rate_table].lookup(digits)
-            if rate is None:
-                return "no_rate"
-            pkgs = tuple(
-                p
-                for p in (catalog.packages[name] for name in plan.packages)
-                if dest.dest_class in p.classes and dest.country in p.countries
-            )
-            return _Route(dest.country, dest.dest_class, rate, pkgs)
-        # Inbound: rated on the plan's inbound table when it prices this number, else free.
-        table = plan.inbound_rate_table
-        rate = catalog.rate_tables[table].lookup(digits) if table else None
-        return _Route(dest.country, dest.dest_class, rate, ())
-
-    def _price(self, index: int, raw: bytes, source: str, now_limit: datetime) -> _Pending:
-        try:
-            event = self._decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            raise _validation_rejection(str(exc)) from None
-        except msgspec.DecodeError as exc:
-            raise Rejection("invalid_json", str(exc)) from None
-        account = self.accounts.get(event.account_id)
-        if account is None:
-            raise Rejection("unknown_account", f"account_id: {event.account_id!r} is not a known account")
-        plan = self.catalog.plans.get(account.plan_id)
-        if plan is None:
-            raise Rejection("unknown_account", f"account_id: plan {account.plan_id!r} of {event.account_id!r} is not in catalog {self.catalog.version}")
-        ts = _event_time(event)
-        if ts > now_limit:
-            raise Rejection("future_timestamp", f"{'started_at' if type(event) is CallEvent else 'sent_at' if type(event) is SmsEvent else 'at'}: {ts.isoformat()} is more than 24 h ahead")
-        route: _Route | None = None
-        parts: list[tuple[int, int]] = []
-        billable = 0
-        amount = 0
-        package: Package | None = None
-        if type(event) is CallEvent:
-            route = self._route(plan, event.direction, event.to)
-            rate = route.rate
-            if rate is not None:
-                parts = billed_parts(rate, event.duration_s)
-                billable = sum(s for s, _ in parts)
-                amount = charge_micros(parts, 0, rate.connect_fee_pico)
-                if event.direction == "outbound":
-                    home = account.home_country
-                    for p in route.packages:
-                        if p.scope != "domestic" or route.country == home:
-                            package = p
-                            break
-        elif type(event) is SmsEvent:
-            route = self._route(plan, "sms", event.to)
-            price = plan.sms_outbound_pico if event.direction == "outbound" else plan.sms_inbound_pico
-            amount = price_units_micros(event.segments * price)
-        else:
-            assert isinstance(event, MeterEvent)
-            price = plan.meters_pico.get(event.meter)
-            if price is None:
-                raise Rejection("unknown_meter", f"meter: {event.meter!r} has no price in plan {plan.plan_id!r}")
-            q = event.quantity
-            if not q.is_finite() or q < 0 or q > MAX_METER_QUANTITY:
-                raise Rejection("invalid_field", f"quantity: must be a number from 0 to 1e12, got {q}")
-            exact = _EXACT.multiply(q, Decimal(price)) / PICO_PER_MICRO
-            amount = int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
-        fingerprint = zlib.crc32(self._encoder.encode(event))
-        return _Pending(
-            index, source, event, account, plan, route, parts, billable, amount, package,
-            period_start(ts, account.period_anchor_day), fingerprint,
-        )
+    def _period(self, ts: datetime, anchor: int) -> tuple[date, str]:
+        """(period start, its ISO text) for a UTC timestamp, cached per day and anchor."""
+        key = (ts.date(), anchor)
+        hit = self._periods.get(key)
+        if hit is None:
+            start = period_start(ts, anchor)
+            hit = self._periods[key] = (start, start.isoformat())
+        return hit
 
     # ------------------------------------------------------------------ batch
 
     def rate_batch(self, items: Sequence[tuple[bytes, str]], now: datetime) -> BatchResult:
         """Rate `(raw_bytes, source)` pairs in order. `source` names the delivery (e.g.
-        "partition:offset"); a redelivery of the same source re-emits the original record."""
-        now_limit = now + FUTURE_SLACK
-        records: list[RatedRecord | None] = [None] * len(items)
-        pending: list[_Pending] = []
+        "partition:offset"); a redelivery of the same source re-emits the original row."""
+        limit_ts = now + FUTURE_SLACK
+        rows: list[Row | None] = [None] * len(items)
+        decode = self._decoder.decode
+        accounts_get = self.accounts.get
+        plans_get = self.catalog.plans.get
+        routes = self._routes
+        key_len = self._key_len
+        crc = zlib.crc32
+        periods_get = self._periods.get
+        dedupe_keys: list[DedupeKey] = []
+        # pending: (index, source, event, account, plan, route, billable, amount, package, period, fp)
+        pending: list[tuple[Any, ...]] = []
         for i, (raw, source) in enumerate(items):
             try:
-                pending.append(self._price(i, raw, source, now_limit))
+                ev = decode(raw)
+                account = accounts_get(ev.account_id)
+                if account is None:
+                    raise Rejection("unknown_account", f"account_id: {ev.account_id!r} is not a known account")
+                plan = plans_get(account.plan_id)
+                if plan is None:
+                    raise Rejection("unknown_account", f"account_id: {ev.account_id!r} is on plan {account.plan_id!r}, missing from catalog {self.catalog.version}")
+                t = type(ev)
+                route = None
+                billable = amount = 0
+                package = None
+                if t is CallEvent:
+                    ts = ev.started_at
+                    if ts > limit_ts:
+                        raise Rejection("future_timestamp", f"started_at: {ts.isoformat()} is more than 24 h ahead")
+                    direction = ev.direction
+                    cache = routes.get((plan.plan_id, direction))
+                    route = cache.get(ev.to[1 : 1 + key_len]) if cache is not None else None
+                    if type(route) is not _Route:
+                        route = self.route(plan, direction, ev.to)
+                    d = ev.duration_s
+                    if d and route.rate is not None:
+                        simple = route.simple
+                        if simple is not None:
+                            first, nxt, pm = simple
+                            billable = first if d <= first else first - (-(d - first) // nxt) * nxt
+                            amount = div_half_up(billable * pm + route.rate.connect_fee_pico * 60, _MICRO_DEN)
+                        else:
+                            parts = billed_parts(route.rate, d)
+                            billable = sum(s for s, _ in parts)
+                            amount = charge_micros(parts, 0, route.rate.connect_fee_pico)
+                    if route.packages and direction == "outbound":
+                        home = account.home_country
+                        for cand in route.packages:
+                            if cand.scope != "domestic" or route.country == home:
+                                package = cand
+                                break
+                elif t is SmsEvent:
+                    ts = ev.sent_at
+                    if ts > limit_ts:
+                        raise Rejection("future_timestamp", f"sent_at: {ts.isoformat()} is more than 24 h ahead")
+                    route = self.route(plan, "sms", ev.to)
+                    price = plan.sms_outbound_pico if ev.direction == "outbound" else plan.sms_inbound_pico
+                    amount = (2 * ev.segments * price + PICO_PER_MICRO) // (2 * PICO_PER_MICRO)
+                else:
+                    ts = ev.at
+                    if ts > limit_ts:
+                        raise Rejection("future_timestamp", f"at: {ts.isoformat()} is more than 24 h ahead")
+                    amount = self._meter_amount(plan, ev)
+            except msgspec.ValidationError as exc:
+                rows[i] = self._rejected(raw, source, _validation_rejection(str(exc)))
+                continue
+            except msgspec.DecodeError as exc:
+                rows[i] = self._rejected(raw, source, Rejection("invalid_json", str(exc)))
+                continue
             except Rejection as rej:
-                records[i] = self._rejected(raw, rej)
+                rows[i] = self._rejected(raw, source, rej)
+                continue
+            if ts.tzinfo is not UTC:
+                ts = ts.astimezone(UTC)
+            period = periods_get((ts.date(), account.period_anchor_day))
+            if period is None:
+                period = self._period(ts, account.period_anchor_day)
+            pending.append((i, source, ev, account, plan, route, billable, amount, package,
+                            period, crc(raw)))
+            dedupe_keys.append((ev.account_id, ev.event_id))
 
-        dedupe_keys: list[DedupeKey] = [(p.account.account_id, p.event.event_id) for p in pending]
+        # Store round trip 1: dedupe priors and allowance used so far.
         allowance_keys: list[AllowanceKey] = []
-        allowance_index: dict[AllowanceKey, int] = {}
+        p: tuple[Any, ...]
+        seen_keys: set[AllowanceKey] = set()
         for p in pending:
-            if p.package is not None and p.package.limit_s is not None:
-                key = (p.account.account_id, p.package.package_id, p.period.isoformat())
-                if key not in allowance_index:
-                    allowance_index[key] = len(allowance_keys)
-                    allowance_keys.append(key)
-        priors, used_list = self.store.lookup(dedupe_keys, allowance_keys) if pending else ([], [])
+            pkg = p[8]
+            if pkg is not None and pkg.limit_s is not None and p[6]:
+                akey = (p[2].account_id, pkg.package_id, p[9][1])
+                if akey not in seen_keys:
+                    seen_keys.add(akey)
+                    allowance_keys.append(akey)
+        if pending:
+            priors, used_list = self.store.lookup(dedupe_keys, allowance_keys)
+        else:
+            priors, used_list = [], []
         used = dict(zip(allowance_keys, used_list, strict=True))
 
+        # Sequential part: duplicates, allowances and the final charge of each new event.
         debits: list[Debit] = []
-        debited: list[tuple[_Pending, int, int, int, bool, int]] = []
-        in_batch: dict[DedupeKey, tuple[int, str]] = {}
-        replays: list[tuple[_Pending, str]] = []
-        for p, key, prior_text in zip(pending, dedupe_keys, priors, strict=True):
-            if prior_text is not None:
-                prior = decode_prior(prior_text)
-                if prior.source == p.source:
-                    replays.append((p, prior_text))
+        fresh: list[tuple[Any, ...]] = []
+        replays: list[tuple[tuple[Any, ...], Prior]] = []
+        in_batch: dict[DedupeKey, int] = {}
+        version = self.catalog.version
+        for p, dkey, prior in zip(pending, dedupe_keys, priors, strict=True):
+            if prior is not None:
+                if prior.source == p[1]:
+                    replays.append((p, prior))
                 else:
-                    records[p.index] = self._duplicate(p, prior.fingerprint != p.fingerprint)
+                    rows[p[0]] = self._duplicate(p, prior.fingerprint != p[10], version)
                 continue
-            first = in_batch.get(key)
-            if first is not None:
-                records[p.index] = self._duplicate(p, first[0] != p.fingerprint)
+            first_fp = in_batch.get(dkey)
+            if first_fp is not None:
+                rows[p[0]] = self._duplicate(p, first_fp != p[10], version)
                 continue
-            in_batch[key] = (p.fingerprint, p.source)
-            covered = 0
-            thresholds = 0
-            fair_use_exceeded = False
-            amount = p.amount
-            allowance_key: AllowanceKey | None = None
-            pkg = p.package
-            if pkg is not None and p.billable_s:
+            in_batch[dkey] = p[10]
+            billable = p[6]
+            amount = p[7]
+            pkg = p[8]
+            covered = thresholds = fue = 0
+            allowance_key = None
+            if pkg is not None and billable:
                 limit = pkg.limit_s
                 if limit is None:
-                    covered = p.billable_s
+                    covered = billable
                 else:
-                    allowance_key = (p.account.account_id, pkg.package_id, p.period.isoformat())
+                    allowance_key = (dkey[0], pkg.package_id, p[9][1])
                     before = used[allowance_key]
-                    covered = min(p.billable_s, max(0, limit - before))
+                    covered = billable if before + billable <= limit else max(0, limit - before)
                     used[allowance_key] = before + covered
-                    if not pkg.unlimited:
+                    if pkg.allowance_s is not None:
                         thresholds = _threshold_bits(before, before + covered, limit)
-                if covered:
-                    assert p.route is not None and p.route.rate is not None
-                    amount = charge_micros(p.parts, covered, p.route.rate.connect_fee_pico)
-                fair_use_exceeded = pkg.unlimited and covered < p.billable_s
-            outcome = f"{covered}|{amount}|{int(fair_use_exceeded)}|{thresholds}"
-            debits.append(
-                Debit(
-                    p.account.account_id, p.event.event_id, amount, allowance_key, covered,
-                    p.fingerprint, p.source, outcome,
-                    p.event.reservation_id if type(p.event) is CallEvent else None,
-                )
-            )
-            debited.append((p, covered, amount, thresholds, fair_use_exceeded, len(debits) - 1))
+                if covered == billable:
+                    amount = 0
+                elif covered:
+                    amount = call_charge(p[5].rate, p[2].duration_s, covered)
+                if pkg.allowance_s is None and covered < billable:
+                    fue = 1
+            ev = p[2]
+            debits.append((dkey[0], dkey[1], amount, allowance_key, covered, p[10], p[1],
+                           (covered, amount, fue, thresholds),
+                           ev.reservation_id if type(ev) is CallEvent else None))
+            fresh.append(p)
 
+        # Store round trip 2: apply atomically; the store decides balance-driven events.
         applied = self.store.apply(debits) if debits else []
         wallet_events: list[WalletEvent] = []
-        emitted: list[tuple[int, RatedRecord, int, int]] = []
-        for p, covered, amount, thresholds, fue, j in debited:
-            balance_after, bits = applied[j]
-            rec = self._rated(p, covered, amount, fue, balance_after)
-            records[p.index] = rec
-            emitted.append((p.index, rec, bits, thresholds))
-        for p, prior_text in replays:
-            prior = decode_prior(prior_text)
-            covered_s, amount_s, fue_s, thr_s = prior.outcome.split("|")
-            rec = self._rated(p, int(covered_s), int(amount_s), fue_s == "1", prior.balance_after)
-            records[p.index] = rec
-            emitted.append((p.index, rec, prior.events, int(thr_s)))
+        emitted: list[tuple[int, Row, int, int]] = []
+        for p, debit, (balance_after, bits) in zip(fresh, debits, applied, strict=True):
+            outcome = debit[7]
+            row = self._rated(p, outcome, balance_after, version)
+            rows[p[0]] = row
+            if bits or outcome[3]:
+                emitted.append((p[0], row, bits, outcome[3]))
+        for p, prior in replays:
+            row = self._rated(p, prior.outcome, prior.balance_after, version)
+            rows[p[0]] = row
+            if prior.events or prior.outcome[3]:
+                emitted.append((p[0], row, prior.events, prior.outcome[3]))
         emitted.sort(key=lambda e: e[0])
-        for _, rec, bits, thresholds in emitted:
-            self._wallet_events(rec, bits, thresholds, wallet_events)
-        return BatchResult(records, wallet_events)  # type: ignore[arg-type]
+        for _, row, bits, thresholds in emitted:
+            _wallet_events(row, bits, thresholds, wallet_events)
+        return BatchResult(rows, wallet_events)  # type: ignore[arg-type]
 
-    # ------------------------------------------------------------------ records
+    # ------------------------------------------------------------------ pieces
 
     @staticmethod
-    def _wallet_events(rec: RatedRecord, bits: int, thresholds: int, out: list[WalletEvent]) -> None:
-        if bits:
-            for bit, name in BALANCE_EVENTS:
-                if bits & bit:
-                    out.append(WalletEvent(type=name, account_id=rec.account_id or "", event_id=rec.event_id, balance=rec.balance_after or 0))
-        if thresholds:
-            for n, pct in enumerate(USAGE_THRESHOLDS):
-                if thresholds & (1 << n):
-                    out.append(
-                        WalletEvent(
-                            type="usage_threshold", account_id=rec.account_id or "",
-                            event_id=rec.event_id, balance=rec.balance_after or 0,
-                            package_id=rec.package_id, percent=pct,
-                        )
-                    )
+    def _meter_amount(plan: Plan, ev: MeterEvent) -> int:
+        price = plan.meters_pico.get(ev.meter)
+        if price is None:
+            raise Rejection("unknown_meter", f"meter: {ev.meter!r} has no price in plan {plan.plan_id!r}")
+        q = ev.quantity
+        if not q.is_finite() or q < 0 or q > MAX_METER_QUANTITY:
+            raise Rejection("invalid_field", f"quantity: must be a number from 0 to 1e12, got {q}")
+        exact = _EXACT.divide(_EXACT.multiply(q, Decimal(price)), Decimal(PICO_PER_MICRO))
+        return int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
 
-    def _rated(self, p: _Pending, covered: int, amount: int, fue: bool, balance_after: int) -> RatedRecord:
-        ev = p.event
-        route = p.route
-        common = dict(
-            event_id=ev.event_id,
-            account_id=ev.account_id,
-            status="rated",
-            charge=amount,
-            balance_after=balance_after,
-            period_start=p.period,
-            plan_id=p.plan.plan_id,
-            catalog_version=self.catalog.version,
-        )
+    @staticmethod
+    def _rated(p: tuple[Any, ...], outcome: tuple[int, int, int, int], balance_after: int, version: str) -> Row:
+        _, source, ev, _, plan, route, billable, _, pkg, period, _ = p
+        covered, amount, fue, _ = outcome
         if type(ev) is CallEvent:
-            assert route is not None
-            return RatedRecord(
-                kind="call", country=route.country, dest_class=route.dest_class,
-                billable_s=p.billable_s, covered_s=covered, charged_s=p.billable_s - covered,
-                package_id=p.package.package_id if p.package is not None else None,
-                fair_use_exceeded=fue, direction=ev.direction, from_number=ev.from_,
-                to_number=ev.to, at=ev.started_at, reservation_id=ev.reservation_id, **common,  # type: ignore[arg-type]
-            )
+            return (ev.event_id, ev.account_id, "rated", "call", None, None, False, route.country,
+                    route.dest_class, billable, covered, billable - covered,
+                    pkg.package_id if pkg is not None else None, fue == 1, amount, balance_after,
+                    ev.direction, ev.from_, ev.to, ev.started_at, period[0], plan.plan_id, version,
+                    None, None, ev.reservation_id, source)
         if type(ev) is SmsEvent:
-            assert route is not None
-            return RatedRecord(
-                kind="sms", country=route.country, dest_class=route.dest_class,
-                direction=ev.direction, from_number=ev.from_, to_number=ev.to, at=ev.sent_at,
-                quantity=Decimal(ev.segments), **common,  # type: ignore[arg-type]
-            )
-        assert isinstance(ev, MeterEvent)
-        return RatedRecord(kind="meter", at=ev.at, meter=ev.meter, quantity=ev.quantity, **common)  # type: ignore[arg-type]
-
-    def _duplicate(self, p: _Pending, conflict: bool) -> RatedRecord:
-        ev = p.event
-        kind = "call" if type(ev) is CallEvent else "sms" if type(ev) is SmsEvent else "meter"
-        return RatedRecord(
-            event_id=ev.event_id, account_id=ev.account_id, status="duplicate", kind=kind,
-            conflict=conflict, plan_id=p.plan.plan_id, catalog_version=self.catalog.version,
-        )
+            return (ev.event_id, ev.account_id, "rated", "sms", None, None, False, route.country,
+                    route.dest_class, 0, 0, 0, None, False, amount, balance_after, ev.direction,
+                    ev.from_, ev.to, ev.sent_at, period[0], plan.plan_id, version, None,
+                    Decimal(ev.segments), None, source)
+        return (ev.event_id, ev.account_id, "rated", "meter", None, None, False, None, None, 0, 0,
+                0, None, False, amount, balance_after, None, None, None, ev.at, period[0],
+                plan.plan_id, version, ev.meter, ev.quantity, None, source)
 
     @staticmethod
-    def _rejected(raw: bytes, rej: Rejection) -> RatedRecord:
+    def _duplicate(p: tuple[Any, ...], conflict: bool, version: str) -> Row:
+        ev = p[2]
+        kind = "call" if type(ev) is CallEvent else "sms" if type(ev) is SmsEvent else "meter"
+        return (ev.event_id, ev.account_id, "duplicate", kind, None, None, conflict, None, None,
+                0, 0, 0, None, False, 0, None, None, None, None, None, None, p[4].plan_id,
+                version, None, None, None, p[1])
+
+    @staticmethod
+    def _rejected(raw: bytes, source: str, rej: Rejection) -> Row:
         try:
             ids = msgspec.json.decode(raw, type=_Ids)
         except msgspec.DecodeError:
             ids = _Ids()
-        def text(v: Any) -> str | None:
-            return v if isinstance(v, str) else None
-        kind = text(ids.kind)
-        return RatedRecord(
-            event_id=text(ids.event_id), account_id=text(ids.account_id), status="rejected",
-            kind=kind if kind in ("call", "sms", "meter") else None,
-            reason=rej.reason, detail=rej.detail,
-        )
+        event_id = ids.event_id if isinstance(ids.event_id, str) else None
+        account_id = ids.account_id if isinstance(ids.account_id, str) else None
+        kind = ids.kind if ids.kind in ("call", "sms", "meter") else None
+        return (event_id, account_id, "rejected", kind, rej.reason, rej.detail, False, None, None,
+                0, 0, 0, None, False, 0, None, None, None, None, None, None, None, None, None,
+                None, None, source)
+
+
+def _wallet_events(row: Row, bits: int, thresholds: int, out: list[WalletEvent]) -> None:
+    account_id, event_id, balance = row[1], row[0], row[15]
+    for bit, name in BALANCE_EVENTS:
+        if bits & bit:
+            out.append(WalletEvent(type=name, account_id=account_id, event_id=event_id, balance=balance))
+    for n, pct in enumerate(USAGE_THRESHOLDS):
+        if thresholds & (1 << n):
+            out.append(WalletEvent(type="usage_threshold", account_id=account_id, event_id=event_id,
+                                   balance=balance, package_id=row[12], percent=pct))
+

@@ -38,50 +38,45 @@ AllowanceKey = tuple[str, str, str]  # (account_id, package_id, period_start ISO
 DedupeKey = tuple[str, str]  # (account_id, event_id)
 
 
-class Debit(NamedTuple):
-    """One newly rated event to apply. `outcome` is the engine's compact record of the result,
-    stored with the dedupe entry so a redelivered message re-emits the same record."""
-
-    account_id: str
-    event_id: str
-    amount: int  # micros charged (>= 0)
-    allowance_key: AllowanceKey | None
-    covered_s: int
-    fingerprint: int
-    source: str  # where this delivery came from, e.g. "3:1200" (partition:offset)
-    outcome: str
-    reservation_id: str | None
-
-
-class Applied(NamedTuple):
-    balance_after: int
-    events: int  # EV_* bits
+# A newly rated event to apply, as a plain tuple (one per event on the hot path):
+#   (account_id, event_id, amount_micros, allowance_key | None, covered_s, fingerprint,
+#    source, outcome, reservation_id | None)
+# `outcome` is (covered_s, charge_micros, fair_use_exceeded 0/1, usage-threshold bits): it is
+# stored with the dedupe entry so a redelivered message re-emits the very same record.
+Outcome = tuple[int, int, int, int]
+Debit = tuple[str, str, int, AllowanceKey | None, int, int, str, Outcome, str | None]
+# What the store returns per debit: (balance_after_micros, EV_* bits).
+Applied = tuple[int, int]
 
 
 class Prior(NamedTuple):
     """What the store remembers of an applied event."""
 
     fingerprint: int
-    source: str
-    outcome: str
+    source: str  # the delivery that applied it ("partition:offset", "line:N")
+    outcome: Outcome
     balance_after: int
     events: int
 
 
-def encode_prior(fingerprint: int, source: str, outcome: str, balance_after: int, events: int) -> str:
-    return f"{fingerprint}|{source}|{balance_after}|{events}|{outcome}"
+def encode_prior(prior: Prior) -> str:
+    """Compact text form for stores that keep strings (Redis)."""
+    covered, charge, fue, thresholds = prior.outcome
+    return f"{prior.fingerprint}|{prior.source}|{prior.balance_after}|{prior.events}|{covered}|{charge}|{fue}|{thresholds}"
 
 
-def decode_prior(text: str) -> Prior:
-    fp, source, balance, events, outcome = text.split("|", 4)
-    return Prior(int(fp), source, outcome, int(balance), int(events))
+def decode_prior(text: str | bytes) -> Prior:
+    if isinstance(text, bytes):
+        text = text.decode()
+    fp, source, balance, events, covered, charge, fue, thresholds = text.split("|")
+    return Prior(int(fp), source, (int(covered), int(charge), int(fue), int(thresholds)), int(balance), int(events))
 
 
 class WalletStore(Protocol):
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
-    ) -> tuple[list[str | None], list[int]]:
-        """Encoded priors (or None) per dedupe key, and used seconds per allowance key."""
+    ) -> tuple[list[Prior | None], list[int]]:
+        """The prior (or None) per dedupe key, and used seconds per allowance key."""
         ...
 
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
@@ -158,7 +153,7 @@ class MemoryWalletStore:
     def __init__(self, accounts: Mapping[str, Account]) -> None:
         self._accounts = accounts
         self.wallets: dict[str, WalletState] = {}
-        self.dedupe: dict[DedupeKey, str] = {}
+        self.dedupe: dict[DedupeKey, Prior] = {}
         self.allowance_used: dict[AllowanceKey, int] = {}
         self.released_reservations: set[str] = set()
 
@@ -170,7 +165,7 @@ class MemoryWalletStore:
 
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
-    ) -> tuple[list[str | None], list[int]]:
+    ) -> tuple[list[Prior | None], list[int]]:
         seen = self.dedupe
         used = self.allowance_used
         return [seen.get(k) for k in dedupe], [used.get(k, 0) for k in allowances]
@@ -178,17 +173,18 @@ class MemoryWalletStore:
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
         out: list[Applied] = []
         used = self.allowance_used
-        for d in debits:
-            wallet = self.wallet(d.account_id)
-            bits = wallet.debit(d.amount)
-            if d.allowance_key is not None and d.covered_s:
-                used[d.allowance_key] = used.get(d.allowance_key, 0) + d.covered_s
-            if d.reservation_id:
-                self.released_reservations.add(d.reservation_id)
-            self.dedupe[(d.account_id, d.event_id)] = encode_prior(
-                d.fingerprint, d.source, d.outcome, wallet.balance, bits
-            )
-            out.append(Applied(wallet.balance, bits))
+        wallets = self.wallets
+        dedupe = self.dedupe
+        for account_id, event_id, amount, allowance_key, covered, fp, source, outcome, reservation in debits:
+            wallet = wallets.get(account_id) or self.wallet(account_id)
+            bits = wallet.debit(amount) if amount else 0
+            if allowance_key is not None and covered:
+                used[allowance_key] = used.get(allowance_key, 0) + covered
+            if reservation:
+                self.released_reservations.add(reservation)
+            balance = wallet.balance
+            dedupe[(account_id, event_id)] = Prior(fp, source, outcome, balance, bits)
+            out.append((balance, bits))
         return out
 
     def credit(self, account_id: str, amount: int, *, settles_topup: bool = False) -> tuple[int, int]:

@@ -1,0 +1,125 @@
+"""Catalog validation: every problem listed with its path and a hint; good catalogs compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rating.accounts import AccountsError, parse_accounts
+from rating.catalog import CatalogError, PrefixTable, load_catalog, parse_catalog
+from tests.helpers import account, catalog_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _errors(data: object) -> list[str]:
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(data, "test.yaml")
+    return info.value.errors
+
+
+def test_spec_example_catalog_is_accepted() -> None:
+    cat = load_catalog(ROOT / "tests/data/spec_catalog.yaml")
+    assert cat.version == "2026-11-01"
+    assert cat.destinations.lookup("4490123") .dest_class == "premium"  # type: ignore[union-attr]
+    assert cat.rate_tables["standard"].lookup("3519123").connect_fee_pico == 400_000_000_000  # type: ignore[union-attr]
+
+
+def test_every_error_is_listed_with_path_and_hint() -> None:
+    data = catalog_dict()
+    data["rate_tables"]["standard"][3]["increments"] = [0, 60]
+    data["rate_tables"]["standard"].append({"prefix": "44", "per_minute": "0.5", "increments": [60, 60]})
+    data["rate_tables"]["standard"][0]["per_minute"] = "abc"
+    data["packages"]["europe"]["countries"] = "zone:europa"
+    data["packages"]["europe"]["classes"] = ["fixed", "premium"]
+    data["plans"]["payg"]["rate_table"] = "retail"
+    data["plans"]["starter"]["colour"] = "blue"
+    errors = _errors(data)
+    expected = [
+        "rate_tables.standard[3].increments: expected [first, next] positive integers, got [0, 60]",
+        "rate_tables.standard[9].prefix: duplicate prefix '44' in rate table 'standard'",
+        'rate_tables.standard[0].per_minute: expected a decimal string like "0.0125", got \'abc\'',
+        "packages.europe.countries: unknown zone 'europa'",
+        "packages.europe.classes[1]: class 'premium' is never covered by a package",
+        "plans.payg.rate_table: names a missing rate table 'retail'",
+        "plans.starter.colour: unknown key",
+    ]
+    for want in expected:
+        assert any(e.startswith(want) for e in errors), (want, errors)
+    assert len(errors) == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda d: d["rate_tables"]["standard"].__setitem__(0, {"prefix": "1", "per_minute": 0.01, "increments": [60, 60]}), "rate_tables.standard[0].per_minute"),
+        (lambda d: d["destinations"].append({"prefix": 44, "country": "GB", "class": "fixed"}), "destinations[10].prefix"),
+        (lambda d: d["destinations"].append({"prefix": "33", "country": "France", "class": "fixed"}), "destinations[10].country"),
+        (lambda d: d["destinations"].append({"prefix": "33", "country": "FR", "class": "satellite"}), "destinations[10].class"),
+        (lambda d: d["destinations"].append({"prefix": "44", "country": "GB", "class": "fixed"}), "destinations[10].prefix"),
+        (lambda d: d["rate_tables"]["standard"][7]["intervals"][1].__setitem__("from_s", 90), "rate_tables.standard[7].intervals[0]"),
+        (lambda d: d["rate_tables"]["standard"][7]["intervals"][0].__setitem__("from_s", 5), "rate_tables.standard[7].intervals[0].from_s"),
+        (lambda d: d["packages"]["europe"].__setitem__("minutes", -5), "packages.europe.minutes"),
+        (lambda d: d["plans"]["starter"].__setitem__("packages", ["asia"]), "plans.starter.packages[0]"),
+        (lambda d: d["plans"]["starter"].__setitem__("billing", "credit"), "plans.starter.billing"),
+        (lambda d: d["plans"]["starter"]["meters"].__setitem__("llm_tokens", "1e-3x"), "plans.starter.meters.llm_tokens"),
+        (lambda d: d.__setitem__("currency", "dollars"), "currency"),
+        (lambda d: d.__setitem__("extra", 1), "extra"),
+    ],
+)
+def test_single_errors_name_their_path(change, path: str) -> None:  # noqa: ANN001
+    data = catalog_dict()
+    change(data)
+    errors = _errors(data)
+    assert any(e.startswith(path + ":") for e in errors), errors
+
+
+def test_optional_keys_take_their_defaults() -> None:
+    data = catalog_dict()
+    del data["zones"]
+    data["packages"]["europe"]["countries"] = ["GB", "DE"]
+    cat = parse_catalog(data)
+    payg = cat.plans["payg"]
+    assert payg.billing == "prepaid" and payg.allow_premium and payg.packages == ()
+    assert payg.inbound_rate_table is None and payg.monthly_fee_pico == 0 and dict(payg.meters_pico) == {}
+
+
+def test_longest_prefix_wins_and_lookup_ignores_table_size() -> None:
+    table = PrefixTable({"4": "a", "44": "b", "447": "c", **{f"9{n:05d}": "x" for n in range(50_000)}})
+    assert table.lookup("4471234") == "c"
+    assert table.lookup("4412") == "b"
+    assert table.lookup("4912") == "a"
+    assert table.lookup("512") is None
+    assert table.lookup("900042123") == "x"
+
+
+def test_accounts_file_errors_name_account_and_field() -> None:
+    cat = parse_catalog(catalog_dict())
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [
+            account(plan="gold"), account("acc-2", balance=1.5), account("acc-3", period_anchor_day=31),
+            account("acc-4", balance="0.0000001"),
+        ]}, cat)
+    text = "\n".join(info.value.errors)
+    assert "accounts[0] (acc-1).plan: unknown plan 'gold'" in text
+    assert "accounts[1] (acc-2).balance: money must be a quoted decimal string" in text
+    assert "accounts[2] (acc-3).period_anchor_day: expected an integer 1..28, got 31" in text
+    assert "accounts[3] (acc-4).balance: at most 6 decimal places" in text
+
+
+def test_cli_refuses_a_bad_catalog_with_exit_2(tmp_path: Path) -> None:
+    data = catalog_dict()
+    data["rate_tables"]["standard"][3]["increments"] = [0, 60]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "rate_tables.standard[3].increments: expected [first, next] positive integers, got [0, 60]" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(ROOT / "tests/data/spec_catalog.yaml")],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "package europe: 1000 min, international" in ok.stdout

@@ -1,0 +1,219 @@
+"""SPEC rating rules, one worked example each (numbers computed by hand in the comments)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from tests.helpers import account, call, catalog_dict, make_rater, meter, one, records, sms
+
+
+def test_increments_60_60() -> None:
+    r = make_rater([account(plan="payg")])
+    # GB fixed 0.02/min, 60/60: 61 s -> 120 s billable -> 2 min * 0.02 = 0.04
+    rec = one(r, call("e1", "+442071234567", 61))
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge) == (120, 0, 120, 40_000)
+    assert (rec.country, rec.dest_class, rec.package_id) == ("GB", "fixed", None)
+    # 1 s is still a whole first increment; 60 s exactly is one increment
+    assert one(r, call("e2", "+442071234567", 1)).billable_s == 60
+    assert one(r, call("e3", "+442071234567", 60)).billable_s == 60
+    # unanswered: nothing billable, nothing charged
+    rec = one(r, call("e4", "+442071234567", 0))
+    assert (rec.billable_s, rec.charge) == (0, 0)
+
+
+def test_increments_30_6_with_connect_fee() -> None:
+    r = make_rater([account(plan="payg")])
+    # GB mobile 0.08/min, connect 0.01, 30/6: 31 s -> 30 + 6 = 36 s -> 36*0.08/60 = 0.048 + 0.01
+    rec = one(r, call("e1", "+447911123456", 31))
+    assert (rec.billable_s, rec.charge) == (36, 58_000)
+    # 10 s -> 30 s -> 0.04 + 0.01
+    rec = one(r, call("e2", "+447911123456", 10))
+    assert (rec.billable_s, rec.charge) == (30, 50_000)
+    # 100 s -> 30 + ceil(70/6)*6 = 102 s -> 0.136 + 0.01
+    rec = one(r, call("e3", "+447911123456", 100))
+    assert (rec.billable_s, rec.charge) == (102, 146_000)
+
+
+def test_increments_1_1_and_half_up_at_the_seventh_decimal() -> None:
+    cat = catalog_dict()
+    de = next(x for x in cat["rate_tables"]["standard"] if x["prefix"] == "49")
+    de["per_minute"] = "0.0123445"
+    r = make_rater([account(plan="payg")], cat)
+    # 60 s at 0.0123445/min = 0.0123445 = 12344.5 micros -> half-up 12345 (banker's would give 12344)
+    rec = one(r, call("e1", "+4930123456", 60))
+    assert (rec.billable_s, rec.charge) == (60, 12_345)
+    # 7 s -> 7 * 0.0123445 / 60 = 0.00144019166.. -> 1440 micros (rounded down below .5)
+    rec = one(r, call("e2", "+4930123456", 7))
+    assert (rec.billable_s, rec.charge) == (7, 1_440)
+    # 43 s -> 0.00884689166.. -> 8847 (rounded up above .5)
+    assert one(r, call("e3", "+4930123456", 43)).charge == 8_847
+
+
+def test_rate_intervals_price_each_stretch() -> None:
+    r = make_rater([account(plan="payg")])
+    # PT mobile: first minute billed whole at 0.20, then per second at 0.10, connect 0.40
+    # 75 s -> 60 + 15 = 75 s: 0.20 + 15*0.10/60 (0.025) + 0.40 = 0.625
+    rec = one(r, call("e1", "+351912345678", 75))
+    assert (rec.billable_s, rec.charge) == (75, 625_000)
+    # 30 s -> the first interval is billed whole: 60 s, 0.20 + 0.40
+    rec = one(r, call("e2", "+351912345678", 30))
+    assert (rec.billable_s, rec.charge) == (60, 600_000)
+
+
+def test_partial_package_coverage_with_connect_fee_and_usage_alerts() -> None:
+    r = make_rater([account()])  # starter: europe package = 10 min = 600 s
+    # DE fixed 1/1: 540 s all covered -> 90 % used (crosses 50 % and 80 %)
+    res = r.rate_batch([(call("e1", "+4930123456", 540), "line:1")], now=_now())
+    rec = res.records()[0]
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge, rec.package_id) == (540, 540, 0, 0, "europe")
+    assert [(e.type, e.percent) for e in res.wallet_events] == [("usage_threshold", 50), ("usage_threshold", 80)]
+    # GB mobile 30/6, 100 s -> 102 billable; 60 s left: covered 60, charged 42
+    # 42 * 0.08 / 60 = 0.056 + connect 0.01 = 0.066
+    res = r.rate_batch([(call("e2", "+447911123456", 100), "line:2")], now=_now())
+    rec = res.records()[0]
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge) == (102, 60, 42, 66_000)
+    assert [(e.type, e.percent) for e in res.wallet_events] == [("usage_threshold", 100)]
+    # exhausted: package still named, nothing covered, full price incl. connect fee
+    rec = one(r, call("e3", "+447911123456", 10))
+    assert (rec.covered_s, rec.charged_s, rec.charge, rec.package_id) == (0, 30, 50_000, "europe")
+
+
+def test_covered_seconds_are_the_first_and_charged_ones_priced_by_their_interval() -> None:
+    r = make_rater([account()])
+    one(r, call("e1", "+4930123456", 570))  # europe: 30 s left
+    # PT mobile 75 s: covered 30 s (first interval), charged 30 s at 0.20 + 15 s at 0.10
+    # = 0.10 + 0.025 + connect 0.40 = 0.525
+    rec = one(r, call("e2", "+351912345678", 75))
+    assert (rec.covered_s, rec.charged_s, rec.charge) == (30, 45, 525_000)
+
+
+def test_fair_use_crossing_inside_one_call() -> None:
+    r = make_rater([account()])  # us-domestic unlimited, fair use 10 min
+    rec = one(r, call("e1", "+12125550100", 500))  # 540 s billable, covered
+    assert (rec.covered_s, rec.charge, rec.fair_use_exceeded, rec.package_id) == (540, 0, False, "us-domestic")
+    # 200 s -> 240 billable, 60 left: covered 60, charged 180 s at 0.01/min = 0.03
+    rec = one(r, call("e2", "+12125550100", 200))
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge, rec.fair_use_exceeded) == (240, 60, 180, 30_000, True)
+    rec = one(r, call("e3", "+12125550100", 60))
+    assert (rec.covered_s, rec.charge, rec.fair_use_exceeded) == (0, 10_000, True)
+
+
+def test_domestic_package_needs_home_country_and_premium_tollfree_never_covered() -> None:
+    r = make_rater([account("acc-gb", home_country="GB"), account("acc-us")])
+    # A GB account calling the US: us-domestic is domestic to US only -> charged
+    rec = one(r, call("e1", "+12125550100", 60, account_id="acc-gb"))
+    assert (rec.package_id, rec.charge) == (None, 10_000)
+    # premium GB is never covered by europe
+    rec = one(r, call("e2", "+449012345678", 60, account_id="acc-us"))
+    assert (rec.dest_class, rec.package_id, rec.charge) == ("premium", None, 1_500_000)
+    rec = one(r, call("e3", "+18005550100", 60, account_id="acc-us"))
+    assert (rec.dest_class, rec.package_id, rec.charge) == ("tollfree", None, 0)
+
+
+def test_period_boundary_by_anchor_day_and_allowance_per_period() -> None:
+    r = make_rater([account(period_anchor_day=15)])
+    before = one(r, call("e1", "+4930123456", 600, started_at="2026-11-14T23:59:59Z"))
+    after = one(r, call("e2", "+4930123456", 600, started_at="2026-11-15T00:00:00Z"))
+    # +01:00 at 00:30 on the 15th is still the 14th in UTC: previous period, already used up
+    late = one(r, call("e3", "+4930123456", 60, started_at="2026-11-15T00:30:00+01:00"))
+    assert before.period_start == date(2026, 10, 15) and before.covered_s == 600
+    assert after.period_start == date(2026, 11, 15) and after.covered_s == 600
+    assert late.period_start == date(2026, 10, 15) and late.covered_s == 0
+    january = one(r, call("e4", "+4930123456", 1, started_at="2026-01-03T00:00:00Z"))
+    assert january.period_start == date(2025, 12, 15)  # year boundary
+
+
+def test_inbound_calls_free_or_on_inbound_table() -> None:
+    r = make_rater([account(), account("acc-b", plan="business", billing="postpaid", balance="0")])
+    rec = one(r, call("e1", "+442071234567", 300, direction="inbound"))
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge) == (0, 0, 0, 0)
+    rec = one(r, call("e2", "+18005550100", 61, direction="inbound", account_id="acc-b"))
+    assert (rec.billable_s, rec.charged_s, rec.charge, rec.package_id) == (120, 120, 40_000, None)
+    rec = one(r, call("e3", "+442071234567", 61, direction="inbound", account_id="acc-b"))
+    assert (rec.billable_s, rec.charge) == (0, 0)
+
+
+def test_sms_and_meters() -> None:
+    r = make_rater([account(), account("acc-p", plan="payg")])
+    assert one(r, sms("s1", "+15550002222", 3)).charge == 22_500  # 3 * 0.0075
+    assert one(r, sms("s2", "+15550002222", 2, direction="inbound", account_id="acc-p")).charge == 2_000
+    assert one(r, meter("m1", 1234567)).charge == 2_469_134  # 1234567 * 0.000002
+    assert one(r, meter("m2", "12.5")).charge == 25
+    assert one(r, meter("m3", "0.25")).charge == 1  # 0.5 micro -> half-up
+    assert one(r, meter("m4", "0.24")).charge == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field"),
+    [
+        (b"{not json", "invalid_json", None),
+        (b"", "invalid_json", None),
+        (b'{"kind":"call","event_id":"x","account_id":"acc-1","direction":"outbound","from":"+1555","started_at":"2026-11-10T10:00:00Z","duration_s":5}', "invalid_field", "to"),
+        (call("x", "+4420", -1), "invalid_field", "duration_s"),
+        (call("x", "+4420", 86_401), "invalid_field", "duration_s"),
+        (call("x", "4420123", 5), "invalid_field", "to"),
+        (call("x", "+4420", 5, started_at="2026-11-10T10:00:00"), "invalid_field", "started_at"),
+        (call("x", "+4420", 5, direction="sideways"), "invalid_field", "direction"),
+        (sms("x", "+4420", 0), "invalid_field", "segments"),
+        (meter("x", -1), "invalid_field", "quantity"),
+        (b'{"kind":"fax","event_id":"x","account_id":"acc-1"}', "unknown_kind", "kind"),
+        (call("x", "+4420", 5, account_id="nobody"), "unknown_account", "account_id"),
+        (call("x", "+99912345", 5), "unknown_destination", "to"),
+        (call("x", "+8610123456", 5), "no_rate", "to"),
+        (meter("x", 5, name="gpu_seconds"), "unknown_meter", "meter"),
+        (call("x", "+4420", 5, started_at="2026-11-21T12:00:01Z"), "future_timestamp", "started_at"),
+    ],
+)
+def test_each_reject_reason_names_the_field(raw: bytes, reason: str, field: str | None) -> None:
+    r = make_rater([account()])
+    rec = one(r, raw)
+    assert rec.status == "rejected"
+    assert rec.reason == reason
+    assert rec.detail
+    if field is not None:
+        assert rec.detail.startswith(f"{field}:"), rec.detail
+    assert rec.charge == 0 and rec.balance_after is None
+
+
+def test_future_timestamp_limit_is_24_hours() -> None:
+    r = make_rater([account()])
+    # NOW is 2026-11-20T12:00Z: exactly +24 h is accepted, one second more is not
+    assert one(r, call("a", "+4420", 5, started_at="2026-11-21T12:00:00Z")).status == "rated"
+    assert one(r, call("b", "+4420", 5, started_at="2026-11-21T12:00:01Z")).reason == "future_timestamp"
+
+
+def test_a_rejected_event_is_not_seen_and_a_corrected_resend_is_rated() -> None:
+    r = make_rater([account(plan="payg")])
+    assert one(r, call("e1", "+4420", -5)).status == "rejected"
+    assert one(r, call("e1", "+442071234567", 61)).status == "rated"
+
+
+def test_duplicates_are_never_charged_and_conflicts_are_flagged() -> None:
+    r = make_rater([account(plan="payg")])
+    first, same, changed = records(
+        r, call("e1", "+442071234567", 61), call("e1", "+442071234567", 61), call("e1", "+442071234567", 999)
+    )
+    assert first.status == "rated" and first.balance_after == 100_000_000 - 40_000
+    assert (same.status, same.conflict, same.charge) == ("duplicate", False, 0)
+    assert (changed.status, changed.conflict, changed.charge) == ("duplicate", True, 0)
+    # across batches too
+    again = one(r, call("e1", "+442071234567", 61))
+    assert again.status == "duplicate" and not again.conflict
+    assert r.store.wallet("acc-1").balance == 100_000_000 - 40_000  # type: ignore[attr-defined]
+
+
+def test_a_redelivered_message_re_emits_its_original_row() -> None:
+    r = make_rater([account(plan="payg")])
+    raw = call("e1", "+442071234567", 61)
+    first = r.rate_batch([(raw, "0:17")], now=_now())
+    replay = r.rate_batch([(raw, "0:17")], now=_now())
+    assert replay.rows == first.rows
+    assert r.store.wallet("acc-1").balance == 100_000_000 - 40_000  # type: ignore[attr-defined]
+
+
+def _now():  # noqa: ANN202
+    from tests.helpers import NOW
+
+    return NOW

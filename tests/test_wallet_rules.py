@@ -1,0 +1,99 @@
+"""SPEC wallet rules on the reference (memory) store."""
+
+from __future__ import annotations
+
+from rating.wallet import EV_UNBLOCKED
+from tests.helpers import account, call, make_rater, rate
+
+GB_2MIN = ("+442071234567", 61)  # payg: 0.04 per call
+
+
+def _types(result) -> list[str]:  # noqa: ANN001
+    return [e.type for e in result.wallet_events]
+
+
+def test_prepaid_block_once_then_unblock_on_credit() -> None:
+    r = make_rater([account(plan="payg", balance="0.05")])
+    res = rate(r, call("e1", *GB_2MIN))  # 0.05 -> 0.01
+    assert _types(res) == []
+    res = rate(r, call("e2", *GB_2MIN))  # 0.01 -> -0.03: blocked
+    assert _types(res) == ["blocked"]
+    assert res.wallet_events[0].balance == -30_000
+    res = rate(r, call("e3", *GB_2MIN))  # still charged (the call happened), no second block
+    assert _types(res) == [] and res.rows[0][15] == -70_000
+    store = r.store
+    balance, bits = store.credit("acc-1", 50_000)  # type: ignore[attr-defined]
+    assert (balance, bits) == (-20_000, 0)  # still not above 0
+    balance, bits = store.credit("acc-1", 20_000)  # type: ignore[attr-defined]
+    assert (balance, bits) == (0, 0)  # exactly 0 is still blocked ("must be positive")
+    balance, bits = store.credit("acc-1", 1)  # type: ignore[attr-defined]
+    assert (balance, bits) == (1, EV_UNBLOCKED)
+
+
+def test_balance_reaching_exactly_zero_blocks() -> None:
+    r = make_rater([account(plan="payg", balance="0.04")])
+    assert _types(rate(r, call("e1", *GB_2MIN))) == ["blocked"]
+
+
+def test_one_outstanding_topup_until_settled() -> None:
+    r = make_rater([account(plan="payg", balance="0.10", auto_topup={"threshold": "0.08", "amount": "5.00"})])
+    assert _types(rate(r, call("e1", *GB_2MIN))) == ["topup_requested"]  # 0.10 -> 0.06
+    assert _types(rate(r, call("e2", *GB_2MIN))) == []  # 0.06 -> 0.02, request still open
+    r.store.credit("acc-1", 100_000, settles_topup=True)  # type: ignore[attr-defined]  # 0.12
+    assert _types(rate(r, call("e3", *GB_2MIN))) == []  # 0.12 -> 0.08: not below 0.08
+    assert _types(rate(r, call("e4", *GB_2MIN))) == ["topup_requested"]  # 0.08 -> 0.04
+
+
+def test_topup_crossing_is_strict() -> None:
+    r = make_rater([account(plan="payg", balance="0.12", auto_topup={"threshold": "0.08", "amount": "5.00"})])
+    assert _types(rate(r, call("e1", *GB_2MIN))) == []  # 0.12 -> 0.08: not below 0.08
+    assert _types(rate(r, call("e2", *GB_2MIN))) == ["topup_requested"]  # 0.08 -> 0.04
+
+
+def test_low_balance_once_per_crossing() -> None:
+    r = make_rater([account(plan="payg", balance="0.10", low_balance_alert="0.07")])
+    assert _types(rate(r, call("e1", *GB_2MIN))) == ["low_balance"]  # 0.10 -> 0.06
+    assert _types(rate(r, call("e2", *GB_2MIN))) == []  # 0.06 -> 0.02
+    r.store.credit("acc-1", 1_000_000)  # type: ignore[attr-defined]  # 1.02
+    assert _types(rate(r, call("e3", *GB_2MIN))) == []  # 1.02 -> 0.98
+    assert _types(rate(r, call("e4", "+4490123456", 60))) == ["blocked", "low_balance"]  # -> -0.52
+
+
+def test_several_events_from_one_charge_in_fixed_order() -> None:
+    r = make_rater([account(plan="payg", balance="1.00", low_balance_alert="0.50",
+                            auto_topup={"threshold": "0.80", "amount": "10.00"})])
+    res = rate(r, call("e1", "+4490123456", 60))  # 1.00 -> -0.50
+    assert _types(res) == ["blocked", "topup_requested", "low_balance"]
+    assert {e.balance for e in res.wallet_events} == {-500_000}
+
+
+def test_usage_threshold_once_each_per_period() -> None:
+    r = make_rater([account()])  # europe: 600 s
+    res = rate(r, call("e1", "+4930123456", 299), call("e2", "+4930123456", 1))  # 299 s, 300 s = 50 %
+    assert [(e.type, e.event_id, e.percent) for e in res.wallet_events] == [("usage_threshold", "e2", 50)]
+    res = rate(r, call("e3", "+4930123456", 600))  # crosses 80 and 100 in one call
+    assert [(e.percent, e.package_id) for e in res.wallet_events] == [(80, "europe"), (100, "europe")]
+    assert _types(rate(r, call("e4", "+4930123456", 600))) == []  # nothing left to cross
+    # next period starts again
+    res = rate(r, call("e5", "+4930123456", 300, started_at="2026-10-31T10:00:00Z"))
+    assert [e.percent for e in res.wallet_events] == [50]
+
+
+def test_postpaid_accrues_and_blocks_only_past_credit_limit() -> None:
+    r = make_rater([
+        account("acc-b", plan="business", billing="postpaid", balance="0", credit_limit="0.10"),
+        account("acc-n", plan="business", billing="postpaid", balance="0"),
+    ])
+    # business has no us-domestic: US calls are charged 0.01/min
+    assert _types(rate(r, call("e1", "+12125550100", 540, account_id="acc-b"))) == []  # owes 0.09
+    assert _types(rate(r, call("e2", "+12125550100", 60, account_id="acc-b"))) == []  # owes 0.10: at, not past
+    res = rate(r, call("e3", "+12125550100", 60, account_id="acc-b"))  # owes 0.11
+    assert _types(res) == ["blocked"] and res.rows[0][15] == -110_000
+    # without a credit limit a postpaid account is never blocked
+    assert _types(rate(r, call("e4", "+4490123456", 600, account_id="acc-n"))) == []
+
+
+def test_prepaid_account_opening_at_zero_is_blocked_without_an_event() -> None:
+    r = make_rater([account(plan="payg", balance="0")])
+    assert r.store.wallet("acc-1").blocked  # type: ignore[attr-defined]
+    assert _types(rate(r, call("e1", *GB_2MIN))) == []
