@@ -1,0 +1,11 @@
+-- Analytics store for the metering pipeline (SPEC.md "ClickHouse").
+--
+-- Every file in this folder is applied in file-name order by
+-- metering.storage.clickhouse_sink.ClickHouseSink.ensure_schema(). Each statement is idempotent,
+-- so applying the folder again (every pipeline start) is harmless. `{database}` is replaced by the
+-- configured database name (default `metering`) before a statement is sent; to apply a file by
+-- hand:  sed 's/{database}/metering/g' 010_rated_usage.sql | clickhouse-client --multiquery
+--
+-- Only standard ClickHouse SQL is used: the same files and the same analyst queries run on a
+-- ClickHouse server and on chDB (the embedded engine used by tests, the demo and small setups).
+CREATE DATABASE IF NOT EXISTS {database};

@@ -1,0 +1,651 @@
+"""ClickHouse sink against a real embedded ClickHouse (chDB) in a temporary directory.
+
+No mocks and no skipping: if chdb or clickhouse-connect is missing, these tests fail.
+chDB hosts one engine per process, so each test closes its sink before the next one opens a
+different directory (the fixture does it).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from metering.storage.clickhouse_sink import (
+    ClickHouseSink,
+    PackageAllowance,
+    datetime_to_ms,
+    micros_to_decimal,
+    split_sql,
+)
+from schemas.records import Movement, RatedRecord, WalletEvent
+
+pytestmark = pytest.mark.integration
+
+DB = "metering"
+TOPIC = "usage.events"
+NOV = date(2026, 11, 1)
+NOV15 = date(2026, 11, 15)
+CET = timezone(timedelta(hours=1))
+RATED_AT = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hand-made dataset. Money in integer micros, as the engine produces it.
+
+
+def call(
+    account: str,
+    event: str,
+    to: str,
+    country: str,
+    dest_class: str,
+    *,
+    billable: int,
+    covered: int = 0,
+    package: str | None = None,
+    charge: int = 0,
+    balance: int = 0,
+    direction: str = "outbound",
+    period: date = NOV,
+    at: datetime | None = None,
+    fair_use_exceeded: bool = False,
+) -> RatedRecord:
+    return RatedRecord(
+        event_id=event,
+        account_id=account,
+        status="rated",
+        kind="call",
+        country=country,
+        dest_class=dest_class,
+        billable_s=billable,
+        covered_s=covered,
+        charged_s=billable - covered,
+        package_id=package,
+        fair_use_exceeded=fair_use_exceeded,
+        charge=charge,
+        balance_after=balance,
+        direction=direction,
+        from_number="+12025550199",
+        to_number=to,
+        at=at or datetime(2026, 11, 3, 10, 0, tzinfo=CET),
+        period_start=period,
+        plan_id="starter",
+        catalog_version="2026-11-01",
+    )
+
+
+def sms(account: str, event: str, segments: int, charge: int, balance: int) -> RatedRecord:
+    return RatedRecord(
+        event_id=event,
+        account_id=account,
+        status="rated",
+        kind="sms",
+        country="GB",
+        dest_class="mobile",
+        charge=charge,
+        balance_after=balance,
+        direction="outbound",
+        from_number="+12025550199",
+        to_number="+447700900123",
+        at=datetime(2026, 11, 4, 9, 30, tzinfo=UTC),
+        period_start=NOV,
+        plan_id="starter",
+        catalog_version="2026-11-01",
+        quantity=Decimal(segments),
+    )
+
+
+def meter(account: str, event: str, quantity: str, charge: int, balance: int) -> RatedRecord:
+    return RatedRecord(
+        event_id=event,
+        account_id=account,
+        status="rated",
+        kind="meter",
+        meter="llm_tokens",
+        quantity=Decimal(quantity),
+        charge=charge,
+        balance_after=balance,
+        at=datetime(2026, 11, 5, 0, 0, tzinfo=UTC),
+        period_start=NOV,
+        plan_id="starter",
+        catalog_version="2026-11-01",
+    )
+
+
+def dataset() -> list[RatedRecord]:
+    return [
+        # acc-1, period 2026-11-01
+        call(
+            "acc-1",
+            "e1",
+            "+442071234567",
+            "GB",
+            "fixed",
+            billable=120,
+            covered=120,
+            package="europe",
+        ),
+        call(
+            "acc-1",
+            "e2",
+            "+447700900123",
+            "GB",
+            "mobile",
+            billable=90,
+            covered=60,
+            package="europe",
+            charge=50_000,
+        ),  # 0.01 connect + 30 s * 0.08/60
+        call(
+            "acc-1",
+            "e3",
+            "+12025550100",
+            "US",
+            "fixed",
+            billable=60,
+            covered=60,
+            package="us-domestic",
+        ),
+        call("acc-1", "e7", "+12025550199", "US", "fixed", billable=0, direction="inbound"),
+        sms("acc-1", "e4", segments=2, charge=15_000, balance=9_935_000),
+        meter("acc-1", "e5", "1500", charge=3_000, balance=9_932_000),
+        meter("acc-1", "e6", "0.5", charge=1, balance=9_931_999),  # one micro
+        # acc-2 reuses event_id "e1": event ids are unique per account only
+        call(
+            "acc-2",
+            "e1",
+            "+449012345678",
+            "GB",
+            "premium",
+            billable=120,
+            charge=3_000_000,
+            balance=-1_000_000,
+            period=NOV15,
+            at=datetime(2026, 11, 16, 8, 0, tzinfo=UTC),
+        ),
+        # not usage: must not reach rated_usage
+        RatedRecord(event_id="bad", account_id="acc-1", status="rejected", reason="invalid_field"),
+        RatedRecord(event_id="e1", account_id="acc-1", status="duplicate", kind="call", charge=999),
+    ]
+
+
+def movements() -> list[Movement]:
+    t = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
+    return [
+        Movement(
+            movement_id="m1",
+            account_id="acc-1",
+            at=t,
+            type="credit",
+            amount=59_000_000,
+            balance_after=59_000_000,
+            reference="op:initial",
+        ),
+        Movement(
+            movement_id="m2",
+            account_id="acc-1",
+            at=t,
+            type="adjustment",
+            amount=-49_000_000,
+            balance_after=10_000_000,
+            reference="fee:2026-11-01:starter",
+        ),
+        Movement(
+            movement_id="m3",
+            account_id="acc-1",
+            at=t,
+            type="debit",
+            amount=-50_000,
+            balance_after=9_950_000,
+            reference="e2",
+        ),
+        # an adjustment that is not a fee is not recurring
+        Movement(
+            movement_id="m4",
+            account_id="acc-1",
+            at=t,
+            type="adjustment",
+            amount=-1,
+            balance_after=9_949_999,
+            reference="goodwill",
+        ),
+        Movement(
+            movement_id="m5",
+            account_id="acc-2",
+            at=datetime(2026, 11, 15, tzinfo=UTC),
+            type="adjustment",
+            amount=-49_000_000,
+            balance_after=2_000_000,
+            reference="fee:2026-11-15",
+        ),
+    ]
+
+
+def rejected() -> list[tuple[bytes, str, str | None, str, int, int, datetime]]:
+    at = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
+    return [
+        (b"\xff{not json", "invalid_json", None, TOPIC, 0, 41, at),
+        (b'{"kind":"fax"}', "unknown_kind", "kind", TOPIC, 1, 7, at),
+    ]
+
+
+ALLOWANCES = [
+    PackageAllowance("europe", 1000),
+    PackageAllowance("us-domestic", None, 5000),
+]
+
+
+def write_all(sink: ClickHouseSink) -> None:
+    records = dataset()
+    sink.insert_rated(
+        records,
+        topic=TOPIC,
+        partitions=[0] * len(records),
+        offsets=list(range(100, 100 + len(records))),
+        rated_at=RATED_AT,
+    )
+    sink.insert_movements(movements())
+    sink.insert_rejected(rejected())
+    sink.insert_wallet_events(
+        [
+            WalletEvent(type="blocked", account_id="acc-2", event_id="e1", balance=-1_000_000),
+            WalletEvent(
+                type="usage_threshold",
+                account_id="acc-1",
+                event_id="e1",
+                balance=9_950_000,
+                package_id="europe",
+                percent=50,
+            ),
+        ],
+        at=datetime(2026, 11, 16, 8, 0, tzinfo=UTC),
+    )
+    sink.replace_package_allowances(
+        ALLOWANCES, catalog_version="2026-11-01", loaded_at=datetime(2026, 11, 1, tzinfo=UTC)
+    )
+
+
+# Expected view contents for the dataset, written out by hand.
+D = Decimal
+EXPECTED_CATEGORIES = {
+    # (account, period, category): (events, quantity, billable_s, billable_minutes, charge)
+    ("acc-1", NOV, "calls"): (4, D("4"), 270, 4.5, D("0.050000")),
+    ("acc-1", NOV, "sms"): (1, D("2"), 0, 0.0, D("0.015000")),
+    ("acc-1", NOV, "meters"): (2, D("1500.5"), 0, 0.0, D("0.003001")),
+    ("acc-1", NOV, "recurring"): (1, D("1"), 0, 0.0, D("49.000000")),
+    ("acc-2", NOV15, "calls"): (1, D("1"), 120, 2.0, D("3.000000")),
+    ("acc-2", NOV15, "recurring"): (1, D("1"), 0, 0.0, D("49.000000")),
+}
+EXPECTED_PACKAGES = {
+    # (account, period, package): (calls, used_s, used_minutes, overage_s, unlimited,
+    #                              allowance_minutes, remaining_minutes, fair_use_remaining)
+    ("acc-1", NOV, "europe"): (2, 180, 3.0, 30, 0, 1000, 997.0, None),
+    ("acc-1", NOV, "us-domestic"): (1, 60, 1.0, 0, 1, None, None, 4999.0),
+}
+EXPECTED_DESTINATIONS = {
+    # (country, class): (calls, minutes, revenue) -- outbound calls only
+    ("GB", "fixed"): (1, 2.0, D("0")),
+    ("GB", "mobile"): (1, 1.5, D("0.05")),
+    ("US", "fixed"): (1, 1.0, D("0")),
+    ("GB", "premium"): (1, 2.0, D("3")),
+}
+
+
+def categories(sink: ClickHouseSink) -> dict[tuple[str, date, str], tuple[object, ...]]:
+    rows = sink.client.query(
+        f"SELECT account_id, period_start, category, events, quantity, billable_s, billable_minutes,"
+        f" charge FROM {sink.database}.v_usage_by_category"
+    ).result_rows
+    out = {(r[0], r[1], r[2]): tuple(r[3:]) for r in rows}
+    assert len(out) == len(rows), "a category appears twice"
+    return out
+
+
+def packages(sink: ClickHouseSink) -> dict[tuple[str, date, str], tuple[object, ...]]:
+    rows = sink.client.query(
+        f"SELECT account_id, period_start, package_id, calls, used_s, used_minutes, overage_s,"
+        f" unlimited, allowance_minutes, remaining_minutes, fair_use_remaining_minutes"
+        f" FROM {sink.database}.v_package_usage"
+    ).result_rows
+    out = {(r[0], r[1], r[2]): tuple(r[3:]) for r in rows}
+    assert len(out) == len(rows)
+    return out
+
+
+def destinations(sink: ClickHouseSink) -> dict[tuple[str, str], tuple[object, ...]]:
+    rows = sink.client.query(
+        f"SELECT country, dest_class, calls, minutes, revenue FROM {sink.database}.v_top_destinations"
+    ).result_rows
+    out = {(r[0], r[1]): tuple(r[2:]) for r in rows}
+    assert len(out) == len(rows)
+    return out
+
+
+def scalar(sink: ClickHouseSink, sql: str) -> object:
+    return sink.client.query(sql.format(db=sink.database)).result_rows[0][0]
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[ClickHouseSink]:
+    s = ClickHouseSink(f"chdb://{tmp_path / 'ch'}")
+    s.ensure_schema()
+    try:
+        yield s
+    finally:
+        s.close()  # chDB: one engine per process; free it for the next test's directory
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_views_return_hand_computed_numbers(sink: ClickHouseSink) -> None:
+    write_all(sink)
+    assert categories(sink) == EXPECTED_CATEGORIES
+    assert packages(sink) == EXPECTED_PACKAGES
+    assert destinations(sink) == EXPECTED_DESTINATIONS
+    # only the 8 rated records, not the rejected one nor the duplicate
+    assert scalar(sink, "SELECT count() FROM {db}.rated_usage FINAL") == 8
+    assert scalar(sink, "SELECT count() FROM {db}.rated_usage WHERE event_id = 'bad'") == 0
+
+
+@pytest.mark.parametrize("optimize", [False, True], ids=["unmerged", "after-OPTIMIZE-FINAL"])
+def test_replayed_batches_count_once_in_every_view(sink: ClickHouseSink, optimize: bool) -> None:
+    write_all(sink)
+    write_all(sink)  # the same batches again: a crash before the Kafka commit, or a replay
+    write_all(sink)
+    # the rows really are there three times (no insert dedup is relied on) ...
+    if not optimize:
+        assert scalar(sink, "SELECT count() FROM {db}.rated_usage") == 24
+    else:
+        for table in ("rated_usage", "wallet_movements", "rejected_events", "wallet_events"):
+            sink.client.command(f"OPTIMIZE TABLE {sink.database}.{table} FINAL")
+    # ... but every view and every FINAL read counts them once
+    assert categories(sink) == EXPECTED_CATEGORIES
+    assert packages(sink) == EXPECTED_PACKAGES
+    assert destinations(sink) == EXPECTED_DESTINATIONS
+    assert scalar(sink, "SELECT count() FROM {db}.rated_usage FINAL") == 8
+    assert scalar(sink, "SELECT count() FROM {db}.wallet_movements FINAL") == 5
+    assert scalar(sink, "SELECT count() FROM {db}.rejected_events FINAL") == 2
+    assert scalar(sink, "SELECT count() FROM {db}.wallet_events FINAL") == 2
+
+
+def test_different_row_with_same_key_replaces(sink: ClickHouseSink) -> None:
+    write_all(sink)
+    # e2 re-rated later with a different charge: replaces the first row
+    rerated = call(
+        "acc-1",
+        "e2",
+        "+447700900123",
+        "GB",
+        "mobile",
+        billable=90,
+        covered=30,
+        package="europe",
+        charge=90_000,
+    )
+    sink.insert_rated(
+        [rerated],
+        topic=TOPIC,
+        partitions=[3],
+        offsets=[999],
+        rated_at=RATED_AT + timedelta(hours=1),
+    )
+    # an *older* version arriving late (stale replay) must not win: rated_at is the version
+    stale = call(
+        "acc-1",
+        "e2",
+        "+447700900123",
+        "GB",
+        "mobile",
+        billable=90,
+        covered=90,
+        package="europe",
+        charge=7,
+    )
+    sink.insert_rated(
+        [stale], topic=TOPIC, partitions=[0], offsets=[1], rated_at=RATED_AT - timedelta(days=1)
+    )
+
+    assert scalar(sink, "SELECT count() FROM {db}.rated_usage FINAL WHERE account_id='acc-1'") == 7
+    row = sink.client.query(
+        f"SELECT charge, covered_s, source_partition, source_offset FROM {sink.database}.rated_usage"
+        " FINAL WHERE account_id = 'acc-1' AND event_id = 'e2'"
+    ).result_rows
+    assert row == [(D("0.090000"), 30, 3, 999)]
+    cats = categories(sink)
+    assert cats[("acc-1", NOV, "calls")] == (4, D("4"), 270, 4.5, D("0.090000"))
+    assert packages(sink)[("acc-1", NOV, "europe")][:4] == (2, 150, 2.5, 60)
+    assert destinations(sink)[("GB", "mobile")] == (1, 1.5, D("0.09"))
+
+    # same key in the other tables: the last write with the same key wins
+    m = Movement(
+        movement_id="m3",
+        account_id="acc-1",
+        at=datetime(2026, 11, 1, tzinfo=UTC),
+        type="debit",
+        amount=-90_000,
+        balance_after=9_910_000,
+        reference="e2",
+    )
+    sink.insert_movements([m])
+    assert sink.client.query(
+        f"SELECT amount, balance_after FROM {sink.database}.wallet_movements FINAL"
+        " WHERE movement_id = 'm3'"
+    ).result_rows == [(D("-0.090000"), D("9.910000"))]
+    assert scalar(sink, "SELECT count() FROM {db}.wallet_movements FINAL") == 5
+
+
+def test_money_stays_exact(sink: ClickHouseSink) -> None:
+    n = 1000
+    records = [
+        meter("acc-m", f"u{i}", "0.5", charge=1, balance=-i)
+        for i in range(n)  # 1 micro each
+    ] + [
+        meter("acc-m", "tenth", "1", charge=100_000, balance=0),  # 0.1
+        meter("acc-m", "fifth", "1", charge=200_000, balance=0),  # 0.2 (0.1 + 0.2 == 0.3 here)
+        meter(
+            "acc-m", "big", "1", charge=999_999_999_999_999_999, balance=-999_999_999_999_999_999
+        ),
+    ]
+    sink.insert_rated(
+        records, topic=TOPIC, partitions=[0] * len(records), offsets=list(range(len(records)))
+    )
+    assert scalar(
+        sink, "SELECT sum(charge) FROM {db}.rated_usage FINAL WHERE event_id LIKE 'u%'"
+    ) == D("0.001000")
+    assert (
+        scalar(
+            sink,
+            "SELECT sum(charge) = toDecimal64('0.3', 6) FROM {db}.rated_usage FINAL"
+            " WHERE event_id IN ('tenth', 'fifth')",
+        )
+        == 1
+    )
+    # the extremes of Decimal(18, 6) survive the round trip digit for digit
+    assert sink.client.query(
+        f"SELECT charge, balance_after FROM {sink.database}.rated_usage FINAL WHERE event_id = 'big'"
+    ).result_rows == [(D("999999999999.999999"), D("-999999999999.999999"))]
+    assert scalar(
+        sink, "SELECT balance_after FROM {db}.rated_usage FINAL WHERE event_id = 'u5'"
+    ) == D("-0.000005")
+    cat = categories(sink)[("acc-m", NOV, "meters")]
+    assert cat[4] == D("999999999999.999999") + D("0.3") + D("0.001")
+    assert cat[1] == D("500") + 3  # quantities: 1000 x 0.5 + 3 x 1
+
+    # nothing that would lose precision is accepted
+    with pytest.raises(ValueError):
+        micros_to_decimal(10**18)
+    with pytest.raises(TypeError):
+        micros_to_decimal(0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        sink.insert_movements(
+            [
+                Movement(
+                    movement_id="x",
+                    account_id="a",
+                    at=RATED_AT,
+                    type="credit",
+                    amount=1.5,  # type: ignore[arg-type]
+                    balance_after=0,
+                    reference="r",
+                )
+            ]
+        )
+
+
+def test_timestamps_are_utc_whatever_the_offset(sink: ClickHouseSink) -> None:
+    rec = call(
+        "acc-t",
+        "t1",
+        "+12025550100",
+        "US",
+        "fixed",
+        billable=60,
+        at=datetime(2026, 11, 30, 23, 30, 0, 123456, tzinfo=timezone(timedelta(hours=-5))),
+    )
+    naive = call(
+        "acc-t", "t2", "+12025550100", "US", "fixed", billable=60, at=datetime(2026, 11, 30, 23, 30)
+    )  # naive = UTC
+    sink.insert_rated([rec, naive], topic=TOPIC, partitions=[0, 0], offsets=[1, 2])
+    rows = sink.client.query(
+        f"SELECT event_id, toString(started_at), toUnixTimestamp64Milli(started_at), toDate(started_at)"
+        f" FROM {sink.database}.rated_usage FINAL WHERE account_id = 'acc-t' ORDER BY event_id"
+    ).result_rows
+    assert rows == [
+        ("t1", "2026-12-01 04:30:00.123", datetime_to_ms(rec.at), date(2026, 12, 1)),  # type: ignore[arg-type]
+        ("t2", "2026-11-30 23:30:00.000", 1796081400000, date(2026, 11, 30)),
+    ]
+    # clickhouse-connect hands DateTime64('UTC') back as naive UTC datetimes
+    assert scalar(
+        sink, "SELECT started_at FROM {db}.rated_usage FINAL WHERE event_id = 't2'"
+    ) == datetime(2026, 11, 30, 23, 30)
+
+
+def test_rejected_raw_bytes_round_trip(sink: ClickHouseSink) -> None:
+    sink.insert_rejected(rejected())
+    sink.insert_rejected(rejected())
+    rows = sink.client.query(
+        f"SELECT raw, reason, detail, topic, partition, offset FROM {sink.database}.rejected_events"
+        " FINAL ORDER BY partition, offset",
+        column_formats={"raw": "bytes"},
+    ).result_rows
+    assert rows == [
+        (b"\xff{not json", "invalid_json", None, TOPIC, 0, 41),
+        (b'{"kind":"fax"}', "unknown_kind", "kind", TOPIC, 1, 7),
+    ]
+
+
+def test_package_allowances_latest_load_wins(sink: ClickHouseSink) -> None:
+    write_all(sink)
+    # new catalog: europe shrinks to 500 min, us-domestic becomes finite 100 min
+    sink.replace_package_allowances(
+        [PackageAllowance("europe", 500), PackageAllowance("us-domestic", 100)],
+        catalog_version="2026-12-01",
+        loaded_at=datetime(2026, 12, 1, tzinfo=UTC),
+    )
+    got = packages(sink)
+    assert got[("acc-1", NOV, "europe")][4:7] == (0, 500, 497.0)
+    assert got[("acc-1", NOV, "us-domestic")][4:] == (0, 100, 99.0, None)
+    # and back to unlimited: a NULL size must win over the older finite one
+    sink.replace_package_allowances(
+        ALLOWANCES, catalog_version="2027-01-01", loaded_at=datetime(2027, 1, 1, tzinfo=UTC)
+    )
+    assert packages(sink) == EXPECTED_PACKAGES
+    # a package missing from package_allowances: usage shown, sizes unknown (NULL)
+    sink.insert_rated(
+        [
+            call(
+                "acc-9",
+                "x1",
+                "+351211234567",
+                "PT",
+                "fixed",
+                billable=60,
+                covered=60,
+                package="iberia",
+            )
+        ],
+        topic=TOPIC,
+        partitions=[0],
+        offsets=[5],
+    )
+    assert packages(sink)[("acc-9", NOV, "iberia")] == (1, 60, 1.0, 0, 0, None, None, None)
+
+
+def test_ensure_schema_is_idempotent_and_database_configurable(tmp_path: Path) -> None:
+    with ClickHouseSink(f"chdb://{tmp_path / 'ch'}", database="billing_test") as s:
+        s.ensure_schema()
+        s.ensure_schema()
+        write_all(s)
+        s.ensure_schema()  # re-applying over data changes nothing
+        names = [
+            r[0]
+            for r in s.client.query(
+                "SELECT name FROM system.tables WHERE database = 'billing_test' ORDER BY name"
+            ).result_rows
+        ]
+        assert names == [
+            "package_allowances",
+            "rated_usage",
+            "rejected_events",
+            "v_package_usage",
+            "v_top_destinations",
+            "v_usage_by_category",
+            "wallet_events",
+            "wallet_movements",
+        ]
+        assert categories(s) == EXPECTED_CATEGORIES
+        assert scalar(s, "SELECT count() FROM system.tables WHERE database = 'metering'") == 0
+    with pytest.raises(ValueError):
+        ClickHouseSink("chdb://memory", database="x; DROP TABLE y")
+
+
+def test_insert_rated_checks_lineage_lengths_and_skips_empty(sink: ClickHouseSink) -> None:
+    with pytest.raises(ValueError):
+        sink.insert_rated(dataset(), topic=TOPIC, partitions=[0], offsets=[0])
+    assert sink.insert_rated([], topic=TOPIC, partitions=[], offsets=[]) == 0
+    only_rejects = [RatedRecord(event_id="b", account_id="a", status="rejected")]
+    assert sink.insert_rated(only_rejects, topic=TOPIC, partitions=[0], offsets=[0]) == 0
+
+
+def test_split_sql_ignores_semicolons_in_strings_and_comments() -> None:
+    text = "-- a; comment\nSELECT 'a;b' AS `x;y`; /* c; */ SELECT 2;\n-- trailing only\n"
+    assert split_sql(text) == ["SELECT 'a;b' AS `x;y`", "SELECT 2"]
+
+
+def test_chdb_directory_is_locked_by_the_process_holding_it(tmp_path: Path) -> None:
+    """A second process cannot open the directory while a sink is open; it can after close()."""
+    path = tmp_path / "ch"
+    probe = textwrap.dedent(f"""
+        import clickhouse_connect
+        try:
+            c = clickhouse_connect.get_client(dsn="chdb://{path}")
+            print("opened", c.query("SELECT count() FROM metering.wallet_movements").result_rows[0][0])
+        except Exception as ex:
+            print("refused", type(ex).__name__)
+    """)
+
+    def other_process() -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+        )
+        return out.stdout.strip()
+
+    s = ClickHouseSink(f"chdb://{path}")
+    s.ensure_schema()
+    s.insert_movements(movements())
+    try:
+        assert other_process() == "refused ProgrammingError"
+        # a second client in the same process shares the engine and sees the rows
+        with ClickHouseSink(f"chdb://{path}") as same_process:
+            assert scalar(same_process, "SELECT count() FROM {db}.wallet_movements FINAL") == 5
+    finally:
+        s.close()
+    assert other_process() == "opened 5"

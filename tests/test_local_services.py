@@ -1,0 +1,111 @@
+"""Local Kafka/Redis from deploy/local/services.sh. A service that cannot start fails the test."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from metering import local_services
+from metering.local_services import Endpoints
+
+
+def test_endpoints_defaults() -> None:
+    eps = local_services.endpoints({"METERING_STATE_DIR": "/tmp/st"})
+    assert eps == Endpoints(
+        kafka_bootstrap="127.0.0.1:19092",
+        redis_url="redis://127.0.0.1:16379/0",
+        clickhouse_dsn="chdb:///tmp/st/clickhouse",
+    )
+
+
+def test_endpoints_ports_and_overrides() -> None:
+    eps = local_services.endpoints(
+        {
+            "METERING_KAFKA_PORT": "29092",
+            "METERING_REDIS_PORT": "26379",
+            "METERING_CLICKHOUSE_DSN": "http://default:@ch:8123/default",
+        }
+    )
+    assert eps.kafka_bootstrap == "127.0.0.1:29092"
+    assert eps.redis_url == "redis://127.0.0.1:26379/0"
+    assert eps.as_env()["METERING_CLICKHOUSE_DSN"] == "http://default:@ch:8123/default"
+    assert (
+        local_services.endpoints({"METERING_KAFKA_BOOTSTRAP": "k:9092"}).kafka_bootstrap == "k:9092"
+    )
+    assert (
+        local_services.state_dir({})
+        == Path(local_services.__file__).resolve().parents[1] / ".state"
+    )
+
+
+def test_unknown_service_is_refused() -> None:
+    with pytest.raises(ValueError):
+        local_services.ensure_started(("kafka", "zookeeper"))
+
+
+@pytest.mark.integration
+def test_kafka_produce_consume() -> None:
+    eps = local_services.ensure_started(("kafka",))
+    topic = f"test.local-services.{uuid.uuid4().hex[:12]}"
+    admin = AdminClient({"bootstrap.servers": eps.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(
+        timeout=60
+    )
+    try:
+        payload = b'{"event_id": "e-1", "account_id": "acct-1"}'
+        delivered: list[KafkaError | None] = []
+        producer = Producer(
+            {"bootstrap.servers": eps.kafka_bootstrap, "acks": "all", "enable.idempotence": True}
+        )
+        producer.produce(
+            topic, key=b"acct-1", value=payload, on_delivery=lambda e, _m: delivered.append(e)
+        )
+        assert producer.flush(30) == 0
+        assert delivered == [None]
+
+        consumer = Consumer(
+            {
+                "bootstrap.servers": eps.kafka_bootstrap,
+                "group.id": f"test-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            consumer.subscribe([topic])
+            msg = None
+            deadline = time.monotonic() + 60
+            while msg is None and time.monotonic() < deadline:
+                polled = consumer.poll(1.0)
+                if polled is not None:
+                    assert polled.error() is None, polled.error()
+                    msg = polled
+            assert msg is not None, "no message consumed within 60 s"
+            assert (msg.key(), msg.value()) == (b"acct-1", payload)
+            consumer.commit(message=msg, asynchronous=False)  # exercises __consumer_offsets
+        finally:
+            consumer.close()
+    finally:
+        admin.delete_topics([topic])[topic].result(timeout=30)
+
+
+@pytest.mark.integration
+def test_redis_set_get_and_aof() -> None:
+    eps = local_services.ensure_started(("redis",))
+    client = redis.Redis.from_url(eps.redis_url, socket_timeout=5, decode_responses=True)
+    key = f"test:local-services:{uuid.uuid4().hex}"
+    try:
+        assert client.set(key, "42", ex=60)
+        assert client.get(key) == "42"
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    finally:
+        client.delete(key)
+        client.close()

@@ -1,0 +1,78 @@
+-- Apply one batch of debits atomically (all or nothing), aggregated per wallet.
+-- KEYS: per account i: w:{A} (wallet hash), u:{A} (allowance used), d:{A} (dedupe), h:{A} (holds)
+-- ARGV[1]: msgpack {debits, expected}
+--   debit:    {acct, event_id, amount, allowance_field|"", covered, fingerprint, source, outcome, reservation|""}
+--   expected: {acct, allowance_field, used_seconds_seen_by_lookup}
+-- Optimistic check first: if another writer changed a dedupe entry or an allowance since the
+-- lookup (a stale partition owner after a rebalance), nothing is written and {"stale", why}
+-- comes back; the caller looks up again. Otherwise returns {"ok", {balance, bits}...}.
+local batch = cmsgpack.unpack(ARGV[1])
+local debits, expected = batch[1], batch[2]
+local function k(i, n) return KEYS[4 * (i - 1) + n] end
+
+for _, e in ipairs(expected) do
+  local used = tonumber(redis.call('HGET', k(e[1], 2), e[2]) or '0')
+  if used ~= e[3] then return cmsgpack.pack({'stale', 'allowance ' .. e[2]}) end
+end
+for _, d in ipairs(debits) do
+  if redis.call('HEXISTS', k(d[1], 3), d[2]) == 1 then return cmsgpack.pack({'stale', 'dedupe ' .. d[2]}) end
+end
+
+local function num(v) if v then return tonumber(v) end return nil end
+local W = {}
+local nacc = #KEYS / 4
+for i = 1, nacc do
+  local v = redis.call('HMGET', k(i, 1), 'balance', 'billing', 'blocked', 'topup_pending',
+                       'topup_threshold', 'low_balance_alert', 'credit_limit')
+  if not v[1] then return cmsgpack.pack({'error', 'no wallet at ' .. k(i, 1)}) end
+  W[i] = {balance = tonumber(v[1]), billing = v[2], blocked = v[3] == '1', pending = v[4] == '1',
+          threshold = num(v[5]), alert = num(v[6]), limit = num(v[7]),
+          used = {}, dedupe = {}, holds = {}, touched = false}
+end
+
+local function should_block(w)
+  if w.billing == 'prepaid' then return w.balance <= 0 end
+  return w.limit ~= nil and -w.balance > w.limit
+end
+
+local results = {}
+for n, d in ipairs(debits) do
+  local w = W[d[1]]
+  local amount = d[3]
+  local bits = 0
+  if amount > 0 then
+    local before = w.balance
+    local after = before - amount
+    w.balance = after
+    w.touched = true
+    if not w.blocked and should_block(w) then w.blocked = true; bits = bits + 1 end
+    if w.billing == 'prepaid' then
+      if w.threshold and not w.pending and before >= w.threshold and w.threshold > after then
+        w.pending = true; bits = bits + 4
+      end
+      if w.alert and before >= w.alert and w.alert > after then bits = bits + 8 end
+    end
+  end
+  if d[4] ~= '' and d[5] > 0 then w.used[d[4]] = (w.used[d[4]] or 0) + d[5] end
+  local prior = string.format('%s|%s|%d|%d|%s', d[6], d[7], w.balance, bits, d[8])
+  table.insert(w.dedupe, d[2]); table.insert(w.dedupe, prior)
+  if d[9] ~= '' then table.insert(w.holds, d[9]) end
+  results[n] = {w.balance, bits}
+end
+
+local function chunked(cmd, key, items)
+  for s = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
+  end
+end
+for i = 1, nacc do
+  local w = W[i]
+  if w.touched then
+    redis.call('HSET', k(i, 1), 'balance', string.format('%d', w.balance),
+               'blocked', w.blocked and '1' or '0', 'topup_pending', w.pending and '1' or '0')
+  end
+  for field, secs in pairs(w.used) do redis.call('HINCRBY', k(i, 2), field, secs) end
+  if #w.dedupe > 0 then chunked('HSET', k(i, 3), w.dedupe) end
+  if #w.holds > 0 then chunked('HDEL', k(i, 4), w.holds) end
+end
+return cmsgpack.pack({'ok', results})

@@ -1,0 +1,24 @@
+-- Credit, top-up or adjustment of one wallet, idempotent on its reference.
+-- KEYS: w:{A}, c:{A} (credits applied: reference -> "balance|bits|at_ms")
+-- ARGV: amount_micros (signed), type, reference, settles_topup (0/1), at_ms
+-- Returns {balance, bits, replayed(0/1)}; bits: 2 = unblocked, 1 = blocked (negative adjustment).
+local done = redis.call('HGET', KEYS[2], ARGV[3])
+if done then
+  local b, bits = string.match(done, '^(-?%d+)|(%d+)')
+  return {tonumber(b), tonumber(bits), 1}
+end
+local v = redis.call('HMGET', KEYS[1], 'balance', 'billing', 'blocked', 'credit_limit')
+if not v[1] then return redis.error_reply('unknown account') end
+local balance = tonumber(v[1]) + tonumber(ARGV[1])
+local limit = v[4] and tonumber(v[4]) or nil
+local blocked = v[3] == '1'
+local should
+if v[2] == 'prepaid' then should = balance <= 0 else should = limit ~= nil and -balance > limit end
+local bits = 0
+if blocked and not should then blocked = false; bits = 2
+elseif not blocked and should then blocked = true; bits = 1 end
+local fields = {'balance', string.format('%d', balance), 'blocked', blocked and '1' or '0'}
+if ARGV[4] == '1' then table.insert(fields, 'topup_pending'); table.insert(fields, '0') end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', KEYS[2], ARGV[3], string.format('%d|%d|%s', balance, bits, ARGV[5]))
+return {balance, bits, 0}
