@@ -109,5 +109,194 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
     )
 
 
+# ---------------------------------------------------------------------------- live pipeline
+
+def _settings(**overrides: object):  # noqa: ANN202
+    from metering.config import Settings
+
+    return Settings.from_env(**overrides)
+
+
+@main.command("setup")
+@click.option("--partitions", type=int, help="Partitions per topic (default METERING_PARTITIONS or 4).")
+def setup(partitions: int | None) -> None:
+    """Create the Kafka topics and the ClickHouse tables and views (idempotent)."""
+    from metering import kafka_io
+    from metering.storage.clickhouse_sink import ClickHouseSink
+
+    settings = _settings(partitions=partitions)
+    created = kafka_io.ensure_topics(settings)
+    click.echo(f"kafka {settings.kafka_bootstrap}: topics created: {', '.join(created) or 'none (all exist)'}")
+    with ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database) as sink:
+        sink.ensure_schema()
+    click.echo(f"clickhouse {settings.clickhouse_dsn}: schema {settings.clickhouse_database} ready")
+
+
+@main.command("run")
+@click.option("--catalog", "catalog_path", help="Catalog YAML (default METERING_CATALOG).")
+@click.option("--until-idle", type=float, help="Exit once nothing arrived for this many seconds and lag is 0.")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics, /healthz, /readyz port (0: off).")
+def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | None) -> None:
+    """Every stage in one process: usage.events -> rating -> Redis -> ClickHouse."""
+    from metering import logs, metrics
+    from metering.workers.pipeline import Pipeline
+
+    logs.setup()
+    settings = _settings(catalog_path=catalog_path, metrics_port=metrics_port)
+    pipeline = _start_or_fail(lambda: Pipeline(settings))
+    metrics.serve_metrics(settings.metrics_port, pipeline.ready)
+    _stop_on_signals(pipeline.stop)
+    pipeline.run(max_idle_s=until_idle)
+
+
+def _start_or_fail(build):  # noqa: ANN001, ANN202
+    try:
+        return build()
+    except CatalogError as exc:
+        _fail(f"error: {exc}")
+    except AccountsError as exc:
+        _fail(f"error: {exc}")
+
+
+def _stop_on_signals(event) -> None:  # noqa: ANN001
+    import signal
+
+    def handler(signum, frame):  # noqa: ANN001, ANN202, ARG001
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@main.command("worker")
+@click.argument("stage", type=click.Choice(["rating", "debit", "sink"]))
+@click.option("--until-idle", type=float, help="Exit once nothing arrived for this many seconds.")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics, /healthz, /readyz port (0: off).")
+def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> None:
+    """One stage as its own process; scale out by running more (Kafka consumer groups)."""
+    from metering import logs, metrics
+    from metering.workers import split
+
+    logs.setup()
+    settings = _settings(metrics_port=metrics_port)
+    cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]
+    w = _start_or_fail(lambda: cls(settings))
+    metrics.serve_metrics(settings.metrics_port, w.ready)
+    _stop_on_signals(w.stop)
+    w.run(max_idle_s=until_idle)
+
+
+@main.group()
+def accounts() -> None:
+    """Accounts and wallets in Redis."""
+
+
+@accounts.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--catalog", "catalog_path", help="Catalog to check plans against (default METERING_CATALOG).")
+def accounts_import(file: str, catalog_path: str | None) -> None:
+    """Create or update wallets from an accounts YAML; live balances are never reset."""
+    from wallet_debiter.redis_store import RedisWalletStore, connect
+
+    settings = _settings(catalog_path=catalog_path)
+    _, accs = _load(settings.catalog_path, file)
+    store = RedisWalletStore(connect(settings.redis_url))
+    new, updated = store.import_accounts(accs.values())
+    click.echo(f"accounts: {new} created, {updated} updated (balances of existing wallets kept)")
+
+
+@accounts.command("show")
+@click.argument("account_id")
+def accounts_show(account_id: str) -> None:
+    """Live wallet, allowances used and holds of one account."""
+    from rating.money import format_micros
+    from wallet_debiter.redis_store import RedisWalletStore, connect
+
+    store = RedisWalletStore(connect(_settings().redis_url))
+    w = store.wallet(account_id)
+    if w is None:
+        _fail(f"error: account {account_id!r} is not in Redis (metering accounts import FILE)", 1)
+    assert w is not None
+    for key in ("plan", "billing", "home_country", "period_anchor_day"):
+        click.echo(f"{key}: {w[key]}")
+    click.echo(f"balance: {format_micros(int(w['balance']))}")
+    click.echo(f"blocked: {'yes' if w['blocked'] == '1' else 'no'}")
+    click.echo(f"top-up requested, not settled: {'yes' if w['topup_pending'] == '1' else 'no'}")
+    for key in ("topup_threshold", "topup_amount", "low_balance_alert", "credit_limit"):
+        if w[key]:
+            click.echo(f"{key}: {format_micros(int(w[key]))}")
+    for field_name, seconds in sorted(store.allowance_used(account_id).items()):
+        pkg, period = field_name.split("|")
+        click.echo(f"package {pkg}, period from {period}: {seconds // 60} min {seconds % 60} s used")
+
+
+@accounts.command("credit")
+@click.argument("account_id")
+@click.argument("amount")
+@click.option("--type", "kind", type=click.Choice(["credit", "topup", "adjustment"]), default="credit")
+@click.option("--reference", required=True, help="Idempotency key: the same reference is applied once.")
+@click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money).")
+def accounts_credit(account_id: str, amount: str, kind: str, reference: str, topup_failed: bool) -> None:
+    """Credit (or with a negative adjustment, debit) a wallet; a top-up settles the open request."""
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from metering import kafka_io
+    from metering.workers.common import MovementOut, WalletEventOut
+    from rating.money import MoneyError, format_micros, parse_micros
+    from wallet_debiter.redis_store import RedisWalletStore, connect
+
+    settings = _settings()
+    store = RedisWalletStore(connect(settings.redis_url))
+    if store.wallet(account_id) is None:
+        _fail(f"error: account {account_id!r} is not in Redis", 1)
+    if topup_failed:
+        store.settle_topup_failed(account_id)
+        click.echo(f"{account_id}: open top-up request settled as failed")
+        return
+    try:
+        micros = parse_micros(amount)
+    except MoneyError as exc:
+        _fail(f"error: amount: {exc}")
+    if kind != "adjustment" and micros <= 0:
+        _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
+    at = datetime.now(UTC)
+    balance, bits, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
+                                           settles_topup=kind == "topup", at=at)
+    producer = kafka_io.make_producer(settings)
+    enc = msgspec.json.Encoder()
+    movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=at,
+                           type=kind, amount=format_micros(micros), balance_after=format_micros(balance),
+                           reference=reference)
+    producer.produce("wallet.movements", key=account_id.encode(), value=enc.encode(movement))
+    if bits:
+        name = "unblocked" if bits & 2 else "blocked"
+        producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
+            WalletEventOut(type=name, account_id=account_id, event_id=None, balance=format_micros(balance), at=at)))
+    kafka_io.flush(producer)
+    note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
+    click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
+
+
+@main.command("simulate")
+@click.option("--count", type=int, default=100_000, show_default=True, help="Events to produce.")
+@click.option("--rate", "per_second", type=float, default=0, help="Events per second (0: as fast as possible).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--duplicates", type=float, default=0.01, show_default=True, help="Share re-sent.")
+@click.option("--malformed", type=float, default=0.005, show_default=True, help="Share of bad input.")
+@click.option("--accounts", "accounts_path", help="Accounts YAML (default METERING_ACCOUNTS).")
+def simulate(count: int, per_second: float, seed: int, duplicates: float, malformed: float,
+             accounts_path: str | None) -> None:
+    """Produce realistic CDR traffic to usage.events."""
+    from metering.simulate import produce_traffic
+
+    settings = _settings(accounts_path=accounts_path)
+    sent = produce_traffic(settings, count=count, per_second=per_second, seed=seed,
+                           duplicate_rate=duplicates, malformed_rate=malformed,
+                           progress=sys.stderr.isatty())
+    click.echo(f"produced {sent} events to {settings.topics.events}")
+
+
 if __name__ == "__main__":
     main()

@@ -31,12 +31,14 @@ from rating.wallet import (
     Debit,
     DedupeKey,
     Prior,
+    StaleSnapshot,
     WalletStore,
 )
 from schemas.events import CallEvent, MeterEvent, SmsEvent, UsageEvent
 from schemas.records import RatedRecord, WalletEvent
 
 FUTURE_SLACK = timedelta(hours=24)
+MAX_EVENT_BYTES = 64 * 1024  # a CDR is ~200 bytes; anything this big is poison
 MAX_METER_QUANTITY = Decimal(10) ** 12
 USAGE_THRESHOLDS = (50, 80, 100)
 _EXACT = Context(prec=80)
@@ -135,6 +137,7 @@ class Pricer:
     def __init__(self, catalog: Catalog, accounts: Mapping[str, Account]) -> None:
         self._decoder = msgspec.json.Decoder(UsageEvent)
         self.accounts = accounts
+        self.max_bytes = MAX_EVENT_BYTES
         self.set_catalog(catalog)
 
     def set_catalog(self, catalog: Catalog) -> None:
@@ -208,8 +211,11 @@ class Pricer:
         crc = zlib.crc32
         periods_get = self._periods.get
         version = self.catalog.version
+        max_bytes = self.max_bytes
         for raw, source in items:
             try:
+                if len(raw) > max_bytes:
+                    raise Rejection("invalid_json", f"(event): oversize, {len(raw)} bytes > {max_bytes}")
                 ev = decode(raw)
                 account = accounts_get(ev.account_id)
                 if account is None:
@@ -286,9 +292,14 @@ class Pricer:
             except msgspec.ValidationError as exc:
                 append(rejected_row(raw, source, _validation_rejection(str(exc))))
             except msgspec.DecodeError as exc:
-                append(rejected_row(raw, source, Rejection("invalid_json", str(exc))))
+                detail = "empty message" if not raw else str(exc)
+                append(rejected_row(raw, source, Rejection("invalid_json", detail)))
+            except UnicodeDecodeError as exc:
+                append(rejected_row(raw, source, Rejection("invalid_json", f"invalid UTF-8 at byte {exc.start}")))
             except Rejection as rej:
                 append(rejected_row(raw, source, rej))
+            except (ValueError, OverflowError, ArithmeticError) as exc:  # never stop the stream
+                append(rejected_row(raw, source, Rejection("invalid_field", f"(event): {exc}")))
         return out
 
     @staticmethod
@@ -315,8 +326,16 @@ class Settler:
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
-    def settle(self, priced: Sequence[Row]) -> BatchResult:
+    def settle(self, priced: Sequence[Row], attempts: int = 5) -> BatchResult:
         """Final rows (input order) for priced rows; rejected rows pass through unchanged."""
+        for _ in range(attempts - 1):
+            try:
+                return self._settle_once(priced)
+            except StaleSnapshot:
+                continue
+        return self._settle_once(priced)
+
+    def _settle_once(self, priced: Sequence[Row]) -> BatchResult:
         rows: list[Row] = list(priced)
         packages = self.catalog.packages
         pending: list[int] = []
@@ -450,7 +469,7 @@ def duplicate_row(p: Row, conflict: bool) -> Row:
 def rejected_row(raw: bytes, source: str, rej: Rejection) -> Row:
     try:
         ids = msgspec.json.decode(raw, type=_Ids)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         ids = _Ids()
     event_id = ids.event_id if isinstance(ids.event_id, str) else None
     account_id = ids.account_id if isinstance(ids.account_id, str) else None

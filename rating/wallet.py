@@ -72,6 +72,11 @@ def decode_prior(text: str | bytes) -> Prior:
     return Prior(int(fp), source, (int(covered), int(charge), int(fue), int(thresholds)), int(balance), int(events))
 
 
+class StaleSnapshot(RuntimeError):
+    """The store changed between lookup and apply (e.g. a stale partition owner after a
+    rebalance); nothing was applied and the batch must be settled again."""
+
+
 class WalletStore(Protocol):
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]

@@ -150,6 +150,10 @@ def test_sms_and_meters() -> None:
     [
         (b"{not json", "invalid_json", None),
         (b"", "invalid_json", None),
+        (b'{"kind":"sms","event_id":"\xff\xfe","account_id":"acc-1"}', "invalid_json", None),
+        (b"\xef\xbb\xbf{}", "invalid_json", None),
+        (b'[1, 2]', "invalid_field", "(event)"),
+        (b'{"kind":"call","event_id":"","account_id":"acc-1"}', "invalid_field", None),
         (b'{"kind":"call","event_id":"x","account_id":"acc-1","direction":"outbound","from":"+1555","started_at":"2026-11-10T10:00:00Z","duration_s":5}', "invalid_field", "to"),
         (call("x", "+4420", -1), "invalid_field", "duration_s"),
         (call("x", "+4420", 86_401), "invalid_field", "duration_s"),

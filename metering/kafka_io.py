@@ -1,0 +1,172 @@
+"""Kafka edges (confluent-kafka): topics, consumers that commit only what was fully handled,
+producers that confirm delivery before offsets move on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from metering import metrics
+from metering.config import Settings
+from metering.logs import log
+
+LOG = logging.getLogger("metering.kafka")
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create the pipeline topics if missing; returns the names created."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    t = settings.topics
+    wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, "wallet.movements"]
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [
+        NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
+        for name in wanted
+        if name not in existing
+    ]
+    created: list[str] = []
+    if new:
+        for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    return created
+
+
+def make_producer(settings: Settings, **extra: Any) -> Producer:
+    conf = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,  # no duplicates from producer retries
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.num.messages": 10000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500000,
+    }
+    conf.update(extra)
+    return Producer(conf)
+
+
+def make_consumer(settings: Settings, group: str, topics: Sequence[str], **extra: Any) -> Consumer:
+    conf = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": f"{settings.group_prefix}-{group}",
+        "enable.auto.commit": False,  # offsets move only after every effect is durable
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "max.poll.interval.ms": 300000,
+        "fetch.min.bytes": 1,
+        "queued.max.messages.kbytes": 65536,
+    }
+    conf.update(extra)
+    consumer = Consumer(conf)
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def flush(producer: Producer, timeout_s: float = 60.0) -> None:
+    """Wait for every queued message; raise if the broker did not take them all."""
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} messages not delivered"))
+
+
+class DeliveryCheck:
+    """Delivery callback that remembers the first failure, checked before committing."""
+
+    def __init__(self) -> None:
+        self.error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None and self.error is None:
+            self.error = err
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise KafkaException(err)
+
+
+def commit_offsets(consumer: Consumer, msgs: Iterable[Message]) -> None:
+    """Synchronously commit last+1 per partition of a fully handled batch."""
+    last: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        key = (m.topic(), m.partition())
+        off = m.offset()
+        if off > last.get(key, -1):
+            last[key] = off
+    if last:
+        consumer.commit(
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False
+        )
+
+
+def split_errors(msgs: list[Message], stage: str) -> list[Message]:
+    """Drop broker error events (logged, counted); keep real messages."""
+    good: list[Message] = []
+    for m in msgs:
+        err = m.error()
+        if err is None:
+            good.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            metrics.KAFKA_ERRORS.labels(where=stage).inc()
+            log(LOG, logging.WARNING, "consume error", stage=stage, error=str(err))
+    return good
+
+
+def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, float]) -> dict[int, int]:
+    """Refresh the consumer-lag gauge at most every `every_s`; returns lag per partition."""
+    now = time.monotonic()
+    if now - state.get("at", 0.0) < every_s:
+        return {}
+    state["at"] = now
+    lags: dict[int, int] = {}
+    try:
+        assignment = consumer.assignment()
+        if not assignment:
+            return {}
+        positions = consumer.position(assignment)
+        for tp in positions:
+            lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            pos = tp.offset if tp.offset >= 0 else lo
+            lags[tp.partition] = max(0, hi - pos)
+            metrics.CONSUMER_LAG.labels(stage=stage, partition=str(tp.partition)).set(lags[tp.partition])
+    except KafkaException as exc:
+        log(LOG, logging.WARNING, "lag check failed", stage=stage, error=str(exc))
+    return lags
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Log-end offset per partition of `topic` (for progress and tests)."""
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "metering-probe",
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        out = {}
+        for p in md.topics[topic].partitions:
+            _, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            out[p] = hi
+        return out
+    finally:
+        c.close()
+
+
+__all__ = ["OFFSET_END", "DeliveryCheck", "commit_offsets", "end_offsets", "ensure_topics",
+           "flush", "make_consumer", "make_producer", "split_errors", "update_lag"]

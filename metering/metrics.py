@@ -1,0 +1,58 @@
+"""Prometheus metrics and the /healthz, /readyz endpoints every worker serves."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+
+CONSUMED = Counter("metering_consumed_total", "Messages consumed", ["stage"])
+RATED = Counter("metering_rated_total", "Events rated", ["kind"])
+REJECTED = Counter("metering_rejected_total", "Events rejected", ["reason"])
+DUPLICATES = Counter("metering_duplicates_total", "Duplicate events (not charged)", ["conflict"])
+CHARGED_MICROS = Counter("metering_charged_micros_total", "Money charged, micros")
+BATCH_SECONDS = Histogram(
+    "metering_batch_seconds", "Wall time to process one batch", ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram("metering_batch_events", "Events per batch", ["stage"],
+                       buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000))
+CONSUMER_LAG = Gauge("metering_consumer_lag", "Messages behind the log end", ["stage", "partition"])
+REDIS_ERRORS = Counter("metering_redis_errors_total", "Redis errors (retried)")
+CLICKHOUSE_ERRORS = Counter("metering_clickhouse_errors_total", "ClickHouse errors (retried)")
+KAFKA_ERRORS = Counter("metering_kafka_errors_total", "Kafka errors", ["where"])
+WALLET_EVENTS = Counter("metering_wallet_events_total", "Wallet events emitted", ["type"])
+WALLETS_BLOCKED = Counter("metering_wallets_blocked_total", "Wallets that became blocked")
+TOPUPS_REQUESTED = Counter("metering_topups_requested_total", "Auto top-ups requested")
+CATALOG_VERSION = Gauge("metering_catalog_info", "Loaded catalog version", ["version"])
+STALE_RETRIES = Counter("metering_stale_snapshot_total", "Batches re-settled after a concurrent write")
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def serve_metrics(port: int, ready: Callable[[], bool]) -> threading.Thread | None:
+    """Serve /metrics, /healthz (alive) and /readyz (ready()) on 0.0.0.0:port in a thread."""
+    if not port:
+        return None
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [b'{"status":"ok"}']
+        if path == "/readyz":
+            ok = ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+            return [b'{"ready":true}' if ok else b'{"ready":false}']
+        return metrics_app(environ, start_response)
+
+    server = make_server("0.0.0.0", port, app, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,50 @@
+"""`metering simulate`: realistic CDR traffic into `usage.events` with confluent-kafka."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+from metering import kafka_io
+from metering.config import Settings
+from metering.traffic import generate_events, load_accounts_list, load_catalog_dict
+
+
+def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, seed: int = 1,
+                    duplicate_rate: float = 0.0, malformed_rate: float = 0.0,
+                    start: datetime | None = None, progress: bool = False) -> int:
+    """Produce `count` events (keyed by account) at about `per_second` (0: flat out)."""
+    now = datetime.now(UTC)
+    start = start or now - timedelta(hours=2)
+    catalog = load_catalog_dict(settings.catalog_path)
+    accounts = load_accounts_list(settings.accounts_path)
+    producer = kafka_io.make_producer(settings)
+    delivery = kafka_io.DeliveryCheck()
+    topic = settings.topics.events
+    began = time.monotonic()
+    sent = 0
+    for key, value in generate_events(catalog, accounts, count=count, seed=seed, start=start,
+                                      duplicate_rate=duplicate_rate, malformed_rate=malformed_rate,
+                                      now=now):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key.encode(), on_delivery=delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        sent += 1
+        if sent % 1000 == 0:
+            producer.poll(0)
+            if per_second > 0:
+                ahead = sent / per_second - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if progress and sent % 20000 == 0:
+                rate = sent / max(time.monotonic() - began, 1e-9)
+                print(f"\rproduced {sent}/{count} ({rate:,.0f}/s)", end="", file=sys.stderr)
+    kafka_io.flush(producer)
+    delivery.raise_if_failed()
+    if progress:
+        print(file=sys.stderr)
+    return sent

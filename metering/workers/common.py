@@ -1,0 +1,222 @@
+"""Pieces every worker shares: retries, reloads, crash points, and writing a batch's outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import redis
+from confluent_kafka import Message, Producer
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from metering import metrics
+from metering.config import Settings
+from metering.logs import log
+from rating.catalog import Catalog, CatalogError, load_catalog
+from rating.engine import COL, Row
+from rating.money import format_micros
+from schemas.records import Movement, WalletEvent
+
+LOG = logging.getLogger("metering.worker")
+T = TypeVar("T")
+
+REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def retrying(what: str, errors: tuple[type[BaseException], ...], counter: Any, *,
+             give_up_s: float = 600.0) -> Retrying:
+    """Back off on transient errors (service down, restarting): never reject for those."""
+
+    def before_sleep(state: Any) -> None:
+        counter.inc()
+        log(LOG, logging.WARNING, f"{what} failed, retrying", attempt=state.attempt_number,
+            error=repr(state.outcome.exception()))
+
+    return Retrying(
+        retry=retry_if_exception_type(errors), wait=wait_exponential(multiplier=0.1, max=5),
+        stop=stop_after_delay(give_up_s), before_sleep=before_sleep, reraise=True,
+    )
+
+
+def with_retry(fn: Callable[[], T], what: str, errors: tuple[type[BaseException], ...], counter: Any) -> T:
+    for attempt in retrying(what, errors, counter):
+        with attempt:
+            return fn()
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------- crash points
+
+_CRASH_POINT = os.environ.get("METERING_CRASH_POINT", "")
+_CRASH_AFTER = int(os.environ.get("METERING_CRASH_AFTER", "0") or 0)
+_crash_seen: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """kill -9 this process at a named line, for the crash tests (METERING_CRASH_POINT=name,
+    METERING_CRASH_AFTER=n: on the n-th pass). A no-op in normal runs."""
+    if _CRASH_POINT != name:
+        return
+    seen = _crash_seen[name] = _crash_seen.get(name, 0) + 1
+    if seen >= _CRASH_AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- reloads
+
+
+class CatalogWatcher:
+    """Reloads the catalog when its file changes; a bad new version is refused and logged,
+    and the running one stays in force."""
+
+    def __init__(self, path: str, every_s: float) -> None:
+        self.path = Path(path)
+        self.every_s = every_s
+        self._checked = 0.0
+        self._mtime = self.path.stat().st_mtime_ns
+        self.catalog = load_catalog(self.path)
+        metrics.CATALOG_VERSION.labels(version=self.catalog.version).set(1)
+
+    def changed(self) -> Catalog | None:
+        now = time.monotonic()
+        if now - self._checked < self.every_s:
+            return None
+        self._checked = now
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+        if mtime == self._mtime:
+            return None
+        self._mtime = mtime
+        try:
+            catalog = load_catalog(self.path)
+        except CatalogError as exc:
+            log(LOG, logging.ERROR, "new catalog refused, keeping the running one",
+                path=str(self.path), running=self.catalog.version, errors=exc.errors)
+            return None
+        metrics.CATALOG_VERSION.labels(version=self.catalog.version).set(0)
+        metrics.CATALOG_VERSION.labels(version=catalog.version).set(1)
+        log(LOG, logging.INFO, "catalog reloaded", old=self.catalog.version, new=catalog.version)
+        self.catalog = catalog
+        return catalog
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+class WalletEventOut(msgspec.Struct, omit_defaults=True):
+    """A wallet event on `wallet.events` (JSON): SPEC fields plus when its cause happened."""
+
+    type: str
+    account_id: str
+    event_id: str | None
+    balance: str
+    at: datetime
+    package_id: str | None = None
+    percent: int | None = None
+
+
+class MovementOut(msgspec.Struct):
+    """A credit / top-up / adjustment on `wallet.movements` (JSON), written by operators."""
+
+    movement_id: str
+    account_id: str
+    at: datetime
+    type: str
+    amount: str
+    balance_after: str
+    reference: str
+
+
+_json = msgspec.json.Encoder()
+
+
+def debit_movements(rows: Sequence[Row]) -> list[Movement]:
+    """One `debit` movement per charged rated row; its id is stable so replays replace it."""
+    return [
+        Movement(movement_id=f"debit:{r[1]}:{r[0]}", account_id=r[1], at=r[19], type="debit",
+                 amount=-r[14], balance_after=r[15], reference=r[0])
+        for r in rows
+        if r[2] == "rated" and r[14]
+    ]
+
+
+def event_times(rows: Sequence[Row], events: Sequence[WalletEvent]) -> list[datetime]:
+    """The timestamp of each wallet event's cause (its usage event)."""
+    at = {(r[1], r[0]): r[19] for r in rows if r[2] == "rated"}
+    now = datetime.now(UTC)
+    return [at.get((e.account_id, e.event_id or ""), now) for e in events]
+
+
+def produce_rejected(producer: Producer, topic: str, rows: Sequence[Row], msgs: Sequence[Message],
+                     on_delivery: Callable[..., None]) -> int:
+    """Rejected input goes to `usage.rejected` byte for byte, with the reason in headers."""
+    n = 0
+    for row, m in zip(rows, msgs, strict=True):
+        if row[2] != "rejected":
+            continue
+        n += 1
+        metrics.REJECTED.labels(reason=row[4]).inc()
+        producer.produce(
+            topic, value=m.value() or b"", key=m.key(), on_delivery=on_delivery,
+            headers=[
+                ("reason", row[4].encode()), ("detail", (row[5] or "").encode()),
+                ("source.topic", m.topic().encode()), ("source.partition", str(m.partition()).encode()),
+                ("source.offset", str(m.offset()).encode()), ("event_id", (row[0] or "").encode()),
+                ("account_id", (row[1] or "").encode()),
+            ],
+        )
+    return n
+
+
+def rejected_rows_for_sink(rows: Sequence[Row], msgs: Sequence[Message]) -> list[tuple[bytes, str, str | None, str, int, int, datetime]]:
+    now = datetime.now(UTC)
+    return [
+        (m.value() or b"", row[4], row[5], m.topic(), m.partition(), m.offset(), now)
+        for row, m in zip(rows, msgs, strict=True)
+        if row[2] == "rejected"
+    ]
+
+
+def produce_wallet_events(producer: Producer, topic: str, events: Sequence[WalletEvent],
+                          ats: Sequence[datetime], on_delivery: Callable[..., None]) -> None:
+    for e, at in zip(events, ats, strict=True):
+        metrics.WALLET_EVENTS.labels(type=e.type).inc()
+        if e.type == "blocked":
+            metrics.WALLETS_BLOCKED.inc()
+        elif e.type == "topup_requested":
+            metrics.TOPUPS_REQUESTED.inc()
+        out = WalletEventOut(type=e.type, account_id=e.account_id, event_id=e.event_id,
+                             balance=format_micros(e.balance), at=at, package_id=e.package_id,
+                             percent=e.percent)
+        producer.produce(topic, value=_json.encode(out), key=e.account_id.encode(), on_delivery=on_delivery)
+
+
+def count_rows(rows: Sequence[Row]) -> dict[str, int]:
+    counts = {"rated": 0, "rejected": 0, "duplicate": 0, "charged": 0}
+    for r in rows:
+        status = r[2]
+        counts[status] = counts.get(status, 0) + 1
+        if status == "rated":
+            metrics.RATED.labels(kind=r[3]).inc()
+            counts["charged"] += r[14]
+        elif status == "duplicate":
+            metrics.DUPLICATES.labels(conflict="true" if r[6] else "false").inc()
+    metrics.CHARGED_MICROS.inc(counts["charged"])
+    return counts
+
+
+def settings_summary(settings: Settings) -> dict[str, Any]:
+    return {"kafka": settings.kafka_bootstrap, "redis": settings.redis_url,
+            "clickhouse": settings.clickhouse_dsn, "catalog": settings.catalog_path}
+
+
+assert COL["at"] == 19 and COL["charge"] == 14 and COL["balance_after"] == 15

@@ -1,0 +1,224 @@
+"""`metering run`: every stage in one process (single box), from Kafka to ClickHouse.
+
+Per batch, in this order, so that a crash at any line is safe:
+
+  1. consume a batch from `usage.events` (offsets not committed yet)
+  2. rate + settle: one Redis lookup, one atomic Lua apply (dedupe entries written with the
+     debits, each holding the row it produced)
+  3. ClickHouse: rated rows, debit movements, rejected input, wallet events (ReplacingMergeTree:
+     re-inserting the same rows replaces them)
+  4. Kafka: rejected input to `usage.rejected`, wallet events to `wallet.events`; wait for acks
+  5. commit the batch's offsets
+
+A crash before 5 replays the batch: step 2 finds every applied event in its dedupe entry with
+the same source (partition:offset) and re-emits the very same row without charging again, so
+steps 3 and 4 write the same data again (replaced in ClickHouse; duplicates on Kafka topics
+are keyed and carry the cause's event id for consumers to dedupe).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import clickhouse_connect.driver.exceptions as ch_errors
+import msgspec
+from confluent_kafka import KafkaException
+
+from metering import kafka_io, metrics
+from metering.config import Settings
+from metering.logs import log
+from metering.storage.clickhouse_sink import ClickHouseSink, PackageAllowance
+from metering.workers.common import (
+    LOG,
+    REDIS_TRANSIENT,
+    CatalogWatcher,
+    MovementOut,
+    count_rows,
+    crash_point,
+    debit_movements,
+    event_times,
+    produce_rejected,
+    produce_wallet_events,
+    rejected_rows_for_sink,
+    with_retry,
+)
+from rating.catalog import Catalog
+from rating.engine import Rater
+from rating.money import parse_micros
+from schemas.records import Movement
+from wallet_debiter.redis_store import RedisWalletStore, connect
+
+CH_TRANSIENT: tuple[type[BaseException], ...] = (ch_errors.OperationalError, ConnectionError, TimeoutError)
+MOVEMENTS_TOPIC = "wallet.movements"
+
+
+@dataclass
+class Progress:
+    consumed: int = 0
+    rated: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    charged_micros: int = 0
+    blocked: int = 0
+    topups: int = 0
+    batches: int = 0
+    lag: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_message: float = field(default_factory=time.monotonic)
+
+
+def package_allowances(catalog: Catalog) -> list[PackageAllowance]:
+    return [
+        PackageAllowance(p.package_id, None if p.allowance_s is None else p.allowance_s // 60,
+                         None if p.fair_use_s is None else p.fair_use_s // 60)
+        for p in catalog.packages.values()
+    ]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, *, sink: ClickHouseSink | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.progress = Progress()
+        self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
+        self.redis = connect(settings.redis_url)
+        self.store = RedisWalletStore(self.redis)
+        accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.rater = Rater(self.watcher.catalog, accounts, self.store)
+        self.rater.pricer.max_bytes = settings.max_message_bytes
+        self._accounts_at = time.monotonic()
+        self.sink = sink or ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+        self._own_sink = sink is None
+        self.sink.ensure_schema()
+        self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
+                                             catalog_version=self.watcher.catalog.version)
+        self.producer = kafka_io.make_producer(settings)
+        self.delivery = kafka_io.DeliveryCheck()
+        t = settings.topics
+        self.consumer = kafka_io.make_consumer(settings, "debit", [t.events])
+        self.movements = kafka_io.make_consumer(settings, "movements", [MOVEMENTS_TOPIC])
+        self._lag_state: dict[str, float] = {}
+        self._movement_decoder = msgspec.json.Decoder(MovementOut)
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.redis.ping()) and bool(self.consumer.assignment())
+        except Exception:  # noqa: BLE001 - readiness is a yes/no
+            return False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, *, max_idle_s: float | None = None, on_batch: Callable[[Progress], None] | None = None) -> Progress:
+        s = self.settings
+        log(LOG, logging.INFO, "pipeline started", catalog=self.watcher.catalog.version,
+            accounts=len(self.rater.accounts), kafka=s.kafka_bootstrap, redis=s.redis_url,
+            clickhouse=s.clickhouse_dsn)
+        try:
+            while not self.stop.is_set():
+                msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), "debit")
+                if msgs:
+                    self.handle_batch(msgs)
+                    self.progress.last_message = time.monotonic()
+                    if on_batch:
+                        on_batch(self.progress)
+                self.handle_movements()
+                self.housekeeping()
+                if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
+                    lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state)
+                    if not any(lags.values()):
+                        break
+        finally:
+            self.close()
+        return self.progress
+
+    def housekeeping(self) -> None:
+        catalog = self.watcher.changed()
+        if catalog is not None:
+            self.rater.set_catalog(catalog)
+            self.sink.replace_package_allowances(package_allowances(catalog), catalog_version=catalog.version)
+        if time.monotonic() - self._accounts_at > 10:
+            self._accounts_at = time.monotonic()
+            self.rater.set_accounts(with_retry(self.store.load_accounts, "load accounts",
+                                               REDIS_TRANSIENT, metrics.REDIS_ERRORS))
+        lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state)
+        if lags:
+            self.progress.lag = sum(lags.values())
+
+    def handle_batch(self, msgs: list) -> None:  # type: ignore[type-arg]
+        started = time.perf_counter()
+        s = self.settings
+        items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
+        now = datetime.now(UTC)
+        result = with_retry(lambda: self.rater.rate_batch(items, now), "redis settle",
+                            REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        crash_point("after_redis")
+        rows, events = result.rows, result.wallet_events
+        ats = event_times(rows, events)
+        movements = debit_movements(rows)
+        rejected = rejected_rows_for_sink(rows, msgs)
+
+        def write_clickhouse() -> None:
+            self.sink.insert_rated_rows(rows, topic=s.topics.events)
+            crash_point("mid_insert")
+            self.sink.insert_movements(movements)
+            self.sink.insert_rejected(rejected)
+            self.sink.insert_wallet_events(events, at=ats)
+
+        with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+        crash_point("after_clickhouse")
+        produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
+        produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
+        kafka_io.flush(self.producer)
+        self.delivery.raise_if_failed()
+        crash_point("before_commit")
+        kafka_io.commit_offsets(self.consumer, msgs)
+        crash_point("after_commit")
+
+        counts = count_rows(rows)
+        p = self.progress
+        p.batches += 1
+        p.consumed += len(msgs)
+        p.rated += counts["rated"]
+        p.rejected += counts["rejected"]
+        p.duplicates += counts["duplicate"]
+        p.charged_micros += counts["charged"]
+        p.blocked += sum(1 for e in events if e.type == "blocked")
+        p.topups += sum(1 for e in events if e.type == "topup_requested")
+        metrics.CONSUMED.labels(stage="debit").inc(len(msgs))
+        metrics.BATCH_SIZE.labels(stage="debit").observe(len(msgs))
+        metrics.BATCH_SECONDS.labels(stage="debit").observe(time.perf_counter() - started)
+
+    def handle_movements(self) -> None:
+        """Operator credits and top-ups (from `metering accounts credit`) into ClickHouse."""
+        msgs = kafka_io.split_errors(self.movements.consume(1000, 0), "movements")
+        if not msgs:
+            return
+        moves: list[Movement] = []
+        for m in msgs:
+            try:
+                mv = self._movement_decoder.decode(m.value() or b"")
+                moves.append(Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at,
+                                      type=mv.type, amount=parse_micros(mv.amount),
+                                      balance_after=parse_micros(mv.balance_after), reference=mv.reference))
+            except (msgspec.DecodeError, ValueError) as exc:
+                log(LOG, logging.ERROR, "bad movement message skipped", partition=m.partition(),
+                    offset=m.offset(), error=str(exc))
+        with_retry(lambda: self.sink.insert_movements(moves), "clickhouse insert", CH_TRANSIENT,
+                   metrics.CLICKHOUSE_ERRORS)
+        kafka_io.commit_offsets(self.movements, msgs)
+
+    def close(self) -> None:
+        for closer in (self.consumer.close, self.movements.close):
+            try:
+                closer()
+            except (KafkaException, RuntimeError):
+                pass
+        self.producer.flush(10)
+        if self._own_sink:
+            self.sink.close()

@@ -1,0 +1,242 @@
+"""`metering worker rating|debit|sink`: the pipeline's stages as separate processes.
+
+  usage.events --rating--> usage.priced --debit--> usage.rated ------\\
+        \\--> usage.rejected          \\--> wallet.events -----------+--sink--> ClickHouse
+                                                 wallet.movements --/
+
+Each stage scales out through its Kafka consumer group (one partition has one owner at a
+time). Rows keep the source (partition:offset) of the original CDR all the way, which is what
+makes a replay re-emit identical rows instead of charging again. Every stage commits its
+input offsets only after its outputs are acknowledged, so a crash anywhere replays, and the
+replay is absorbed by the Redis dedupe entries (debit) and ReplacingMergeTree (sink).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from confluent_kafka import KafkaException, Message
+
+from metering import kafka_io, metrics
+from metering.config import Settings
+from metering.logs import log
+from metering.storage.clickhouse_sink import ClickHouseSink
+from metering.workers.common import (
+    LOG,
+    REDIS_TRANSIENT,
+    CatalogWatcher,
+    MovementOut,
+    WalletEventOut,
+    count_rows,
+    crash_point,
+    debit_movements,
+    event_times,
+    produce_rejected,
+    produce_wallet_events,
+    with_retry,
+)
+from metering.workers.pipeline import CH_TRANSIENT, MOVEMENTS_TOPIC, package_allowances
+from rating.engine import Pricer, Settler
+from rating.money import parse_micros
+from schemas.records import Movement, WalletEvent
+from schemas.wire import decode_priced, decode_row, encode_priced, encode_row
+from wallet_debiter.redis_store import RedisWalletStore, connect
+
+
+class _Worker:
+    stage = "worker"
+
+    def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics))
+        self.producer = kafka_io.make_producer(settings)
+        self.delivery = kafka_io.DeliveryCheck()
+        self._lag_state: dict[str, float] = {}
+        self.handled = 0
+
+    def ready(self) -> bool:
+        return bool(self.consumer.assignment())
+
+    def handle(self, msgs: list[Message]) -> None:
+        raise NotImplementedError
+
+    def housekeeping(self) -> None:
+        kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state)
+
+    def run(self, *, max_idle_s: float | None = None) -> None:
+        s = self.settings
+        last = time.monotonic()
+        log(LOG, logging.INFO, "worker started", stage=self.stage)
+        try:
+            while not self.stop.is_set():
+                msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), self.stage)
+                if msgs:
+                    started = time.perf_counter()
+                    self.handle(msgs)
+                    kafka_io.flush(self.producer)
+                    self.delivery.raise_if_failed()
+                    crash_point(f"{self.stage}_before_commit")
+                    kafka_io.commit_offsets(self.consumer, msgs)
+                    self.handled += len(msgs)
+                    metrics.CONSUMED.labels(stage=self.stage).inc(len(msgs))
+                    metrics.BATCH_SIZE.labels(stage=self.stage).observe(len(msgs))
+                    metrics.BATCH_SECONDS.labels(stage=self.stage).observe(time.perf_counter() - started)
+                    last = time.monotonic()
+                self.housekeeping()
+                if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
+                    lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state)
+                    if not any(lags.values()):
+                        break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError):
+            pass
+        self.producer.flush(10)
+
+
+class RatingWorker(_Worker):
+    """Stateless: decode, validate, price. Rejects go out here, byte for byte."""
+
+    stage = "rating"
+
+    def __init__(self, settings: Settings) -> None:
+        self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
+        self.store = RedisWalletStore(connect(settings.redis_url))
+        accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.pricer = Pricer(self.watcher.catalog, accounts)
+        self.pricer.max_bytes = settings.max_message_bytes
+        self._accounts_at = time.monotonic()
+        super().__init__(settings, [settings.topics.events])
+
+    def housekeeping(self) -> None:
+        super().housekeeping()
+        catalog = self.watcher.changed()
+        if catalog is not None:
+            self.pricer.set_catalog(catalog)
+        if time.monotonic() - self._accounts_at > 10:
+            self._accounts_at = time.monotonic()
+            self.pricer.set_accounts(with_retry(self.store.load_accounts, "load accounts",
+                                                REDIS_TRANSIENT, metrics.REDIS_ERRORS))
+
+    def handle(self, msgs: list[Message]) -> None:
+        items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
+        rows = self.pricer.price(items, datetime.now(UTC))
+        topic = self.settings.topics.priced
+        produce = self.producer.produce
+        for row, m in zip(rows, msgs, strict=True):
+            if row[2] == "priced":
+                produce(topic, value=encode_priced(row), key=m.key(), on_delivery=self.delivery)
+        produce_rejected(self.producer, self.settings.topics.rejected, rows, msgs, self.delivery)
+
+
+class DebitWorker(_Worker):
+    """Stateful: dedupe, allowances and wallets in Redis, one owner per partition."""
+
+    stage = "debit"
+
+    def __init__(self, settings: Settings) -> None:
+        self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
+        self.redis = connect(settings.redis_url)
+        self.settler = Settler(self.watcher.catalog, RedisWalletStore(self.redis))
+        super().__init__(settings, [settings.topics.priced])
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.redis.ping()) and super().ready()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def housekeeping(self) -> None:
+        super().housekeeping()
+        catalog = self.watcher.changed()
+        if catalog is not None:
+            self.settler.set_catalog(catalog)
+
+    def handle(self, msgs: list[Message]) -> None:
+        priced = [decode_priced(m.value() or b"") for m in msgs]
+        result = with_retry(lambda: self.settler.settle(priced), "redis settle", REDIS_TRANSIENT,
+                            metrics.REDIS_ERRORS)
+        crash_point("after_redis")
+        rated_topic = self.settings.topics.rated
+        for row, m in zip(result.rows, msgs, strict=True):
+            self.producer.produce(rated_topic, value=encode_row(row), key=m.key(), on_delivery=self.delivery)
+        produce_wallet_events(self.producer, self.settings.topics.wallet_events, result.wallet_events,
+                              event_times(result.rows, result.wallet_events), self.delivery)
+        count_rows(result.rows)
+
+
+class SinkWorker(_Worker):
+    """ClickHouse writer: rated rows, movements, rejected input and wallet events."""
+
+    stage = "sink"
+
+    def __init__(self, settings: Settings) -> None:
+        t = settings.topics
+        self.sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+        self.sink.ensure_schema()
+        self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
+        self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
+                                             catalog_version=self.watcher.catalog.version)
+        self._wallet_dec = msgspec.json.Decoder(WalletEventOut)
+        self._move_dec = msgspec.json.Decoder(MovementOut)
+        super().__init__(settings, [t.rated, t.rejected, t.wallet_events, MOVEMENTS_TOPIC])
+
+    def housekeeping(self) -> None:
+        super().housekeeping()
+        catalog = self.watcher.changed()
+        if catalog is not None:
+            self.sink.replace_package_allowances(package_allowances(catalog), catalog_version=catalog.version)
+
+    def handle(self, msgs: list[Message]) -> None:
+        t = self.settings.topics
+        rows, rejected, events, ats, moves = [], [], [], [], []
+        for m in msgs:
+            topic, value = m.topic(), m.value() or b""
+            try:
+                if topic == t.rated:
+                    rows.append(decode_row(value))
+                elif topic == t.rejected:
+                    h = {k: (v or b"").decode("utf-8", "replace") for k, v in (m.headers() or [])}
+                    rejected.append((value, h.get("reason", "invalid_json"), h.get("detail") or None,
+                                     h.get("source.topic", t.events), int(h.get("source.partition", "0")),
+                                     int(h.get("source.offset", "0")), datetime.now(UTC)))
+                elif topic == t.wallet_events:
+                    e = self._wallet_dec.decode(value)
+                    events.append(WalletEvent(type=e.type, account_id=e.account_id, event_id=e.event_id,
+                                              balance=parse_micros(e.balance), package_id=e.package_id,
+                                              percent=e.percent))
+                    ats.append(e.at)
+                else:
+                    mv = self._move_dec.decode(value)
+                    moves.append(Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at,
+                                          type=mv.type, amount=parse_micros(mv.amount),
+                                          balance_after=parse_micros(mv.balance_after), reference=mv.reference))
+            except (msgspec.DecodeError, ValueError) as exc:
+                log(LOG, logging.ERROR, "undecodable message skipped", topic=topic, partition=m.partition(),
+                    offset=m.offset(), error=str(exc))
+        moves.extend(debit_movements(rows))
+
+        def write() -> None:
+            self.sink.insert_rated_rows(rows, topic=t.events)
+            crash_point("mid_insert")
+            self.sink.insert_movements(moves)
+            self.sink.insert_rejected(rejected)
+            self.sink.insert_wallet_events(events, at=ats)
+
+        with_retry(write, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+
+    def close(self) -> None:
+        super().close()
+        self.sink.close()
+
+
