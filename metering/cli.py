@@ -279,6 +279,41 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
 
 
+@main.command("report")
+def report() -> None:
+    """Operator and analyst summary queried from ClickHouse (the views analysts use)."""
+    from metering.storage.clickhouse_sink import ClickHouseSink
+
+    settings = _settings()
+    db = settings.clickhouse_database
+    queries = [
+        ("Usage and revenue by category",
+         f"SELECT category, sum(events) AS events, round(sum(billable_minutes)) AS minutes, sum(charge) AS revenue "
+         f"FROM {db}.v_usage_by_category GROUP BY category ORDER BY revenue DESC"),
+        ("Top destinations (outbound calls)",
+         f"SELECT country, dest_class, calls, round(minutes) AS minutes, revenue FROM {db}.v_top_destinations "
+         f"ORDER BY revenue DESC LIMIT 10"),
+        ("Package minutes used",
+         f"SELECT package_id, count() AS accounts, round(sum(used_minutes)) AS used_min, "
+         f"countIf(remaining_minutes = 0) AS exhausted, countIf(fair_use_exceeded) AS over_fair_use "
+         f"FROM {db}.v_package_usage GROUP BY package_id ORDER BY used_min DESC"),
+        ("Top accounts by spend",
+         f"SELECT account_id, plan_id, count() AS events, sum(charge) AS spend, argMax(balance_after, started_at) AS balance "
+         f"FROM {db}.rated_usage FINAL GROUP BY account_id, plan_id ORDER BY spend DESC LIMIT 10"),
+        ("Rejected input by reason",
+         f"SELECT reason, count() AS events FROM {db}.rejected_events FINAL GROUP BY reason ORDER BY events DESC"),
+        ("Wallet events",
+         f"SELECT type, count() AS events FROM {db}.wallet_events FINAL GROUP BY type ORDER BY events DESC"),
+    ]
+    with ClickHouseSink(settings.clickhouse_dsn, db) as sink:
+        for title, sql in queries:
+            res = sink.client.query(sql)
+            click.echo(f"\n== {title}")
+            click.echo("  ".join(f"{c:>14}" for c in res.column_names))
+            for row in res.result_rows:
+                click.echo("  ".join(f"{str(v):>14}" for v in row))
+
+
 @main.command("simulate")
 @click.option("--count", type=int, default=100_000, show_default=True, help="Events to produce.")
 @click.option("--rate", "per_second", type=float, default=0, help="Events per second (0: as fast as possible).")
