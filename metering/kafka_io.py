@@ -72,6 +72,7 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str], **extra
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
         "max.poll.interval.ms": 300000,
+        "session.timeout.ms": 10000,  # a killed owner's partitions move on within ~10 s
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
     }

@@ -137,7 +137,7 @@ class RedisWalletStore:
                     expected_seen.add(akey)
                     expected.append([g, field, self._seen_used.get(akey, 0)])
             packed.append([g, event_id, amount, field, covered, str(fp), source,
-                           "%d|%d|%d|%d" % outcome, reservation or ""])
+                           "|".join(map(str, outcome)), reservation or ""])
         keys: list[str] = []
         for account_id in order:
             keys += _keys(account_id)

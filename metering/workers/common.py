@@ -62,7 +62,7 @@ _crash_seen: dict[str, int] = {}
 def crash_point(name: str) -> None:
     """kill -9 this process at a named line, for the crash tests (METERING_CRASH_POINT=name,
     METERING_CRASH_AFTER=n: on the n-th pass). A no-op in normal runs."""
-    if _CRASH_POINT != name:
+    if name != _CRASH_POINT:
         return
     seen = _crash_seen[name] = _crash_seen.get(name, 0) + 1
     if seen >= _CRASH_AFTER:

@@ -18,6 +18,7 @@ are keyed and carry the cause's event id for consumers to dedupe).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -131,7 +132,7 @@ class Pipeline:
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state)
-                    if not any(lags.values()):
+                    if lags and not any(lags.values()):  # assigned and caught up
                         break
         finally:
             self.close()
@@ -215,10 +216,8 @@ class Pipeline:
 
     def close(self) -> None:
         for closer in (self.consumer.close, self.movements.close):
-            try:
+            with contextlib.suppress(KafkaException, RuntimeError):
                 closer()
-            except (KafkaException, RuntimeError):
-                pass
         self.producer.flush(10)
         if self._own_sink:
             self.sink.close()

@@ -13,6 +13,7 @@ replay is absorbed by the Redis dedupe entries (debit) and ReplacingMergeTree (s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -91,16 +92,14 @@ class _Worker:
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
                     lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state)
-                    if not any(lags.values()):
+                    if lags and not any(lags.values()):  # assigned and caught up
                         break
         finally:
             self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(KafkaException, RuntimeError):
             self.consumer.close()
-        except (KafkaException, RuntimeError):
-            pass
         self.producer.flush(10)
 
 

@@ -1,0 +1,238 @@
+"""Reservations: holds of money and package seconds for one dialer call (SPEC "Dialer
+authorization"), and the one-round-trip live read the authorize endpoint uses.
+
+Redis keys (see `wallet_debiter.redis_store`): `w:{A}` wallet hash, `u:{A}` allowance used,
+`h:{A}` holds: reservation_id -> JSON `Hold`. `lua/reserve.lua` does both jobs:
+
+* `peek` (read only): wallet fields, the sum of active holds, and used / held seconds of the
+  packages that could cover the destination, for the account's current billing period. One
+  EVALSHA per authorize request.
+* `reserve`: re-checks, atomically against the live wallet and holds, that the hold sized here
+  still fits (money available >= hold amount; package seconds used + held + this hold within
+  the limit, with exactly the coverage the amount was priced with); deletes expired holds;
+  writes the hold. When the state moved since it was read, nothing is written and the fresh
+  state comes back: the hold is re-sized (possibly smaller: a reservation holds *up to* the
+  requested duration) or refused, and tried again. Concurrent reservations therefore never
+  hold more than the wallet has, on any number of API replicas.
+
+A hold expires `hold_ttl_s` after it was taken (`expires_at_ms` in its JSON; expired holds are
+ignored by reads and deleted by the next reservation; the whole `h:{A}` hash carries a Redis
+TTL at least as long as its newest hold). The rating engine deletes a hold when the CDR that
+carries its reservation_id is applied (`lua/apply.lua`), in the same atomic step as the debit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Final
+
+import msgspec
+import redis.asyncio as aioredis
+
+from wallet_debiter.authorize import (
+    UNKNOWN_ACCOUNT,
+    Authorizer,
+    Decision,
+    WalletDataError,
+    WalletView,
+)
+
+DEFAULT_HOLD_TTL_S: Final = 7200
+MAX_ATTEMPTS: Final = 32
+RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
+
+_LUA: Final = resources.files("wallet_debiter").joinpath("lua/reserve.lua").read_text(encoding="utf-8")
+
+
+class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """One reservation as stored in `h:{A}` (JSON)."""
+
+    to: str
+    amount: int  # micros held
+    seconds: int  # package seconds held
+    field: str  # u:{A} field "package|period" the seconds count against ("" none)
+    duration_s: int | None  # the call duration held for (None: no limit applies)
+    created_at_ms: int
+    expires_at_ms: int
+
+    @property
+    def expires_at(self) -> str:
+        return ms_to_rfc3339(self.expires_at_ms)
+
+
+_encode_hold = msgspec.json.Encoder().encode
+_decode_hold = msgspec.json.Decoder(Hold).decode
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+
+
+def ms_to_rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ReservationContention(RuntimeError):
+    """The wallet kept changing under a reservation for MAX_ATTEMPTS tries (try again)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The live state of one account as `peek` reads it."""
+
+    wallet: WalletView
+    balance: int
+    blocked: bool
+    held_money: int
+    period: str
+    used_s: dict[str, int]  # per candidate package, current period
+    held_s: dict[str, int]
+
+    def decide(self, authorizer: Authorizer, to: str, now: datetime) -> Decision:
+        return authorizer.decide(self.wallet, balance=self.balance, blocked=self.blocked, to=to,
+                                 now=now, held_money=self.held_money, held_s=self.held_s,
+                                 used_s=self.used_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """`status`: created | existing (a live hold with this id already) | refused (see
+    `decision`) | unknown_account."""
+
+    status: str
+    reservation_id: str
+    decision: Decision | None = None
+    hold: Hold | None = None
+
+
+def _parse_state(state: Sequence[Any], candidates: Sequence[str]) -> Snapshot:
+    w, held_money, period, used, held = state
+    names = ("balance", "billing", "blocked", "credit_limit", "plan", "home_country",
+             "period_anchor_day")
+    fields = {n: (v if isinstance(v, str) else None) for n, v in zip(names, w, strict=True)}
+    wallet = WalletView.of(fields)
+    try:
+        balance = int(fields["balance"] or "")
+    except ValueError:
+        raise WalletDataError(f"unreadable wallet balance {fields['balance']!r}") from None
+    return Snapshot(
+        wallet=wallet,
+        balance=balance,
+        blocked=fields["blocked"] == "1",
+        held_money=int(held_money),
+        period=str(period),
+        used_s={p: int(u) for p, u in zip(candidates, used or (), strict=True)},
+        held_s={p: int(h) for p, h in zip(candidates, held or (), strict=True)},
+    )
+
+
+class ReservationStore:
+    """Live reads and holds on Redis (an asyncio client with decode_responses=False)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        hold_ttl_s: int = DEFAULT_HOLD_TTL_S,
+        clock: Callable[[], float] = time.time,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
+        if hold_ttl_s <= 0:
+            raise ValueError("hold_ttl_s must be > 0")
+        self.client = client
+        self.hold_ttl_s = hold_ttl_s
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self.retries = 0  # stale re-sizes so far (for metrics)
+        self._script = client.register_script(_LUA)
+
+    def now(self) -> tuple[datetime, int]:
+        t = self.clock()
+        return datetime.fromtimestamp(t, UTC), int(t * 1000)
+
+    @staticmethod
+    def keys(account_id: str) -> list[str]:
+        tag = f"{{{account_id}}}"
+        return [f"w:{tag}", f"u:{tag}", f"h:{tag}"]
+
+    async def _call(self, account_id: str, mode: str, now: datetime, now_ms: int,
+                    candidates: Sequence[str], payload: bytes = b"") -> Any:
+        args: list[Any] = [mode, now_ms, now.year, now.month, now.day, payload, *candidates]
+        raw = await self._script(keys=self.keys(account_id), args=args)
+        return _unpack(raw)
+
+    async def snapshot(self, account_id: str, candidates: Sequence[str], now: datetime,
+                       now_ms: int) -> Snapshot | None:
+        """One round trip: wallet, active holds, used/held seconds (None: unknown account)."""
+        reply = await self._call(account_id, "peek", now, now_ms, candidates)
+        if len(reply) == 1:  # ['unknown']
+            return None
+        return _parse_state(reply, candidates)
+
+    async def reserve(
+        self,
+        authorizer: Authorizer,
+        account_id: str,
+        to: str,
+        *,
+        max_duration_s: int | None = None,
+        reservation_id: str | None = None,
+    ) -> ReserveResult:
+        """Hold money and package seconds for a call to `to` of up to `max_duration_s`
+        (default: the longest the wallet affords)."""
+        rid = reservation_id or uuid.uuid4().hex
+        now, now_ms = self.now()
+        candidates = authorizer.candidate_packages(to)
+        snap = await self.snapshot(account_id, candidates, now, now_ms)
+        expires_ms = now_ms + self.hold_ttl_s * 1000
+        for _ in range(self.max_attempts):
+            if snap is None:
+                return ReserveResult(UNKNOWN_ACCOUNT, rid)
+            decision = snap.decide(authorizer, to, now)
+            if not decision.allowed:
+                return ReserveResult("refused", rid, decision)
+            longest = decision.max_duration_s
+            duration = longest if max_duration_s is None else (
+                max_duration_s if longest is None else min(max_duration_s, longest))
+            quote = decision.quote(duration or 0)
+            hold = Hold(
+                to=to, amount=quote.charge, seconds=quote.held_s, field=decision.allowance_field,
+                duration_s=duration, created_at_ms=now_ms, expires_at_ms=expires_ms,
+            )
+            payload = _pack([
+                rid, _encode_hold(hold), quote.charge, decision.package_id or "",
+                decision.period or "", -1 if decision.limit_s is None else decision.limit_s,
+                quote.billable_s, quote.held_s, self.hold_ttl_s * 1000,
+            ])
+            reply = await self._call(account_id, "reserve", now, now_ms, candidates, payload)
+            status = reply[0]
+            if status == "ok":
+                return ReserveResult("created", rid, decision, hold)
+            if status == "exists":
+                return ReserveResult("existing", rid, None, _decode_hold(reply[1]))
+            if status == "unknown":
+                return ReserveResult(UNKNOWN_ACCOUNT, rid)
+            self.retries += 1
+            snap = _parse_state(reply[1], candidates)  # 'stale': re-size on the fresh state
+        raise ReservationContention(f"account {account_id!r}: wallet kept changing, try again")
+
+    async def release(self, account_id: str, reservation_id: str) -> bool:
+        """Delete a hold; False when there was none (released, settled or never taken)."""
+        return bool(await self.client.hdel(self.keys(account_id)[2], reservation_id))
+
+    async def holds(self, account_id: str, *, include_expired: bool = False) -> dict[str, Hold]:
+        """The account's holds (active ones unless include_expired), for operators and tests."""
+        raw: dict[bytes, bytes] = await self.client.hgetall(self.keys(account_id)[2])
+        _, now_ms = self.now()
+        out: dict[str, Hold] = {}
+        for rid, doc in raw.items():
+            try:
+                hold = _decode_hold(doc)
+            except msgspec.DecodeError:
+                continue
+            if include_expired or hold.expires_at_ms > now_ms:
+                out[rid.decode()] = hold
+        return out
