@@ -144,9 +144,13 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
         if not assignment:
             return {}
         positions = consumer.position(assignment)
+        unknown = [tp for tp in positions if tp.offset < 0]  # nothing fetched there yet
+        committed = {tp.partition: tp.offset for tp in consumer.committed(unknown, timeout=5)} if unknown else {}
         for tp in positions:
             lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-            pos = tp.offset if tp.offset >= 0 else lo
+            pos = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
+            if pos < 0:
+                pos = lo
             lags[tp.partition] = max(0, hi - pos)
             metrics.CONSUMER_LAG.labels(stage=stage, partition=str(tp.partition)).set(lags[tp.partition])
     except KafkaException as exc:

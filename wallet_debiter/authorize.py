@@ -87,20 +87,25 @@ class WalletView:
     credit_limit: int | None  # micros; postpaid only
 
     @classmethod
-    def of(cls, account: Account | Mapping[str, Any] | WalletView) -> WalletView:
+    def of(cls, account: Account | Mapping[Any, Any] | WalletView) -> WalletView:
         """From an `Account`, or a wallet hash as Redis holds it (`w:{A}`: plan, home_country,
-        billing, period_anchor_day, credit_limit micros or "")."""
+        billing, period_anchor_day, credit_limit micros or ""; str or bytes keys and values)."""
         if isinstance(account, WalletView):
             return account
         if isinstance(account, Account):
             return cls(account.plan_id, account.home_country, account.billing,
                        account.period_anchor_day, account.credit_limit)
+
+        def get(name: str) -> str | None:
+            value = account.get(name)
+            return _text(account.get(name.encode()) if value is None else value)
+
         try:
-            plan = _text(account.get("plan"))
-            home = _text(account.get("home_country"))
-            billing = _text(account.get("billing")) or "prepaid"
-            anchor = int(_text(account.get("period_anchor_day")) or "1")
-            limit_text = _text(account.get("credit_limit"))
+            plan = get("plan")
+            home = get("home_country")
+            billing = get("billing") or "prepaid"
+            anchor = int(get("period_anchor_day") or "1")
+            limit_text = get("credit_limit")
             limit = int(limit_text) if limit_text else None
         except (ValueError, UnicodeDecodeError) as exc:
             raise WalletDataError(f"unreadable wallet record: {exc}") from None
@@ -229,7 +234,7 @@ class Authorizer:
 
     def decide(
         self,
-        account: Account | Mapping[str, Any] | WalletView,
+        account: Account | Mapping[Any, Any] | WalletView,
         *,
         balance: int,
         blocked: bool,
@@ -301,7 +306,7 @@ class Authorizer:
 
 def authorize(
     catalog: Catalog,
-    account: Account | Mapping[str, Any] | WalletView,
+    account: Account | Mapping[Any, Any] | WalletView,
     *,
     balance: int,
     blocked: bool,

@@ -23,6 +23,7 @@ carries its reservation_id is applied (`lua/apply.lua`), in the same atomic step
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from wallet_debiter.authorize import (
     UNKNOWN_ACCOUNT,
@@ -46,6 +49,8 @@ DEFAULT_HOLD_TTL_S: Final = 7200
 MAX_ATTEMPTS: Final = 32
 RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
 
+import os as _os
+_COALESCE = _os.environ.get("NOCOAL") is None
 _LUA: Final = resources.files("wallet_debiter").joinpath("lua/reserve.lua").read_text(encoding="utf-8")
 
 
@@ -129,6 +134,63 @@ def _parse_state(state: Sequence[Any], candidates: Sequence[str]) -> Snapshot:
     )
 
 
+class _Coalescer:
+    """Sends the script calls made during one event-loop tick as one pipeline: one write and
+    one read for many requests instead of one each (concurrent dialer requests share the
+    round trip). Each call still gets its own reply or error."""
+
+    def __init__(self, client: aioredis.Redis, script: AsyncScript) -> None:
+        self.client = client
+        self.script = script
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((keys, args, fut))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
+        try:
+            if len(batch) == 1:
+                keys, args, _ = batch[0]
+                results = [await self.script(keys=keys, args=args)]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    pipe.evalsha(self.script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (keys, args, fut), res in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, NoScriptError):  # Redis restarted or flushed its scripts
+                try:
+                    fut.set_result(await self.script(keys=keys, args=args))
+                except Exception as exc:
+                    fut.set_exception(exc)
+            elif isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+
 class ReservationStore:
     """Live reads and holds on Redis (an asyncio client with decode_responses=False)."""
 
@@ -148,6 +210,7 @@ class ReservationStore:
         self.max_attempts = max_attempts
         self.retries = 0  # stale re-sizes so far (for metrics)
         self._script = client.register_script(_LUA)
+        self._coalesced = _Coalescer(client, self._script)
 
     def now(self) -> tuple[datetime, int]:
         t = self.clock()
@@ -161,7 +224,7 @@ class ReservationStore:
     async def _call(self, account_id: str, mode: str, now: datetime, now_ms: int,
                     candidates: Sequence[str], payload: bytes = b"") -> Any:
         args: list[Any] = [mode, now_ms, now.year, now.month, now.day, payload, *candidates]
-        raw = await self._script(keys=self.keys(account_id), args=args)
+        raw = await (self._coalesced(self.keys(account_id), args) if _COALESCE else self._script(keys=self.keys(account_id), args=args))
         return _unpack(raw)
 
     async def snapshot(self, account_id: str, candidates: Sequence[str], now: datetime,
@@ -203,7 +266,7 @@ class ReservationStore:
                 duration_s=duration, created_at_ms=now_ms, expires_at_ms=expires_ms,
             )
             payload = _pack([
-                rid, _encode_hold(hold), quote.charge, decision.package_id or "",
+                rid, _encode_hold(hold).decode(), quote.charge, decision.package_id or "",
                 decision.period or "", -1 if decision.limit_s is None else decision.limit_s,
                 quote.billable_s, quote.held_s, self.hold_ttl_s * 1000,
             ])
@@ -225,7 +288,7 @@ class ReservationStore:
 
     async def holds(self, account_id: str, *, include_expired: bool = False) -> dict[str, Hold]:
         """The account's holds (active ones unless include_expired), for operators and tests."""
-        raw: dict[bytes, bytes] = await self.client.hgetall(self.keys(account_id)[2])
+        raw = await self.client.hgetall(self.keys(account_id)[2])
         _, now_ms = self.now()
         out: dict[str, Hold] = {}
         for rid, doc in raw.items():
@@ -234,5 +297,5 @@ class ReservationStore:
             except msgspec.DecodeError:
                 continue
             if include_expired or hold.expires_at_ms > now_ms:
-                out[rid.decode()] = hold
+                out[rid.decode() if isinstance(rid, bytes) else rid] = hold
         return out

@@ -1,0 +1,537 @@
+"""The dialer API on the real local Redis (never skipped: a Redis that cannot be reached or
+started fails these tests). Uses its own Redis database (15 unless METERING_TEST_API_REDIS_URL
+says otherwise) and flushes only that one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from metering.local_services import ensure_started
+from rating.accounts import parse_accounts
+from rating.catalog import parse_catalog
+from rating.engine import Rater
+from rating.periods import period_start
+from tests.helpers import NOW, account, call, catalog_dict
+from wallet_debiter.api import make_app
+from wallet_debiter.authorize import Authorizer
+from wallet_debiter.redis_store import RedisWalletStore, connect
+from wallet_debiter.reservations import ReservationStore
+
+pytestmark = pytest.mark.integration
+
+GB_MOBILE = "+447700900123"  # 0.08/min 30/6, connect 0.01
+GB_FIXED = "+442071234567"  # 0.02/min 60/60, europe package
+US_FIXED = "+12025550123"  # 0.01/min 60/60
+JP_FIXED = "+81312345678"  # 0.06/min 60/60
+GB_PREMIUM = "+449012345678"
+UNKNOWN_BODY = {"allowed": False, "reason": "unknown_account", "max_duration_s": None, "balance": None}
+
+Body = Callable[[TestClient[web.Request, web.Application]], Awaitable[None]]
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    url = os.environ.get("METERING_TEST_API_REDIS_URL")
+    if not url:
+        base = ensure_started(("redis",)).redis_url  # starts the local Redis when it is down
+        url = base.rsplit("/", 1)[0] + "/15"
+    redis.Redis.from_url(url, socket_timeout=5).ping()  # fail (not skip) when unreachable
+    return url
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Env:
+    url: str
+    catalog_path: Path
+    catalog: dict[str, Any]
+    client: redis.Redis
+
+    def accounts(self, *accs: dict[str, Any]) -> None:
+        cat = parse_catalog(self.catalog)
+        RedisWalletStore(self.client).import_accounts(parse_accounts({"accounts": list(accs)}, cat).values())
+
+    def write_catalog(self, data: dict[str, Any]) -> None:
+        tmp = self.catalog_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(data), encoding="utf-8")
+        tmp.replace(self.catalog_path)
+
+    def run(self, body: Body, *, apps: int = 1, **app_kw: Any) -> None:
+        """Run `body(client)` against a fresh app (more apps: `body` gets the first; see run_many)."""
+        async def main() -> None:
+            app = make_app(str(self.catalog_path), self.url, **app_kw)
+            async with TestClient(TestServer(app)) as client:
+                await body(client)
+        asyncio.run(main())
+
+    def run_many(self, n: int, body: Callable[[list[Client]], Awaitable[None]], **app_kw: Any) -> None:
+        """`n` independent apps (as n API replicas) on the same Redis."""
+        async def main() -> None:
+            clients = [TestClient(TestServer(make_app(str(self.catalog_path), self.url, **app_kw)))
+                       for _ in range(n)]
+            for c in clients:
+                await c.start_server()
+            try:
+                await body(clients)
+            finally:
+                for c in clients:
+                    await c.close()
+        asyncio.run(main())
+
+    def holds(self, account_id: str) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.client.hgetall(f"h:{{{account_id}}}").items()}
+
+
+@pytest.fixture()
+def env(tmp_path: Path, redis_url: str) -> Env:
+    client = connect(redis_url)
+    client.flushdb()
+    data = catalog_dict()
+    data["plans"]["nopremium"] = {"rate_table": "standard", "allow_premium": False}
+    path = tmp_path / "catalog.yaml"
+    e = Env(redis_url, path, data, client)
+    e.write_catalog(data)
+    return e
+
+
+async def _get(client: Client, account_id: str, to: str) -> tuple[int, Any]:
+    resp = await client.get(f"/v1/accounts/{account_id}/authorize?to={to}")
+    return resp.status, await resp.json()
+
+
+async def _reserve(client: Client, account_id: str, **body: Any) -> tuple[int, Any]:
+    resp = await client.post(f"/v1/accounts/{account_id}/reservations", json=body)
+    return resp.status, await resp.json()
+
+
+# ------------------------------------------------------------------------ authorize
+
+
+def test_authorize_answers(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"), account("np", plan="nopremium", balance="5.00"),
+                 account("blk", plan="payg", balance="0.00"),
+                 account("post", plan="business", billing="postpaid", balance="-0.50", credit_limit="1.00"),
+                 account("open", plan="business", billing="postpaid", balance="0.00"))
+
+    async def body(client: Client) -> None:
+        ok = {"allowed": True, "reason": "ok", "max_duration_s": 66, "balance": "0.100000"}
+        assert await _get(client, "acc-1", GB_MOBILE) == (200, ok)  # literal '+' in the query
+        assert await _get(client, "acc-1", "%2B447700900123") == (200, ok)  # percent-encoded
+        assert await _get(client, "acc-1", "+999123") == (200, {
+            "allowed": False, "reason": "unknown_destination", "max_duration_s": 0, "balance": "0.100000"})
+        assert (await _get(client, "np", GB_PREMIUM))[1]["reason"] == "premium_not_allowed"
+        assert (await _get(client, "acc-1", GB_PREMIUM))[1]["reason"] == "insufficient_balance"
+        assert await _get(client, "blk", US_FIXED) == (200, {
+            "allowed": False, "reason": "blocked", "max_duration_s": 0, "balance": "0.000000"})
+        assert await _get(client, "post", JP_FIXED) == (200, {
+            "allowed": True, "reason": "ok", "max_duration_s": 480, "balance": "-0.500000"})
+        assert (await _get(client, "open", JP_FIXED))[1]["max_duration_s"] is None
+
+    env.run(body)
+
+
+def test_allowance_used_and_period_read_from_redis(env: Env) -> None:
+    env.accounts(account("s", plan="starter", balance="0.10", period_anchor_day=28))
+    period = period_start(datetime.now(UTC), 28).isoformat()
+    env.client.hset("u:{s}", mapping={f"europe|{period}": 480, "europe|2000-01-28": 600})
+
+    async def body(client: Client) -> None:
+        status, doc = await _get(client, "s", GB_MOBILE)
+        assert (status, doc["max_duration_s"]) == (200, 186)  # 120 s covered + 0.10 of money
+
+    env.run(body)
+
+
+@pytest.mark.parametrize(("today", "anchor", "period"), [
+    ((2026, 3, 5), 28, "2026-02-28"), ((2026, 1, 5), 10, "2025-12-10"),
+    ((2026, 3, 28), 28, "2026-03-28"), ((2026, 12, 31), 1, "2026-12-01"),
+])
+def test_lua_billing_period_matches_python(env: Env, today: tuple[int, int, int], anchor: int,
+                                           period: str) -> None:
+    env.accounts(account("s", plan="starter", period_anchor_day=anchor))
+    when = datetime(*today, 23, 59, tzinfo=UTC)
+    assert period_start(when, anchor).isoformat() == period
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(env.url)
+        try:
+            store = ReservationStore(client, clock=when.timestamp)
+            now, now_ms = store.now()
+            snap = await store.snapshot("s", ("europe",), now, now_ms)
+            assert snap is not None and snap.period == period
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_bad_input_is_400(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="1.00"))
+
+    async def body(client: Client) -> None:
+        base = "/v1/accounts/acc-1"
+        for query in ("", "?to=", "?to=abc", "?to=%2B", "?to=447700900123", "?to=%2B1234567890123456",
+                      "?to=%2B44%2020", "?to=%2B44&to=%2B44", "?to=%ff"):
+            resp = await client.get(f"{base}/authorize{query}")
+            doc = await resp.json()
+            assert resp.status == 400, query
+            assert doc["field"] == "to" and isinstance(doc["error"], str), doc
+        resp = await client.get(f"/v1/accounts/{'x' * 129}/authorize?to={US_FIXED}")
+        assert resp.status == 400 and (await resp.json())["field"] == "account_id"
+
+        cases: list[tuple[Any, str | None]] = [
+            (b"{", None), (b"[]", None), (b"", None), (b'"x"', None),
+            ({}, "to"), ({"to": 44}, "to"), ({"to": "+44 20"}, "to"),
+            ({"to": US_FIXED, "max_duration_s": 0}, "max_duration_s"),
+            ({"to": US_FIXED, "max_duration_s": -5}, "max_duration_s"),
+            ({"to": US_FIXED, "max_duration_s": 86_401}, "max_duration_s"),
+            ({"to": US_FIXED, "max_duration_s": "60"}, "max_duration_s"),
+            ({"to": US_FIXED, "max_duration_s": True}, "max_duration_s"),
+            ({"to": US_FIXED, "max_duration_s": 1.5}, "max_duration_s"),
+            ({"to": US_FIXED, "reservation_id": ""}, "reservation_id"),
+            ({"to": US_FIXED, "reservation_id": "a b"}, "reservation_id"),
+            ({"to": US_FIXED, "reservation_id": "x" * 129}, "reservation_id"),
+            ({"to": US_FIXED, "reservation_id": 7}, "reservation_id"),
+            ({"to": US_FIXED, "max_duration": 60}, "max_duration"),
+        ]
+        for payload, field in cases:
+            if isinstance(payload, bytes):
+                resp = await client.post(f"{base}/reservations", data=payload,
+                                         headers={"Content-Type": "application/json"})
+            else:
+                resp = await client.post(f"{base}/reservations", json=payload)
+            doc = await resp.json()
+            assert resp.status == 400, payload
+            assert set(doc) == {"error", "field"} and doc["field"] == field, (payload, doc)
+        resp = await client.post(f"{base}/reservations", data=b"x" * 100_000)
+        assert resp.status == 413 and "error" in await resp.json()
+        resp = await client.delete(f"{base}/reservations/a%20b")
+        assert resp.status == 400 and (await resp.json())["field"] == "reservation_id"
+        assert env.holds("acc-1") == {}
+
+    env.run(body)
+
+
+def test_unknown_account_is_404_with_spec_body(env: Env) -> None:
+    env.accounts(account(plan="payg"))
+
+    async def body(client: Client) -> None:
+        assert await _get(client, "nobody", US_FIXED) == (404, UNKNOWN_BODY)
+        assert await _reserve(client, "nobody", to=US_FIXED) == (404, UNKNOWN_BODY)
+
+    env.run(body)
+    assert env.client.exists("h:{nobody}") == 0
+
+
+def test_unknown_route_and_method_are_json(env: Env) -> None:
+    async def body(client: Client) -> None:
+        resp = await client.get("/v1/nothing")
+        assert resp.status == 404 and (await resp.json())["error"]
+        resp = await client.put(f"/v1/accounts/acc-1/authorize?to={US_FIXED}")
+        assert resp.status == 405 and (await resp.json())["error"]
+
+    env.run(body)
+
+
+# --------------------------------------------------------------------- reservations
+
+
+def test_concurrent_reservations_never_overspend(env: Env) -> None:
+    # 0.05 buys exactly five 60 s US calls at 0.01/min; 20 dialer requests on 3 replicas.
+    env.accounts(account(plan="payg", balance="0.05"))
+
+    async def body(clients: list[Client]) -> None:
+        results = await asyncio.gather(*(
+            _reserve(clients[i % len(clients)], "acc-1", to=US_FIXED, max_duration_s=60)
+            for i in range(20)))
+        created = [doc for status, doc in results if status == 201]
+        refused = [doc for status, doc in results if status != 201]
+        assert len(created) == 5 and len(refused) == 15
+        assert all(d["held_amount"] == "0.010000" and d["max_duration_s"] == 60 for d in created)
+        assert all(d["reason"] == "insufficient_balance" and d["allowed"] is False for d in refused)
+        assert {s for s, _ in results} == {201, 409}
+        assert len({d["reservation_id"] for d in created}) == 5
+        assert (await _get(clients[0], "acc-1", US_FIXED))[1]["reason"] == "insufficient_balance"
+
+    env.run_many(3, body)
+    holds = env.holds("acc-1")
+    assert len(holds) == 5
+    assert sum(int(v.split(b'"amount":')[1].split(b",")[0]) for v in holds.values()) == 50_000
+
+
+def test_concurrent_reservations_never_overuse_the_allowance(env: Env) -> None:
+    # starter: europe 10 min; almost no money: twenty 60 s GB calls, ten fit the package.
+    env.accounts(account("s", plan="starter", balance="0.000001"))
+
+    async def body(clients: list[Client]) -> None:
+        results = await asyncio.gather(*(
+            _reserve(clients[i % 2], "s", to=GB_FIXED, max_duration_s=60) for i in range(20)))
+        created = [doc for status, doc in results if status == 201]
+        assert len(created) == 10
+        assert all(d["held_seconds"] == 60 and d["held_amount"] == "0.000000" for d in created)
+        assert all(doc["reason"] == "insufficient_balance" for status, doc in results if status != 201)
+
+    env.run_many(2, body)
+
+
+def test_reservation_holds_up_to_what_the_wallet_affords(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"), account("m", plan="payg", balance="0.10"))
+
+    async def body(client: Client) -> None:
+        # No duration asked: the longest affordable call (66 s GB mobile, 0.098000).
+        status, doc = await _reserve(client, "m", to=GB_MOBILE)
+        assert status == 201
+        assert (doc["max_duration_s"], doc["held_amount"], doc["held_seconds"]) == (66, "0.098000", 0)
+        assert (await _get(client, "m", GB_MOBILE))[1]["reason"] == "insufficient_balance"
+        # Asked more than affordable: held up to what is left.
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=300)
+        assert (status, doc["held_amount"]) == (201, "0.050000")
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=6000)
+        assert (status, doc["max_duration_s"], doc["held_amount"]) == (201, 300, "0.050000")
+        assert await _get(client, "acc-1", US_FIXED) == (200, {
+            "allowed": False, "reason": "insufficient_balance", "max_duration_s": 0, "balance": "0.100000"})
+
+    env.run(body)
+
+
+def test_reservation_id_is_idempotent(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+
+    async def body(client: Client) -> None:
+        first = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=120, reservation_id="call-1")
+        assert first[0] == 201 and first[1]["reservation_id"] == "call-1"
+        again = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=120, reservation_id="call-1")
+        assert again == (200, first[1])
+        status, doc = await _reserve(client, "acc-1", to=GB_FIXED, reservation_id="call-1")
+        assert (status, doc["field"]) == (409, "reservation_id")
+        assert (await _get(client, "acc-1", US_FIXED))[1]["max_duration_s"] == 480  # 0.08 left
+
+    env.run(body)
+    assert list(env.holds("acc-1")) == ["call-1"]
+
+
+def test_release(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=GB_MOBILE)
+        assert status == 201
+        rid = doc["reservation_id"]
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["allowed"] is False
+        resp = await client.delete(f"/v1/accounts/acc-1/reservations/{rid}")
+        assert resp.status == 204
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == 66
+        resp = await client.delete(f"/v1/accounts/acc-1/reservations/{rid}")
+        assert resp.status == 404 and (await resp.json())["field"] == "reservation_id"
+
+    env.run(body)
+
+
+def test_holds_expire(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+    clock = FakeClock()
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=GB_MOBILE, reservation_id="old")
+        assert status == 201
+        expires = datetime.fromisoformat(doc["expires_at"].replace("Z", "+00:00"))
+        assert abs(expires.timestamp() - (clock.t + 60)) < 0.002
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["reason"] == "insufficient_balance"
+        clock.t += 59.9
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["reason"] == "insufficient_balance"
+        clock.t += 0.2  # past expires_at: ignored by reads...
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == 66
+        assert set(env.holds("acc-1")) == {"old"}
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=60, reservation_id="new")
+        assert status == 201  # ...and deleted by the next reservation
+        assert set(env.holds("acc-1")) == {"new"}
+        # the same id again after expiry is a new hold
+        clock.t += 61
+        assert (await _reserve(client, "acc-1", to=US_FIXED, reservation_id="new"))[0] == 201
+
+    env.run(body, hold_ttl_s=60, clock=clock)
+    assert 0 < env.client.pttl("h:{acc-1}") <= 60_000  # the hash never outlives its holds for long
+
+
+def test_rated_cdr_releases_its_hold(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+
+    async def body(client: Client) -> None:
+        status, _ = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=600, reservation_id="r-1")
+        assert status == 201
+        assert (await _get(client, "acc-1", US_FIXED))[1]["max_duration_s"] == 0
+        # The switch reports the call (45 s: one minute, 0.01) with the hold's id.
+        cat = parse_catalog(env.catalog)
+        store = RedisWalletStore(env.client)
+        rater = Rater(cat, store.load_accounts(), store)
+        row = rater.rate_batch([(call("e1", US_FIXED, 45, reservation_id="r-1"), "p0:1")], NOW).records()[0]
+        assert (row.status, row.charge, row.balance_after) == ("rated", 10_000, 90_000)
+        assert env.holds("acc-1") == {}
+        assert await _get(client, "acc-1", US_FIXED) == (200, {
+            "allowed": True, "reason": "ok", "max_duration_s": 540, "balance": "0.090000"})
+        resp = await client.delete("/v1/accounts/acc-1/reservations/r-1")
+        assert resp.status == 404
+
+    env.run(body)
+
+
+def test_reservation_refusals(env: Env) -> None:
+    env.accounts(account(plan="nopremium", balance="1.00"), account("blk", plan="payg", balance="0"))
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=GB_PREMIUM)
+        assert (status, doc["reason"], doc["error"]) == (409, "premium_not_allowed", "premium_not_allowed")
+        assert (await _reserve(client, "acc-1", to="+999123"))[1]["reason"] == "unknown_destination"
+        assert (await _reserve(client, "blk", to=US_FIXED))[1]["reason"] == "blocked"
+
+    env.run(body)
+    assert env.holds("acc-1") == {} and env.holds("blk") == {}
+
+
+def test_free_and_unlimited_calls_hold_nothing(env: Env) -> None:
+    env.accounts(account("open", plan="business", billing="postpaid", balance="0.00"))
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "open", to=JP_FIXED)
+        assert (status, doc["max_duration_s"], doc["held_amount"]) == (201, None, "0.000000")
+        status, doc = await _reserve(client, "open", to=JP_FIXED, max_duration_s=120)
+        assert (status, doc["max_duration_s"], doc["held_amount"]) == (201, 120, "0.120000")
+
+    env.run(body)
+
+
+# ------------------------------------------------------------------- operations
+
+
+def test_health_ready_metrics(env: Env) -> None:
+    env.accounts(account(plan="payg"))
+
+    async def body(client: Client) -> None:
+        resp = await client.get("/healthz")
+        assert resp.status == 200 and await resp.json() == {"status": "ok"}
+        resp = await client.get("/readyz")
+        assert resp.status == 200 and await resp.json() == {"ready": True, "redis": True, "catalog": "test-1"}
+        await _get(client, "acc-1", US_FIXED)
+        await _get(client, "acc-1", "bad")
+        resp = await client.get("/metrics")
+        text = await resp.text()
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+        assert 'metering_api_requests_total{reason="ok",route="/v1/accounts/{id}/authorize",status="200"}' in text
+        assert 'reason="bad_request",route="/v1/accounts/{id}/authorize",status="400"' in text
+        assert 'metering_api_request_seconds_bucket{le="0.005",route="/v1/accounts/{id}/authorize"}' in text
+
+    env.run(body)
+
+
+def test_redis_down_is_503_not_ready(env: Env) -> None:
+    async def main() -> None:
+        app = make_app(str(env.catalog_path), "redis://127.0.0.1:1/0", redis_timeout_s=0.5)
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.get(f"/v1/accounts/acc-1/authorize?to={US_FIXED}")
+            assert resp.status == 503 and (await resp.json())["error"]
+            resp = await client.post("/v1/accounts/acc-1/reservations", json={"to": US_FIXED})
+            assert resp.status == 503
+            resp = await client.get("/readyz")
+            assert resp.status == 503 and (await resp.json())["redis"] is False
+            assert (await client.get("/healthz")).status == 200
+
+    asyncio.run(main())
+
+
+def test_corrupt_wallet_is_503_and_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env.accounts(account(plan="payg"))
+    env.client.hset("w:{acc-1}", "balance", "lots")
+
+    async def body(client: Client) -> None:
+        resp = await client.get(f"/v1/accounts/acc-1/authorize?to={US_FIXED}")
+        assert resp.status == 503 and (await resp.json())["error"]
+
+    with caplog.at_level(logging.ERROR, logger="metering.api"):
+        env.run(body)
+    assert any(r.name == "metering.api" and r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_catalog_reload(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+
+    async def until(client: Client, expected: Any) -> None:
+        for _ in range(100):
+            if (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == expected:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"catalog not reloaded: max_duration_s != {expected}")
+
+    async def body(client: Client) -> None:
+        await until(client, 66)
+        cheaper = catalog_dict(version="test-2")
+        cheaper["rate_tables"]["standard"][3] = {"prefix": "447", "per_minute": "0.0400",
+                                                 "connect_fee": "0", "increments": [60, 60]}
+        env.write_catalog(cheaper)  # 0.04/min: 0.10 -> 2.5 min -> 120 s
+        await until(client, 120)
+        env.catalog_path.write_text("version: [broken", encoding="utf-8")
+        await asyncio.sleep(0.3)
+        await until(client, 120)  # a refused catalog keeps the previous one
+        resp = await client.get("/readyz")
+        assert resp.status == 200 and (await resp.json())["catalog"] == "test-2"
+
+    env.run(body, reload_interval_s=0.05)
+
+
+def test_not_ready_until_a_good_catalog(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+    env.catalog_path.write_text("version: 1\n", encoding="utf-8")
+
+    async def body(client: Client) -> None:
+        resp = await client.get("/readyz")
+        assert resp.status == 503 and (await resp.json())["catalog"] is None
+        resp = await client.get(f"/v1/accounts/acc-1/authorize?to={US_FIXED}")
+        assert resp.status == 503 and (await resp.json())["error"]
+        env.write_catalog(env.catalog)
+        for _ in range(100):
+            if (await client.get("/readyz")).status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await _get(client, "acc-1", US_FIXED)) == (200, {
+            "allowed": True, "reason": "ok", "max_duration_s": 600, "balance": "0.100000"})
+
+    env.run(body, reload_interval_s=0.05)
+
+
+def test_decisions_match_the_pure_logic(env: Env) -> None:
+    """The API answers exactly what Authorizer.decide answers on the same state."""
+    env.accounts(account(plan="payg", balance="0.37"), account("s", plan="starter", balance="0.01"))
+    auth = Authorizer(parse_catalog(env.catalog))
+    accs = parse_accounts({"accounts": [account(plan="payg"), account("s", plan="starter")]},
+                          parse_catalog(env.catalog))
+    numbers = [GB_MOBILE, GB_FIXED, US_FIXED, JP_FIXED, GB_PREMIUM, "+351912345678", "+4930123456"]
+
+    async def body(client: Client) -> None:
+        now = datetime.now(UTC)
+        for acc_id, balance in (("acc-1", 370_000), ("s", 10_000)):
+            for to in numbers:
+                expected = auth.decide(accs[acc_id], balance=balance, blocked=False, to=to, now=now)
+                assert await _get(client, acc_id, to) == (200, expected.as_json()), (acc_id, to)
+
+    env.run(body)

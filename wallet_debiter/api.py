@@ -1,0 +1,453 @@
+"""Dialer authorization API (SPEC "Dialer authorization"): aiohttp, state in Redis.
+
+Routes
+  GET    /v1/accounts/{id}/authorize?to=+442071234567
+         200 {"allowed", "reason", "max_duration_s", "balance"}; 404 unknown account
+  POST   /v1/accounts/{id}/reservations   {"to", "max_duration_s"?, "reservation_id"?}
+         201 {"reservation_id", "max_duration_s", "held_amount", "held_seconds", "expires_at"}
+         200 the same body when a live hold with that reservation_id and number exists
+         409 refused: {"error": reason, "allowed": false, "reason", "max_duration_s", "balance"}
+             or {"error", "field": "reservation_id"} when the id holds a call to another number
+  DELETE /v1/accounts/{id}/reservations/{rid}   204 released; 404 no such hold
+  GET    /healthz (process alive)  /readyz (Redis PING and a catalog loaded)  /metrics
+
+Client errors are 4xx with {"error": message, "field": name|null}, never a 5xx; anything
+unexpected (Redis down, a corrupt wallet record, a bug) is a 503 JSON answer and a log line.
+One Redis round trip per authorize (`reserve.lua` peek); a reservation adds one per attempt.
+The catalog is read from a file at start and re-read when its mtime changes (checked once per
+second by default); a refused catalog keeps the previous one serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import unquote
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from metering.logs import log
+from metering.logs import setup as setup_logs
+from rating.catalog import CatalogError, load_catalog
+from rating.money import format_micros
+from wallet_debiter.authorize import E164_RE, MAX_CALL_S, UNKNOWN_ACCOUNT, Authorizer, Decision
+from wallet_debiter.reservations import (
+    DEFAULT_HOLD_TTL_S,
+    RESERVATION_ID_PATTERN,
+    Hold,
+    ReservationContention,
+    ReservationStore,
+)
+
+logger = logging.getLogger("metering.api")
+
+REQUESTS = Counter("metering_api_requests_total", "Dialer API requests",
+                   ["route", "status", "reason"])
+LATENCY = Histogram(
+    "metering_api_request_seconds", "Dialer API request latency", ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+RESERVATION_RETRIES = Counter("metering_api_reservation_retries_total",
+                              "Reservations re-sized because the wallet changed under them")
+CATALOG_RELOADS = Counter("metering_api_catalog_reloads_total", "Catalog (re)loads", ["result"])
+CATALOG_LOADED = Gauge("metering_api_catalog_loaded", "1 when a catalog is loaded")
+
+UNKNOWN_ACCOUNT_BODY: Final = {"allowed": False, "reason": UNKNOWN_ACCOUNT,
+                               "max_duration_s": None, "balance": None}
+_RID_RE: Final = re.compile(RESERVATION_ID_PATTERN)
+_BODY_KEYS: Final = ("to", "max_duration_s", "reservation_id")
+_MAX_BODY: Final = 64 * 1024
+_encode = msgspec.json.Encoder().encode
+
+
+class ApiError(Exception):
+    """An answer other than the handler's normal one (client errors, not ready...)."""
+
+    def __init__(self, status: int, doc: dict[str, Any], reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.doc = doc
+        self.reason = reason
+
+
+def bad_request(field: str | None, message: str) -> ApiError:
+    return ApiError(400, {"error": message, "field": field}, "bad_request")
+
+
+def _json(status: int, doc: Any) -> web.Response:
+    return web.Response(body=_encode(doc), status=status, content_type="application/json")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _check_to(value: Any) -> str:
+    if value is None:
+        raise bad_request("to", "to: missing (an E.164 number, + then 1..15 digits)")
+    if not isinstance(value, str) or not E164_RE.match(value):
+        raise bad_request("to", f"to: expected an E.164 number (+ then 1..15 digits), got {_short(value)}")
+    return value
+
+
+def _query_to(request: web.Request) -> str:
+    """`to` from the raw query string, percent-decoded only: the SPEC's `?to=+44...` keeps
+    its literal `+` (form decoding would turn it into a space)."""
+    found: str | None = None
+    for part in request.rel_url.raw_query_string.split("&"):
+        name, _, value = part.partition("=")
+        if unquote(name) == "to":
+            if found is not None:
+                raise bad_request("to", "to: given more than once")
+            found = unquote(value)
+    return _check_to(found)
+
+
+def _account_id(request: web.Request) -> str:
+    account_id = request.match_info["id"]
+    if not 1 <= len(account_id) <= 128:
+        raise bad_request("account_id", "account_id: expected 1..128 characters")
+    return account_id
+
+
+class ApiState:
+    """Per-application state: the Redis client, the hold store and the current catalog."""
+
+    def __init__(self, catalog_path: str, client: aioredis.Redis, store: ReservationStore,
+                 reload_interval_s: float) -> None:
+        self.catalog_path = catalog_path
+        self.client = client
+        self.store = store
+        self.reload_interval_s = reload_interval_s
+        self.authorizer: Authorizer | None = None
+        self._signature: tuple[int, int, int] | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.catalog_path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def load_catalog(self) -> bool:
+        """(Re)load the catalog file; a refused one leaves the current catalog in place."""
+        self._signature = self._stat()
+        try:
+            catalog = load_catalog(self.catalog_path)
+        except CatalogError as exc:
+            CATALOG_RELOADS.labels("refused").inc()
+            log(logger, logging.ERROR, "catalog refused, keeping the previous one",
+                path=self.catalog_path, errors=exc.errors[:50],
+                serving=None if self.authorizer is None else self.authorizer.catalog.version)
+            return False
+        previous = self.authorizer
+        self.authorizer = Authorizer(catalog)
+        CATALOG_RELOADS.labels("loaded").inc()
+        CATALOG_LOADED.set(1)
+        log(logger, logging.INFO, "catalog loaded", path=self.catalog_path, version=catalog.version,
+            previous=None if previous is None else previous.catalog.version)
+        return True
+
+    async def watch_catalog(self) -> None:
+        """Re-read the catalog when its file changes (mtime, size or inode)."""
+        while True:
+            await asyncio.sleep(self.reload_interval_s)
+            try:
+                if await asyncio.to_thread(self._stat) != self._signature:
+                    await asyncio.to_thread(self.load_catalog)
+            except Exception:  # keep watching whatever happens
+                logger.exception("catalog watch failed")
+
+    def authorizer_or_503(self) -> Authorizer:
+        auth = self.authorizer
+        if auth is None:
+            raise ApiError(503, {"error": "no catalog loaded", "field": None}, "not_ready")
+        return auth
+
+
+STATE: Final = web.AppKey("state", ApiState)
+REASON: Final = web.RequestKey("reason", str)  # the outcome, for the requests counter
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+async def authorize(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    account_id = _account_id(request)
+    to = _query_to(request)
+    auth = st.authorizer_or_503()
+    now, now_ms = st.store.now()
+    snap = await st.store.snapshot(account_id, auth.candidate_packages(to), now, now_ms)
+    if snap is None:
+        request[REASON] = UNKNOWN_ACCOUNT
+        return _json(404, UNKNOWN_ACCOUNT_BODY)
+    decision = snap.decide(auth, to, now)
+    request[REASON] = decision.reason
+    if decision.reason == UNKNOWN_ACCOUNT:  # the wallet's plan is not in this catalog
+        log(logger, logging.WARNING, "account on a plan missing from the catalog",
+            account_id=account_id, plan=snap.wallet.plan_id, catalog=auth.catalog.version)
+        return _json(404, UNKNOWN_ACCOUNT_BODY)
+    return _json(200, decision.as_json())
+
+
+def _hold_doc(rid: str, hold: Hold) -> dict[str, Any]:
+    return {
+        "reservation_id": rid,
+        "max_duration_s": hold.duration_s,
+        "held_amount": format_micros(hold.amount),
+        "held_seconds": hold.seconds,
+        "expires_at": hold.expires_at,
+    }
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise bad_request(None, "body: expected a JSON object") from None
+    if not isinstance(doc, dict):
+        raise bad_request(None, "body: expected a JSON object")
+    for key in doc:
+        if key not in _BODY_KEYS:
+            raise bad_request(str(key), f"{key}: unknown field (allowed: {', '.join(_BODY_KEYS)})")
+    return doc
+
+
+async def create_reservation(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    account_id = _account_id(request)
+    doc = await _body(request)
+    to = _check_to(doc.get("to"))
+    duration = doc.get("max_duration_s")
+    if duration is not None and (
+        not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= MAX_CALL_S
+    ):
+        raise bad_request("max_duration_s", f"max_duration_s: expected an integer 1..{MAX_CALL_S}, got {_short(duration)}")
+    rid = doc.get("reservation_id")
+    if rid is not None and (not isinstance(rid, str) or not _RID_RE.match(rid)):
+        raise bad_request("reservation_id", "reservation_id: expected 1..128 of A-Z a-z 0-9 . _ : -, "
+                                            f"got {_short(rid)}")
+    auth = st.authorizer_or_503()
+    retries = st.store.retries
+    try:
+        result = await st.store.reserve(auth, account_id, to, max_duration_s=duration, reservation_id=rid)
+    except ReservationContention:
+        raise ApiError(503, {"error": "the wallet kept changing, try again", "field": None}, "contention") from None
+    finally:
+        if st.store.retries > retries:
+            RESERVATION_RETRIES.inc(st.store.retries - retries)
+    if result.status == UNKNOWN_ACCOUNT:
+        request[REASON] = UNKNOWN_ACCOUNT
+        return _json(404, UNKNOWN_ACCOUNT_BODY)
+    if result.status == "refused":
+        decision: Decision | None = result.decision
+        assert decision is not None
+        request[REASON] = decision.reason
+        if decision.reason == UNKNOWN_ACCOUNT:
+            return _json(404, UNKNOWN_ACCOUNT_BODY)
+        return _json(409, {"error": decision.reason, **decision.as_json()})
+    assert result.hold is not None
+    if result.status == "existing":
+        if result.hold.to != to:
+            request[REASON] = "reservation_conflict"
+            return _json(409, {"error": "reservation_id: holds a call to another number",
+                               "field": "reservation_id"})
+        request[REASON] = "existing"
+        return _json(200, _hold_doc(result.reservation_id, result.hold))
+    request[REASON] = "ok"
+    log(logger, logging.DEBUG, "reserved", account_id=account_id, reservation_id=result.reservation_id,
+        to=to, amount=result.hold.amount, seconds=result.hold.seconds)
+    return _json(201, _hold_doc(result.reservation_id, result.hold))
+
+
+async def release_reservation(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    account_id = _account_id(request)
+    rid = request.match_info["rid"]
+    if not _RID_RE.match(rid):
+        raise bad_request("reservation_id", f"reservation_id: not a valid id {_short(rid)}")
+    if await st.store.release(account_id, rid):
+        request[REASON] = "released"
+        return web.Response(status=204)
+    request[REASON] = "unknown_reservation"
+    return _json(404, {"error": "no such reservation (released, settled or expired)",
+                       "field": "reservation_id"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    redis_ok = False
+    try:
+        redis_ok = bool(await asyncio.wait_for(st.client.ping(), timeout=1.0))
+    except (TimeoutError, RedisError, OSError):
+        redis_ok = False
+    auth = st.authorizer
+    ready = redis_ok and auth is not None
+    request[REASON] = "ready" if ready else "not_ready"
+    return _json(200 if ready else 503, {
+        "ready": ready, "redis": redis_ok, "catalog": None if auth is None else auth.catalog.version,
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON for every error, a 503 (and a log line) for anything unexpected, and metrics."""
+    start = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    reason = "-"
+    resp: web.StreamResponse
+    try:
+        resp = await handler(request)
+        reason = request.get(REASON, "-")
+    except ApiError as exc:
+        resp, reason = _json(exc.status, exc.doc), exc.reason
+    except web.HTTPException as exc:  # unknown route (404), wrong method (405), body too large (413)
+        resp = _json(exc.status, {"error": exc.reason, "field": None})
+        reason = "http_error"
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        log(logger, logging.ERROR, "redis unavailable", route=route, error=repr(exc))
+        resp, reason = _json(503, {"error": "storage unavailable, try again", "field": None}), "unavailable"
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("request failed", extra={"fields": {"route": route, "path": request.path}})
+        resp, reason = _json(503, {"error": "internal error, try again", "field": None}), "internal_error"
+    LATENCY.labels(route).observe(time.perf_counter() - start)
+    REQUESTS.labels(route, str(resp.status), reason).inc()
+    return resp
+
+
+def make_app(
+    catalog_path: str,
+    redis_url: str,
+    *,
+    hold_ttl_s: int = DEFAULT_HOLD_TTL_S,
+    reload_interval_s: float = 1.0,
+    redis_timeout_s: float = 2.0,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The API application. The catalog is loaded now (a refused one: /readyz says not ready
+    until a good file appears); Redis connects on first use. `clock` (epoch seconds) sets
+    hold times, expiry and the billing period."""
+    client = aioredis.Redis.from_url(
+        redis_url, decode_responses=False, socket_timeout=redis_timeout_s,
+        socket_connect_timeout=redis_timeout_s, health_check_interval=30,
+    )
+    store = ReservationStore(client, hold_ttl_s=hold_ttl_s, clock=clock)
+    state = ApiState(catalog_path, client, store, reload_interval_s)
+    state.load_catalog()
+
+    app = web.Application(middlewares=[_observe], client_max_size=_MAX_BODY)
+    app[STATE] = state
+    app.add_routes([
+        web.get("/v1/accounts/{id}/authorize", authorize),
+        web.post("/v1/accounts/{id}/reservations", create_reservation),
+        web.delete("/v1/accounts/{id}/reservations/{rid}", release_reservation),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+    ])
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(state.watch_catalog())
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await client.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _serve(app: web.Application, host: str, port: int, metrics_port: int | None) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    ports = [port] + ([metrics_port] if metrics_port and metrics_port != port else [])
+    for p in ports:
+        await web.TCPSite(runner, host, p).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log(logger, logging.INFO, "api listening", host=host, ports=ports)
+    try:
+        await stop.wait()
+    finally:
+        log(logger, logging.INFO, "api stopping")
+        await runner.cleanup()
+
+
+def serve(
+    host: str,
+    port: int,
+    *,
+    catalog_path: str,
+    redis_url: str,
+    hold_ttl_s: int = DEFAULT_HOLD_TTL_S,
+    metrics_port: int | None = None,
+    log_level: str = "INFO",
+) -> None:
+    """Run the API until SIGTERM/SIGINT. `metrics_port`: also serve (the same app, so
+    /healthz, /readyz and /metrics) on that port, where the Kubernetes probes look."""
+    setup_logs(log_level)
+    app = make_app(catalog_path, redis_url, hold_ttl_s=hold_ttl_s)
+    asyncio.run(_serve(app, host, port, metrics_port))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m wallet_debiter.api` (the CLI's `metering serve-api` is the usual way)."""
+    env = os.environ
+    p = argparse.ArgumentParser(prog="python -m wallet_debiter.api", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default=env.get("METERING_API_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env.get("METERING_API_PORT", "8080")))
+    p.add_argument("--catalog", default=env.get("METERING_CATALOG", "deploy/examples/catalog.yaml"))
+    p.add_argument("--redis-url", default=env.get("METERING_REDIS_URL", "redis://127.0.0.1:16379/0"))
+    p.add_argument("--hold-ttl-s", type=int, default=int(env.get("METERING_HOLD_TTL_S", str(DEFAULT_HOLD_TTL_S))))
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    serve(args.host, args.port, catalog_path=args.catalog, redis_url=args.redis_url,
+          hold_ttl_s=args.hold_ttl_s, metrics_port=args.metrics_port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()
