@@ -29,16 +29,7 @@ for line in sys.stdin:
 run=$!
 while kill -0 "$run" 2>/dev/null; do
   sleep 5
-  curl -s "localhost:$METERING_METRICS_PORT/metrics" 2>/dev/null | python3 -c '
-import sys
-m = {}
-for l in sys.stdin:
-    if l.startswith("#"): continue
-    k, _, v = l.rpartition(" ")
-    m[k] = m.get(k, 0) + float(v) if "_total" in k else float(v)
-g = lambda p: sum(v for k, v in m.items() if k.startswith(p))
-print(f"consumed {g(\"metering_consumed_total\"):>9.0f}  rated {g(\"metering_rated_total\"):>9.0f}  rejected {g(\"metering_rejected_total\"):>6.0f}  duplicates {g(\"metering_duplicates_total\"):>6.0f}  lag {g(\"metering_consumer_lag\"):>7.0f}  blocked {g(\"metering_wallets_blocked_total\"):>4.0f}  top-ups {g(\"metering_topups_requested_total\"):>4.0f}")
-' || true
+  python3 -m metering.progress "$METERING_METRICS_PORT" || true
 done
 wait "$sim" || true
 wait "$run"
