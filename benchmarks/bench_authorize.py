@@ -8,7 +8,9 @@ one process, the example catalog) and stopped afterwards. The example accounts a
 the Redis database of --redis-url (existing wallets keep their balances; nothing is flushed).
 Requests go to random example accounts and random numbers under the catalog's destination
 prefixes, from one asyncio client process. Only loopback targets are accepted. Prints
-requests/s, latency p50/p90/p99/max (client-side, end to end) and the answers' reasons.
+requests/s, latency p50/p90/p99/max (client-side, end to end), CPU time per request of the
+API process, Redis and this client (on a small machine they share the cores, so the CPU split
+says more than requests/s), and the answers' reasons.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import socket
 import statistics
@@ -27,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +71,25 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str, timeout: float =
     raise SystemExit(f"API at {url} not ready after {timeout:.0f} s")
 
 
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def _run(url: str, account_ids: list[str], numbers: list[str], requests: int,
-               concurrency: int, warmup: int, seed: int) -> None:
+               concurrency: int, warmup: int, seed: int, server_pid: int | None,
+               redis_client: redis.Redis) -> None:
     rng = random.Random(seed)
     paths = [f"/v1/accounts/{rng.choice(account_ids)}/authorize?to={rng.choice(numbers)}"
              for _ in range(requests + warmup)]
@@ -93,9 +114,11 @@ async def _run(url: str, account_ids: list[str], numbers: list[str], requests: i
         warm = iter(list(enumerate(paths))[:warmup])
         await asyncio.gather(*(worker(warm) for _ in range(concurrency)))
         measured = iter(list(enumerate(paths))[warmup:])
+        cpu0 = (_cpu_s(server_pid), _redis_cpu_s(redis_client), time.process_time())
         start = time.perf_counter()
         await asyncio.gather(*(worker(measured) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        cpu1 = (_cpu_s(server_pid), _redis_cpu_s(redis_client), time.process_time())
 
     latencies.sort()
     q = statistics.quantiles(latencies, n=100, method="inclusive")
@@ -103,6 +126,11 @@ async def _run(url: str, account_ids: list[str], numbers: list[str], requests: i
     print(f"  throughput  {len(latencies) / elapsed:,.0f} requests/s")
     print(f"  latency ms  p50 {q[49] * 1e3:.2f}  p90 {q[89] * 1e3:.2f}  p99 {q[98] * 1e3:.2f}  "
           f"max {latencies[-1] * 1e3:.2f}")
+    n = len(latencies)
+    api_cpu = None if cpu0[0] is None or cpu1[0] is None else (cpu1[0] - cpu0[0]) / n * 1e6
+    print("  cpu us/req  api " + ("?" if api_cpu is None else f"{api_cpu:.0f}")
+          + f"  redis {(cpu1[1] - cpu0[1]) / n * 1e6:.0f}  client {(cpu1[2] - cpu0[2]) / n * 1e6:.0f}"
+          + ("" if not api_cpu else f"  (one API core: ~{1e6 / api_cpu:,.0f} requests/s)"))
     print(f"  statuses    {dict(statuses)}")
     print(f"  reasons     {dict(reasons.most_common())}")
 
@@ -126,7 +154,8 @@ def main() -> None:
 
     catalog = load_catalog(args.catalog)
     accounts = load_accounts(args.accounts, catalog)
-    RedisWalletStore(connect(args.redis_url)).import_accounts(accounts.values())
+    redis_client = connect(args.redis_url)
+    RedisWalletStore(redis_client).import_accounts(accounts.values())
     numbers = _numbers(args.catalog, 2000, random.Random(args.seed))
 
     proc = None
@@ -141,7 +170,8 @@ def main() -> None:
         )
     try:
         asyncio.run(_run(url.rstrip("/"), sorted(accounts), numbers, args.requests,
-                         args.concurrency, args.warmup, args.seed))
+                         args.concurrency, args.warmup, args.seed,
+                         None if proc is None else proc.pid, redis_client))
     finally:
         if proc is not None:
             proc.terminate()

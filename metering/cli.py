@@ -279,6 +279,19 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
 
 
+@main.command("serve-api")
+@click.option("--host", default=lambda: os.environ.get("METERING_API_HOST", "0.0.0.0"), show_default="0.0.0.0")
+@click.option("--port", type=int, default=lambda: int(os.environ.get("METERING_API_PORT", "8080")), show_default="8080")
+@click.option("--hold-ttl", type=int, default=lambda: int(os.environ.get("METERING_HOLD_TTL_S", "7200")), show_default="7200")
+def serve_api(host: str, port: int, hold_ttl: int) -> None:
+    """The dialer authorization API (authorize, reservations) with /healthz, /readyz, /metrics."""
+    from wallet_debiter.api import serve
+
+    settings = _settings()
+    serve(host, port, catalog_path=settings.catalog_path, redis_url=settings.redis_url,
+          hold_ttl_s=hold_ttl, metrics_port=settings.metrics_port)
+
+
 @main.command("report")
 def report() -> None:
     """Operator and analyst summary queried from ClickHouse (the views analysts use)."""

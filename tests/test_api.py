@@ -8,8 +8,9 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,12 @@ from tests.helpers import NOW, account, call, catalog_dict
 from wallet_debiter.api import make_app
 from wallet_debiter.authorize import Authorizer
 from wallet_debiter.redis_store import RedisWalletStore, connect
-from wallet_debiter.reservations import ReservationStore
+from wallet_debiter.reservations import (
+    ReservationContention,
+    ReservationStore,
+    Snapshot,
+    _Coalescer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +107,8 @@ class Env:
         asyncio.run(main())
 
     def holds(self, account_id: str) -> dict[str, bytes]:
-        return {k.decode(): v for k, v in self.client.hgetall(f"h:{{{account_id}}}").items()}
+        raw: dict[bytes, bytes] = self.client.hgetall(f"h:{{{account_id}}}")  # type: ignore[assignment]
+        return {k.decode(): v for k, v in raw.items()}
 
 
 @pytest.fixture()
@@ -535,3 +542,58 @@ def test_decisions_match_the_pure_logic(env: Env) -> None:
                 assert await _get(client, acc_id, to) == (200, expected.as_json()), (acc_id, to)
 
     env.run(body)
+
+
+def test_coalesced_script_calls(redis_url: str) -> None:
+    """Calls made in one loop tick share a pipeline; a script Redis does not have yet (restart,
+    SCRIPT FLUSH) is loaded and the calls still answer; one call's error stays its own."""
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            src = (f"-- {uuid.uuid4()}\n"
+                   "if ARGV[1] == 'boom' then return redis.error_reply('boom') end\n"
+                   "return ARGV[1]")
+            co = _Coalescer(client, client.register_script(src))  # not loaded: NOSCRIPT first
+            for _ in range(2):  # then again, loaded: straight through the pipeline
+                results = await asyncio.gather(*(co([], [str(i)]) for i in range(5)),
+                                               co([], ["boom"]), return_exceptions=True)
+                assert results[:5] == [b"0", b"1", b"2", b"3", b"4"]
+                assert isinstance(results[5], redis.ResponseError) and "boom" in str(results[5])
+            assert await co([], ["alone"]) == b"alone"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_stale_view_is_resized_in_redis_never_overspent(env: Env) -> None:
+    """The Lua re-check is what guards money: a hold sized on a stale view (here: a balance
+    that is no longer there) is refused by Redis and re-sized on the fresh state it returns."""
+    env.accounts(account(plan="payg", balance="0.05"))
+    auth = Authorizer(parse_catalog(env.catalog))
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(env.url)
+        try:
+            for attempts in (32, 1):
+                store = ReservationStore(client, max_attempts=attempts)
+                real = store.snapshot
+
+                async def stale(*args: Any, real: Any = real) -> Snapshot | None:
+                    snap = await real(*args)
+                    return None if snap is None else replace(snap, balance=1_000_000)
+
+                store.snapshot = stale  # type: ignore[method-assign,assignment]
+                if attempts == 1:
+                    with pytest.raises(ReservationContention):
+                        await store.reserve(auth, "acc-1", US_FIXED, max_duration_s=600)
+                    continue
+                result = await store.reserve(auth, "acc-1", US_FIXED, max_duration_s=600)
+                assert result.status == "created" and result.retries == 1
+                assert result.hold is not None
+                assert (result.hold.amount, result.hold.duration_s) == (50_000, 300)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert len(env.holds("acc-1")) == 1

@@ -252,14 +252,15 @@ async def create_reservation(request: web.Request) -> web.Response:
         raise bad_request("reservation_id", "reservation_id: expected 1..128 of A-Z a-z 0-9 . _ : -, "
                                             f"got {_short(rid)}")
     auth = st.authorizer_or_503()
-    retries = st.store.retries
     try:
-        result = await st.store.reserve(auth, account_id, to, max_duration_s=duration, reservation_id=rid)
+        result = await st.store.reserve(auth, account_id, to, max_duration_s=duration,
+                                        reservation_id=rid)
     except ReservationContention:
-        raise ApiError(503, {"error": "the wallet kept changing, try again", "field": None}, "contention") from None
-    finally:
-        if st.store.retries > retries:
-            RESERVATION_RETRIES.inc(st.store.retries - retries)
+        RESERVATION_RETRIES.inc(st.store.max_attempts)
+        raise ApiError(503, {"error": "the wallet kept changing, try again", "field": None},
+                       "contention") from None
+    if result.retries:
+        RESERVATION_RETRIES.inc(result.retries)
     if result.status == UNKNOWN_ACCOUNT:
         request[REASON] = UNKNOWN_ACCOUNT
         return _json(404, UNKNOWN_ACCOUNT_BODY)

@@ -6,7 +6,8 @@ Redis keys (see `wallet_debiter.redis_store`): `w:{A}` wallet hash, `u:{A}` allo
 
 * `peek` (read only): wallet fields, the sum of active holds, and used / held seconds of the
   packages that could cover the destination, for the account's current billing period. One
-  EVALSHA per authorize request.
+  EVALSHA per authorize request; the calls made by concurrent requests during one event-loop
+  tick travel together as one pipeline (one write, one read on one connection).
 * `reserve`: re-checks, atomically against the live wallet and holds, that the hold sized here
   still fits (money available >= hold amount; package seconds used + held + this hold within
   the limit, with exactly the coverage the amount was priced with); deletes expired holds;
@@ -49,8 +50,6 @@ DEFAULT_HOLD_TTL_S: Final = 7200
 MAX_ATTEMPTS: Final = 32
 RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
 
-import os as _os
-_COALESCE = _os.environ.get("NOCOAL") is None
 _LUA: Final = resources.files("wallet_debiter").joinpath("lua/reserve.lua").read_text(encoding="utf-8")
 
 
@@ -111,6 +110,7 @@ class ReserveResult:
     reservation_id: str
     decision: Decision | None = None
     hold: Hold | None = None
+    retries: int = 0  # times the hold was re-sized because the wallet changed under it
 
 
 def _parse_state(state: Sequence[Any], candidates: Sequence[str]) -> Snapshot:
@@ -170,12 +170,14 @@ class _Coalescer:
                 for keys, args, _ in batch:
                     pipe.evalsha(self.script.sha, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+        except asyncio.CancelledError:
+            for _, _, fut in batch:
+                fut.cancel()
+            raise
+        except Exception as exc:  # the whole round trip failed: every waiting request sees it
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
         for (keys, args, fut), res in zip(batch, results, strict=True):
             if fut.done():
@@ -208,7 +210,6 @@ class ReservationStore:
         self.hold_ttl_s = hold_ttl_s
         self.clock = clock
         self.max_attempts = max_attempts
-        self.retries = 0  # stale re-sizes so far (for metrics)
         self._script = client.register_script(_LUA)
         self._coalesced = _Coalescer(client, self._script)
 
@@ -224,7 +225,7 @@ class ReservationStore:
     async def _call(self, account_id: str, mode: str, now: datetime, now_ms: int,
                     candidates: Sequence[str], payload: bytes = b"") -> Any:
         args: list[Any] = [mode, now_ms, now.year, now.month, now.day, payload, *candidates]
-        raw = await (self._coalesced(self.keys(account_id), args) if _COALESCE else self._script(keys=self.keys(account_id), args=args))
+        raw = await self._coalesced(self.keys(account_id), args)
         return _unpack(raw)
 
     async def snapshot(self, account_id: str, candidates: Sequence[str], now: datetime,
@@ -251,12 +252,12 @@ class ReservationStore:
         candidates = authorizer.candidate_packages(to)
         snap = await self.snapshot(account_id, candidates, now, now_ms)
         expires_ms = now_ms + self.hold_ttl_s * 1000
-        for _ in range(self.max_attempts):
+        for retries in range(self.max_attempts):
             if snap is None:
-                return ReserveResult(UNKNOWN_ACCOUNT, rid)
+                return ReserveResult(UNKNOWN_ACCOUNT, rid, retries=retries)
             decision = snap.decide(authorizer, to, now)
             if not decision.allowed:
-                return ReserveResult("refused", rid, decision)
+                return ReserveResult("refused", rid, decision, retries=retries)
             longest = decision.max_duration_s
             duration = longest if max_duration_s is None else (
                 max_duration_s if longest is None else min(max_duration_s, longest))
@@ -273,12 +274,11 @@ class ReservationStore:
             reply = await self._call(account_id, "reserve", now, now_ms, candidates, payload)
             status = reply[0]
             if status == "ok":
-                return ReserveResult("created", rid, decision, hold)
+                return ReserveResult("created", rid, decision, hold, retries)
             if status == "exists":
-                return ReserveResult("existing", rid, None, _decode_hold(reply[1]))
+                return ReserveResult("existing", rid, None, _decode_hold(reply[1]), retries)
             if status == "unknown":
-                return ReserveResult(UNKNOWN_ACCOUNT, rid)
-            self.retries += 1
+                return ReserveResult(UNKNOWN_ACCOUNT, rid, retries=retries)
             snap = _parse_state(reply[1], candidates)  # 'stale': re-size on the fresh state
         raise ReservationContention(f"account {account_id!r}: wallet kept changing, try again")
 
