@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import urllib.request
 
@@ -27,7 +28,5 @@ def line(port: int) -> str:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(OSError):
         print(line(int(sys.argv[1])), flush=True)
-    except OSError:
-        pass

@@ -21,7 +21,7 @@ from metering.config import Settings
 from metering.logs import log
 from rating.catalog import Catalog, CatalogError, load_catalog
 from rating.engine import COL, Row
-from rating.money import format_micros
+from rating.money import format_micros, parse_micros
 from schemas.records import Movement, WalletEvent
 
 LOG = logging.getLogger("metering.worker")
@@ -137,6 +137,15 @@ class MovementOut(msgspec.Struct):
 
 
 _json = msgspec.json.Encoder()
+_movement_decoder = msgspec.json.Decoder(MovementOut)
+
+
+def decode_movement(value: bytes) -> Movement:
+    """A `wallet.movements` message back to a Movement (money as integer micros)."""
+    mv = _movement_decoder.decode(value)
+    return Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at, type=mv.type,
+                    amount=parse_micros(mv.amount), balance_after=parse_micros(mv.balance_after),
+                    reference=mv.reference)
 
 
 def debit_movements(rows: Sequence[Row]) -> list[Movement]:

@@ -38,10 +38,10 @@ from metering.workers.common import (
     LOG,
     REDIS_TRANSIENT,
     CatalogWatcher,
-    MovementOut,
     count_rows,
     crash_point,
     debit_movements,
+    decode_movement,
     event_times,
     produce_rejected,
     produce_wallet_events,
@@ -50,7 +50,6 @@ from metering.workers.common import (
 )
 from rating.catalog import Catalog
 from rating.engine import Rater
-from rating.money import parse_micros
 from schemas.records import Movement
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
@@ -105,7 +104,6 @@ class Pipeline:
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events])
         self.movements = kafka_io.make_consumer(settings, "movements", [MOVEMENTS_TOPIC])
         self._lag_state: dict[str, float] = {}
-        self._movement_decoder = msgspec.json.Decoder(MovementOut)
 
     def ready(self) -> bool:
         try:
@@ -203,10 +201,7 @@ class Pipeline:
         moves: list[Movement] = []
         for m in msgs:
             try:
-                mv = self._movement_decoder.decode(m.value() or b"")
-                moves.append(Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at,
-                                      type=mv.type, amount=parse_micros(mv.amount),
-                                      balance_after=parse_micros(mv.balance_after), reference=mv.reference))
+                moves.append(decode_movement(m.value() or b""))
             except (msgspec.DecodeError, ValueError) as exc:
                 log(LOG, logging.ERROR, "bad movement message skipped", partition=m.partition(),
                     offset=m.offset(), error=str(exc))

@@ -31,11 +31,11 @@ from metering.workers.common import (
     LOG,
     REDIS_TRANSIENT,
     CatalogWatcher,
-    MovementOut,
     WalletEventOut,
     count_rows,
     crash_point,
     debit_movements,
+    decode_movement,
     event_times,
     produce_rejected,
     produce_wallet_events,
@@ -44,7 +44,7 @@ from metering.workers.common import (
 from metering.workers.pipeline import CH_TRANSIENT, MOVEMENTS_TOPIC, package_allowances
 from rating.engine import Pricer, Settler
 from rating.money import parse_micros
-from schemas.records import Movement, WalletEvent
+from schemas.records import WalletEvent
 from schemas.wire import decode_priced, decode_row, encode_priced, encode_row
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
@@ -187,7 +187,6 @@ class SinkWorker(_Worker):
         self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
                                              catalog_version=self.watcher.catalog.version)
         self._wallet_dec = msgspec.json.Decoder(WalletEventOut)
-        self._move_dec = msgspec.json.Decoder(MovementOut)
         super().__init__(settings, [t.rated, t.rejected, t.wallet_events, MOVEMENTS_TOPIC])
 
     def housekeeping(self) -> None:
@@ -216,10 +215,7 @@ class SinkWorker(_Worker):
                                               percent=e.percent))
                     ats.append(e.at)
                 else:
-                    mv = self._move_dec.decode(value)
-                    moves.append(Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at,
-                                          type=mv.type, amount=parse_micros(mv.amount),
-                                          balance_after=parse_micros(mv.balance_after), reference=mv.reference))
+                    moves.append(decode_movement(value))
             except (msgspec.DecodeError, ValueError) as exc:
                 log(LOG, logging.ERROR, "undecodable message skipped", topic=topic, partition=m.partition(),
                     offset=m.offset(), error=str(exc))
