@@ -27,6 +27,11 @@ WALLET_EVENTS = Counter("metering_wallet_events_total", "Wallet events emitted",
 WALLETS_BLOCKED = Counter("metering_wallets_blocked_total", "Wallets that became blocked")
 TOPUPS_REQUESTED = Counter("metering_topups_requested_total", "Auto top-ups requested")
 CATALOG_VERSION = Gauge("metering_catalog_info", "Loaded catalog version", ["version"])
+END_TO_END_SECONDS = Histogram(
+    "metering_end_to_end_seconds",
+    "Kafka produce timestamp to queryable in ClickHouse, per event", ["stage"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30),
+)
 STALE_RETRIES = Counter("metering_stale_snapshot_total", "Batches re-settled after a concurrent write")
 
 

@@ -68,6 +68,8 @@ class Progress:
     topups: int = 0
     batches: int = 0
     lag: int = 0
+    # produce-to-queryable seconds of the last batch's events (benchmarks read it in on_batch)
+    last_latencies: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     last_message: float = field(default_factory=time.monotonic)
 
@@ -78,6 +80,16 @@ def package_allowances(catalog: Catalog) -> list[PackageAllowance]:
                          None if p.fair_use_s is None else p.fair_use_s // 60)
         for p in catalog.packages.values()
     ]
+
+
+def queryable_latencies(msgs: list) -> list[float]:  # type: ignore[type-arg]
+    """Seconds from each message's Kafka timestamp to now (its rows are queryable)."""
+    now_ms = time.time() * 1000
+    out = [(now_ms - m.timestamp()[1]) / 1000 for m in msgs if m.timestamp()[0]]
+    hist = metrics.END_TO_END_SECONDS.labels(stage="debit")
+    for v in out[:: max(1, len(out) // 64)]:  # a sample keeps the histogram cheap
+        hist.observe(v)
+    return out
 
 
 class Pipeline:
@@ -170,6 +182,7 @@ class Pipeline:
             self.sink.insert_wallet_events(events, at=ats)
 
         with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+        self.progress.last_latencies = queryable_latencies(msgs)
         crash_point("after_clickhouse")
         produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
         produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
