@@ -269,7 +269,7 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=at,
                            type=kind, amount=format_micros(micros), balance_after=format_micros(balance),
                            reference=reference)
-    producer.produce("wallet.movements", key=account_id.encode(), value=enc.encode(movement))
+    producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
     if bits:
         name = "unblocked" if bits & 2 else "blocked"
         producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(

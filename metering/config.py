@@ -23,6 +23,7 @@ class Topics:
     wallet_events: str = "wallet.events"  # blocked, top-up requested, usage alerts...
     priced: str = "usage.priced"  # rating worker -> debit worker (split mode)
     rated: str = "usage.rated"  # debit worker -> sink worker (split mode)
+    movements: str = "wallet.movements"  # operator credits / top-ups -> ClickHouse
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Settings:
     max_message_bytes: int = 64 * 1024  # larger values are poison (rejected, not rated)
     metrics_port: int = 9100  # 0: no metrics/health server
     catalog_check_s: float = 2.0  # how often the catalog file's mtime is checked
+    # Kafka static membership (group.instance.id): a restarted worker with the same id gets its
+    # partitions back at once instead of after the session timeout (k8s: the pod name).
+    instance_id: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

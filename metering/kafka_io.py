@@ -30,7 +30,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the pipeline topics if missing; returns the names created."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     t = settings.topics
-    wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, "wallet.movements"]
+    wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, t.movements]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [
         NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
@@ -76,6 +76,8 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str], **extra
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
     }
+    if settings.instance_id:
+        conf["group.instance.id"] = f"{settings.instance_id}-{group}"
     conf.update(extra)
     consumer = Consumer(conf)
     consumer.subscribe(list(topics))

@@ -4,6 +4,7 @@ across kill -9 at chosen lines and duplicate delivery."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from metering.config import Settings
 from metering.local_services import ensure_started
@@ -46,7 +48,26 @@ def live(tmp_path: Path):  # noqa: ANN201
 def _run(env: dict[str, str], **extra: str) -> int:
     proc = subprocess.run([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
                           env={**env, **extra}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode not in (0, -9):
+        raise AssertionError(f"metering run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc.returncode
+
+
+def _rewind(env: dict[str, str]) -> int:
+    """Move the pipeline's committed offsets on usage.events back to the start (an operator's
+    consumer-group reset). Returns how many messages that re-delivers."""
+    settings = Settings.from_env(env)
+    topic = settings.topics.events
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.group_prefix}-debit",
+                  "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in parts]
+        before = sum(tp.offset for tp in c.committed(tps, timeout=10))
+        c.commit(offsets=[TopicPartition(topic, p, 0) for p in parts], asynchronous=False)
+    finally:
+        c.close()
+    return before
 
 
 def _offline(count: int, seed: int, dup: float, bad: float, now: datetime):  # noqa: ANN202
@@ -82,24 +103,55 @@ def _check_equal(env: dict[str, str], rater: Rater, rows: list) -> None:  # noqa
     assert live_bal == offline_bal
 
 
-def test_live_pipeline_matches_offline_rating(live: dict[str, str]) -> None:
+def test_live_pipeline_matches_offline_rating_then_a_rewind_changes_nothing(live: dict[str, str]) -> None:
+    """100 k seeded events (5 % re-produced duplicates, 1 % poison) through the live pipeline:
+    every row, balance and reject equals `metering rate`'s; then the consumer group is rewound
+    to offset 0 and the whole topic is delivered again: still equal."""
     now = datetime.now(UTC).replace(microsecond=0)
-    settings = Settings.from_env(live)
-    produce_traffic(settings, count=20_000, seed=11, duplicate_rate=0.05, malformed_rate=0.01,
+    env = {**live, "METERING_BATCH_SIZE": "5000"}
+    settings = Settings.from_env(env)
+    produce_traffic(settings, count=100_000, seed=11, duplicate_rate=0.05, malformed_rate=0.01,
                     start=now.replace(hour=0))
-    rater, rows = _offline(20_000, 11, 0.05, 0.01, now)
-    assert _run(live) == 0
-    _check_equal(live, rater, rows)
+    rater, rows = _offline(100_000, 11, 0.05, 0.01, now)
+    assert _run(env) == 0
+    _check_equal(env, rater, rows)
+    assert _rewind(env) == 100_000
+    assert _run(env) == 0
+    _check_equal(env, rater, rows)
 
 
-@pytest.mark.parametrize("point", ["after_redis", "mid_insert", "after_clickhouse", "before_commit"])
-def test_kill_9_at_a_line_then_restart_changes_nothing(live: dict[str, str], point: str) -> None:
+CRASH_POINTS = ["after_redis", "mid_insert", "after_movements", "after_clickhouse", "before_flush",
+                "before_commit", "after_commit"]
+
+
+def _kill_plan(seed: int, rounds: int) -> list[dict[str, str]]:
+    """Seeded kill points: a named line on the n-th batch, or kill -9 from a timer a random
+    number of milliseconds into the work (wherever the process is at that moment)."""
+    rng = random.Random(seed)
+    plan = []
+    for i in range(rounds):
+        if i % 3 == 2:
+            plan.append({"METERING_CRASH_POINT": "timer", "METERING_CRASH_AFTER_MS": str(rng.randint(1, 400))})
+        else:
+            plan.append({"METERING_CRASH_POINT": rng.choice(CRASH_POINTS),
+                         "METERING_CRASH_AFTER": str(rng.randint(1, 3))})
+    return plan
+
+
+def test_kill_9_at_24_seeded_points_then_restart_changes_nothing(live: dict[str, str]) -> None:
+    seed = int(os.environ.get("METERING_CRASH_SEED", "2026"))
     now = datetime.now(UTC).replace(microsecond=0)
-    settings = Settings.from_env(live)
-    produce_traffic(settings, count=8_000, seed=5, duplicate_rate=0.05, malformed_rate=0.01,
+    # small batches so each kill lands mid-stream; static membership so a restart gets its
+    # partitions back at once instead of after the dead member's session timeout
+    env = {**live, "METERING_BATCH_SIZE": "250", "METERING_INSTANCE_ID": "crash-test"}
+    settings = Settings.from_env(env)
+    produce_traffic(settings, count=40_000, seed=5, duplicate_rate=0.05, malformed_rate=0.01,
                     start=now.replace(hour=0))
-    rater, rows = _offline(8_000, 5, 0.05, 0.01, now)
-    assert _run(live, METERING_CRASH_POINT=point, METERING_CRASH_AFTER="1") == -9  # killed on batch 1
-    assert _run(live, METERING_CRASH_POINT=point, METERING_CRASH_AFTER="2") in (-9, 0)  # again, later
-    assert _run(live) == 0
-    _check_equal(live, rater, rows)
+    rater, rows = _offline(40_000, 5, 0.05, 0.01, now)
+    plan = _kill_plan(seed, 24)
+    outcomes = [_run(env, **point) for point in plan]
+    killed = [p for p, rc in zip(plan, outcomes, strict=True) if rc == -9]
+    assert len(killed) >= 20, f"seed {seed}: only {len(killed)} of 24 runs were killed: {outcomes}"
+    assert {p["METERING_CRASH_POINT"] for p in killed} >= {"after_redis", "mid_insert", "timer"}
+    assert _run(env) == 0
+    _check_equal(env, rater, rows)

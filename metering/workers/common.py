@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -56,7 +57,9 @@ def with_retry(fn: Callable[[], T], what: str, errors: tuple[type[BaseException]
 
 _CRASH_POINT = os.environ.get("METERING_CRASH_POINT", "")
 _CRASH_AFTER = int(os.environ.get("METERING_CRASH_AFTER", "0") or 0)
+_CRASH_AFTER_MS = float(os.environ.get("METERING_CRASH_AFTER_MS", "0") or 0)
 _crash_seen: dict[str, int] = {}
+_crash_timer: list[threading.Timer] = []
 
 
 def crash_point(name: str) -> None:
@@ -67,6 +70,17 @@ def crash_point(name: str) -> None:
     seen = _crash_seen[name] = _crash_seen.get(name, 0) + 1
     if seen >= _CRASH_AFTER:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm_crash_timer() -> None:
+    """METERING_CRASH_POINT=timer: kill -9 this process METERING_CRASH_AFTER_MS after the first
+    batch starts, at whatever line it is on then (the random-point crash tests)."""
+    if _CRASH_POINT != "timer" or _crash_timer:
+        return
+    timer = threading.Timer(_CRASH_AFTER_MS / 1000, os.kill, (os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    _crash_timer.append(timer)
+    timer.start()
 
 
 # ---------------------------------------------------------------------- reloads

@@ -38,6 +38,7 @@ from metering.workers.common import (
     LOG,
     REDIS_TRANSIENT,
     CatalogWatcher,
+    arm_crash_timer,
     count_rows,
     crash_point,
     debit_movements,
@@ -54,7 +55,6 @@ from schemas.records import Movement
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
 CH_TRANSIENT: tuple[type[BaseException], ...] = (ch_errors.OperationalError, ConnectionError, TimeoutError)
-MOVEMENTS_TOPIC = "wallet.movements"
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Pipeline:
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events])
-        self.movements = kafka_io.make_consumer(settings, "movements", [MOVEMENTS_TOPIC])
+        self.movements = kafka_io.make_consumer(settings, "movements", [t.movements])
         self._lag_state: dict[str, float] = {}
 
     def ready(self) -> bool:
@@ -163,6 +163,7 @@ class Pipeline:
 
     def handle_batch(self, msgs: list) -> None:  # type: ignore[type-arg]
         started = time.perf_counter()
+        arm_crash_timer()
         s = self.settings
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
         now = datetime.now(UTC)
@@ -178,6 +179,7 @@ class Pipeline:
             self.sink.insert_rated_rows(rows, topic=s.topics.events)
             crash_point("mid_insert")
             self.sink.insert_movements(movements)
+            crash_point("after_movements")
             self.sink.insert_rejected(rejected)
             self.sink.insert_wallet_events(events, at=ats)
 
@@ -186,6 +188,7 @@ class Pipeline:
         crash_point("after_clickhouse")
         produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
         produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
+        crash_point("before_flush")
         kafka_io.flush(self.producer)
         self.delivery.raise_if_failed()
         crash_point("before_commit")

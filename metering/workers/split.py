@@ -41,7 +41,7 @@ from metering.workers.common import (
     produce_wallet_events,
     with_retry,
 )
-from metering.workers.pipeline import CH_TRANSIENT, MOVEMENTS_TOPIC, package_allowances
+from metering.workers.pipeline import CH_TRANSIENT, package_allowances
 from rating.engine import Pricer, Settler
 from rating.money import parse_micros
 from schemas.records import WalletEvent
@@ -187,7 +187,7 @@ class SinkWorker(_Worker):
         self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
                                              catalog_version=self.watcher.catalog.version)
         self._wallet_dec = msgspec.json.Decoder(WalletEventOut)
-        super().__init__(settings, [t.rated, t.rejected, t.wallet_events, MOVEMENTS_TOPIC])
+        super().__init__(settings, [t.rated, t.rejected, t.wallet_events, t.movements])
 
     def housekeeping(self) -> None:
         super().housekeeping()
