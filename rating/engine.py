@@ -22,7 +22,7 @@ import msgspec
 
 from rating.accounts import Account
 from rating.catalog import Catalog, Package, Plan, Rate
-from rating.money import PICO_PER_MICRO, div_half_up
+from rating.money import PICO_PER_MICRO
 from rating.periods import period_start
 from rating.pricing import billed_parts, charge_micros
 from rating.wallet import (
@@ -44,6 +44,8 @@ USAGE_THRESHOLDS = (50, 80, 100)
 _EXACT = Context(prec=80)
 _ONE = Decimal(1)
 _MICRO_DEN = 60 * PICO_PER_MICRO
+_DEN2 = 2 * _MICRO_DEN
+_MEMO_MAX = 4096  # durations remembered per interval rate
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
@@ -94,6 +96,14 @@ class _Route(NamedTuple):
     rate: Rate | None  # None: free (inbound without an inbound rate, or SMS)
     simple: tuple[int, int, int] | None  # (first, next, per_minute_pico) for one-price rates
     packages: tuple[Package, ...]  # plan packages covering (country, class), in plan order
+    # Derived once per route for the hot loop:
+    pkg_home: str | None  # package id for an account whose home country is `country`
+    pkg_away: str | None  # package id for any other account
+    table: str | None  # rate table name recorded in the priced row
+    prefix: str | None  # rate prefix recorded in the priced row
+    pm2: int  # 2 * per_minute_pico (simple rates): amount = (billable * pm2 + c2) // _DEN2
+    c2: int  # 2 * 60 * connect_fee_pico + _MICRO_DEN
+    memo: dict[int, tuple[int, int]] | None  # duration -> (billable, amount), interval rates
 
 
 def _validation_rejection(message: str) -> Rejection:
@@ -143,8 +153,19 @@ class Pricer:
     def set_catalog(self, catalog: Catalog) -> None:
         """Swap the catalog (hot reload); routes and periods are re-derived lazily."""
         self.catalog = catalog
-        self._key_len = catalog.max_prefix_len
-        self._routes: dict[tuple[str, str], dict[str, _Route | str]] = {}
+        # A route depends only on the longest prefix of the number found in *any* table
+        # (destinations or a rate table): every prefix that matches the number is a prefix of
+        # that one. So routes are cached per such "+prefix", found by one probe per length.
+        keys = set(catalog.destinations._by_prefix)
+        for table in catalog.rate_tables.values():
+            keys.update(table._by_prefix)
+        self._keys = frozenset("+" + k for k in keys)
+        self._key_lens = tuple(sorted({len(k) for k in self._keys}, reverse=True))
+        # plan_id -> direction ("outbound", "inbound", "sms") -> "+prefix" -> route or reason
+        self._routes: dict[str, dict[str, dict[str, _Route | str]]] = {
+            plan_id: {"outbound": {}, "inbound": {}, "sms": {}} for plan_id in catalog.plans
+        }
+        self._memos: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
         self._periods: dict[tuple[date, int], tuple[date, str]] = {}
 
     def set_accounts(self, accounts: Mapping[str, Account]) -> None:
@@ -156,8 +177,9 @@ class Pricer:
         if dest is None:
             return "unknown_destination"
         if direction == "sms":
-            return _Route(dest.country, dest.dest_class, None, None, ())
+            return _Route(dest.country, dest.dest_class, None, None, (), None, None, None, None, 0, 0, None)
         if direction == "outbound":
+            table: str | None = plan.rate_table
             rate = catalog.rate_tables[plan.rate_table].lookup(digits)
             if rate is None:
                 return "no_rate"
@@ -166,25 +188,46 @@ class Pricer:
                 for p in (catalog.packages[name] for name in plan.packages)
                 if dest.dest_class in p.classes and dest.country in p.countries
             )
-            return _Route(dest.country, dest.dest_class, rate, rate.simple, pkgs)
-        # Inbound: rated on the plan's inbound table when it prices this number, else free.
-        table = plan.inbound_rate_table
-        rate = catalog.rate_tables[table].lookup(digits) if table else None
-        return _Route(dest.country, dest.dest_class, rate, rate.simple if rate else None, ())
+        else:
+            # Inbound: rated on the plan's inbound table when it prices this number, else free.
+            table = plan.inbound_rate_table
+            rate = catalog.rate_tables[table].lookup(digits) if table else None
+            pkgs = ()
+        home = pkgs[0].package_id if pkgs else None
+        away = next((p.package_id for p in pkgs if p.scope != "domestic"), None)
+        if rate is None:
+            return _Route(dest.country, dest.dest_class, None, None, pkgs, home, away, table, None, 0, 0, None)
+        simple = rate.simple
+        memo = None
+        if simple is None:
+            memo = self._memos.setdefault((str(table), rate.prefix), {})
+        pm2 = 2 * simple[2] if simple is not None else 0
+        c2 = 120 * rate.connect_fee_pico + _MICRO_DEN
+        return _Route(dest.country, dest.dest_class, rate, simple, pkgs, home, away, table, rate.prefix, pm2, c2, memo)
+
+    def _prefix_key(self, number: str) -> str:
+        """The longest "+prefix" of `number` in any table ("" when none)."""
+        keys = self._keys
+        for n in self._key_lens:
+            key = number[:n]
+            if key in keys:
+                return key
+        return ""
+
+    def _route_miss(self, plan: Plan, direction: str, key: str) -> _Route | str:
+        by_dir = self._routes.get(plan.plan_id)
+        if by_dir is None:
+            by_dir = self._routes[plan.plan_id] = {"outbound": {}, "inbound": {}, "sms": {}}
+        hit = by_dir[direction][key] = self._resolve(plan, direction, key[1:])
+        return hit
 
     def route(self, plan: Plan, direction: str, number: str) -> _Route:
         """Destination, rate and candidate packages of `number` ("+digits") on `plan`."""
-        key = (plan.plan_id, direction)
-        cache = self._routes.get(key)
-        if cache is None:
-            cache = self._routes[key] = {}
-        digits = number[1 : 1 + self._key_len]
-        hit = cache.get(digits)
+        key = self._prefix_key(number)
+        by_dir = self._routes.get(plan.plan_id)
+        hit = by_dir[direction].get(key) if by_dir is not None else None
         if hit is None:
-            hit = self._resolve(plan, direction, digits)
-            if len(cache) > 500_000:  # bound memory under adversarial numbering
-                cache.clear()
-            cache[digits] = hit
+            hit = self._route_miss(plan, direction, key)
         if type(hit) is str:
             raise Rejection(hit, f"to: {number}")
         return hit  # type: ignore[return-value]
@@ -207,11 +250,13 @@ class Pricer:
         accounts_get = self.accounts.get
         plans_get = self.catalog.plans.get
         routes = self._routes
-        key_len = self._key_len
+        keys = self._keys
+        key_lens = self._key_lens
         crc = zlib.crc32
         periods_get = self._periods.get
         version = self.catalog.version
         max_bytes = self.max_bytes
+        _CallEvent, _SmsEvent, _UTC = CallEvent, SmsEvent, UTC
         for raw, source in items:
             try:
                 if len(raw) > max_bytes:
@@ -224,57 +269,81 @@ class Pricer:
                 if plan is None:
                     raise Rejection("unknown_account", f"account_id: {ev.account_id!r} is on plan {account.plan_id!r}, missing from catalog {version}")
                 t = type(ev)
-                if t is CallEvent:
+                if t is _CallEvent:
                     ts = ev.started_at
                     if ts > limit_ts:
                         raise Rejection("future_timestamp", f"started_at: {ts.isoformat()} is more than 24 h ahead")
                     direction = ev.direction
-                    cache = routes.get((plan.plan_id, direction))
-                    route = cache.get(ev.to[1 : 1 + key_len]) if cache is not None else None
+                    to = ev.to
+                    for n in key_lens:
+                        key = to[:n]
+                        if key in keys:
+                            break
+                    else:
+                        key = ""
+                    route = routes[plan.plan_id][direction].get(key)
+                    if route is None:
+                        route = self._route_miss(plan, direction, key)
                     if type(route) is not _Route:
-                        route = self.route(plan, direction, ev.to)
+                        raise Rejection(route, f"to: {to}")  # type: ignore[arg-type]
                     d = ev.duration_s
-                    rate = route.rate
                     billable = amount = 0
-                    if d and rate is not None:
+                    if d and route.rate is not None:
                         simple = route.simple
                         if simple is not None:
-                            first, nxt, pm = simple
-                            billable = first if d <= first else first - (-(d - first) // nxt) * nxt
-                            amount = div_half_up(billable * pm + rate.connect_fee_pico * 60, _MICRO_DEN)
+                            first = simple[0]
+                            if d <= first:
+                                billable = first
+                            else:
+                                nxt = simple[1]
+                                billable = first - (first - d) // nxt * nxt
+                            amount = (billable * route.pm2 + route.c2) // _DEN2
                         else:
-                            parts = billed_parts(rate, d)
-                            billable = sum(s for s, _ in parts)
-                            amount = charge_micros(parts, 0, rate.connect_fee_pico)
-                    package = None
-                    if route.packages and direction == "outbound":
-                        home = account.home_country
-                        for cand in route.packages:
-                            if cand.scope != "domestic" or route.country == home:
-                                package = cand.package_id
-                                break
-                    if ts.tzinfo is not UTC:
-                        ts = ts.astimezone(UTC)
-                    period = periods_get((ts.date(), account.period_anchor_day)) or self._period(ts, account.period_anchor_day)
+                            memo = route.memo
+                            assert memo is not None
+                            hit = memo.get(d)
+                            if hit is None:
+                                parts = billed_parts(route.rate, d)
+                                hit = (sum(s for s, _ in parts), charge_micros(parts, 0, route.rate.connect_fee_pico))
+                                if len(memo) >= _MEMO_MAX:
+                                    memo.clear()
+                                memo[d] = hit
+                            billable, amount = hit
+                    if ts.tzinfo is not _UTC:
+                        ts = ts.astimezone(_UTC)
+                    anchor = account.period_anchor_day
+                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "call", None, None, False,
-                            route.country, route.dest_class, billable, 0, billable, package, False,
-                            amount, None, direction, ev.from_, ev.to, ev.started_at, period[0],
+                            route.country, route.dest_class, billable, 0, billable,
+                            (route.pkg_home if account.home_country == route.country else route.pkg_away),
+                            False, amount, None, direction, ev.from_, to, ev.started_at, period[0],
                             plan.plan_id, version, None, None, ev.reservation_id, source,
-                            crc(raw), d, plan.rate_table if direction == "outbound" else plan.inbound_rate_table,
-                            rate.prefix if rate is not None else None, period[1]))
-                elif t is SmsEvent:
+                            crc(raw), d, route.table, route.prefix, period[1]))
+                elif t is _SmsEvent:
                     ts = ev.sent_at
                     if ts > limit_ts:
                         raise Rejection("future_timestamp", f"sent_at: {ts.isoformat()} is more than 24 h ahead")
-                    route = self.route(plan, "sms", ev.to)
+                    to = ev.to
+                    for n in key_lens:
+                        key = to[:n]
+                        if key in keys:
+                            break
+                    else:
+                        key = ""
+                    route = routes[plan.plan_id]["sms"].get(key)
+                    if route is None:
+                        route = self._route_miss(plan, "sms", key)
+                    if type(route) is not _Route:
+                        raise Rejection(route, f"to: {to}")  # type: ignore[arg-type]
                     price = plan.sms_outbound_pico if ev.direction == "outbound" else plan.sms_inbound_pico
                     amount = (2 * ev.segments * price + PICO_PER_MICRO) // (2 * PICO_PER_MICRO)
-                    if ts.tzinfo is not UTC:
-                        ts = ts.astimezone(UTC)
-                    period = periods_get((ts.date(), account.period_anchor_day)) or self._period(ts, account.period_anchor_day)
+                    if ts.tzinfo is not _UTC:
+                        ts = ts.astimezone(_UTC)
+                    anchor = account.period_anchor_day
+                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "sms", None, None, False,
                             route.country, route.dest_class, 0, 0, 0, None, False, amount, None,
-                            ev.direction, ev.from_, ev.to, ev.sent_at, period[0], plan.plan_id,
+                            ev.direction, ev.from_, to, ev.sent_at, period[0], plan.plan_id,
                             version, None, Decimal(ev.segments), None, source, crc(raw), 0, None,
                             None, period[1]))
                 else:
@@ -282,9 +351,10 @@ class Pricer:
                     if ts > limit_ts:
                         raise Rejection("future_timestamp", f"at: {ts.isoformat()} is more than 24 h ahead")
                     amount = self._meter_amount(plan, ev)
-                    if ts.tzinfo is not UTC:
-                        ts = ts.astimezone(UTC)
-                    period = periods_get((ts.date(), account.period_anchor_day)) or self._period(ts, account.period_anchor_day)
+                    if ts.tzinfo is not _UTC:
+                        ts = ts.astimezone(_UTC)
+                    anchor = account.period_anchor_day
+                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "meter", None, None, False, None,
                             None, 0, 0, 0, None, False, amount, None, None, None, None, ev.at,
                             period[0], plan.plan_id, version, ev.meter, ev.quantity, None, source,

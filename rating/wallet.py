@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 from rating.accounts import Account
 
@@ -158,7 +158,9 @@ class MemoryWalletStore:
     def __init__(self, accounts: Mapping[str, Account]) -> None:
         self._accounts = accounts
         self.wallets: dict[str, WalletState] = {}
-        self.dedupe: dict[DedupeKey, Prior] = {}
+        # Priors are kept as plain tuples (Prior fields in order): CPython's GC stops tracking a
+        # plain tuple of atomic values, but never a NamedTuple, and this map only ever grows.
+        self.dedupe: dict[DedupeKey, tuple[int, str, Outcome, int, int]] = {}
         self.allowance_used: dict[AllowanceKey, int] = {}
         self.released_reservations: set[str] = set()
 
@@ -171,9 +173,15 @@ class MemoryWalletStore:
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
     ) -> tuple[list[Prior | None], list[int]]:
-        seen = self.dedupe
-        used = self.allowance_used
-        return [seen.get(k) for k in dedupe], [used.get(k, 0) for k in allowances]
+        seen = self.dedupe.get
+        used = self.allowance_used.get
+        found = [seen(k) for k in dedupe]
+        if any(found):
+            make = Prior._make
+            priors: list[Prior | None] = [None if t is None else make(t) for t in found]
+        else:
+            priors = cast("list[Prior | None]", found)  # all None
+        return priors, [used(k, 0) for k in allowances]
 
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
         out: list[Applied] = []
@@ -188,7 +196,7 @@ class MemoryWalletStore:
             if reservation:
                 self.released_reservations.add(reservation)
             balance = wallet.balance
-            dedupe[(account_id, event_id)] = Prior(fp, source, outcome, balance, bits)
+            dedupe[(account_id, event_id)] = (fp, source, outcome, balance, bits)
             out.append((balance, bits))
         return out
 
