@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from confluent_kafka import (
@@ -63,7 +63,9 @@ def make_producer(settings: Settings, **extra: Any) -> Producer:
     return Producer(conf)
 
 
-def make_consumer(settings: Settings, group: str, topics: Sequence[str], **extra: Any) -> Consumer:
+def make_consumer(settings: Settings, group: str, topics: Sequence[str],
+                  on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+                  **extra: Any) -> Consumer:
     conf = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "group.id": f"{settings.group_prefix}-{group}",
@@ -80,7 +82,10 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str], **extra
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
     conf.update(extra)
     consumer = Consumer(conf)
-    consumer.subscribe(list(topics))
+    if on_assign is None:
+        consumer.subscribe(list(topics))
+    else:
+        consumer.subscribe(list(topics), on_assign=on_assign)
     return consumer
 
 
@@ -107,18 +112,52 @@ class DeliveryCheck:
             raise KafkaException(err)
 
 
-def commit_offsets(consumer: Consumer, msgs: Iterable[Message]) -> None:
-    """Synchronously commit last+1 per partition of a fully handled batch."""
-    last: dict[tuple[str, int], int] = {}
+def next_offsets(msgs: Iterable[Message]) -> dict[tuple[str, int], int]:
+    """last offset + 1 per (topic, partition) of a batch."""
+    out: dict[tuple[str, int], int] = {}
     for m in msgs:
         key = (m.topic(), m.partition())
-        off = m.offset()
-        if off > last.get(key, -1):
-            last[key] = off
-    if last:
-        consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False
-        )
+        nxt = m.offset() + 1
+        if nxt > out.get(key, 0):
+            out[key] = nxt
+    return out
+
+
+def commit_offsets(consumer: Consumer, msgs: Iterable[Message]) -> None:
+    """Synchronously commit last+1 per partition of a fully handled batch."""
+    nxt = next_offsets(msgs)
+    if nxt:
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=False)
+
+
+def rewind_to_store(positions: Callable[[str], dict[int, int]], stage: str) -> Callable[[Consumer, list[TopicPartition]], None]:
+    """An on_assign callback: start each partition at the lower of Kafka's committed offset and
+    the position the wallet store holds. If Redis lost its last second of writes (AOF everysec,
+    failover to a lagging replica) after Kafka committed, the lost batches are consumed again
+    and re-applied; batches Redis still holds are deduped there and change nothing."""
+
+    def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            committed = consumer.committed(partitions, timeout=30)
+            held: dict[str, dict[int, int]] = {}
+            for tp, c in zip(partitions, committed, strict=True):
+                if tp.topic not in held:
+                    held[tp.topic] = positions(tp.topic)
+                if not held[tp.topic]:  # the store never saw this topic: nothing to compare
+                    continue
+                # a partition the store has no position for: it holds nothing from it
+                pos = held[tp.topic].get(tp.partition, 0)
+                if 0 <= pos < c.offset:
+                    tp.offset = pos
+                    metrics.STORE_REWINDS.labels(stage=stage).inc()
+                    log(LOG, logging.WARNING, "wallet store is behind Kafka: replaying from its position",
+                        stage=stage, topic=tp.topic, partition=tp.partition, committed=c.offset,
+                        store_position=pos, events=c.offset - pos)
+        except Exception as exc:  # noqa: BLE001 - never lose the assignment over this check
+            log(LOG, logging.ERROR, "position check on assign failed", stage=stage, error=repr(exc))
+        consumer.incremental_assign(partitions)
+
+    return on_assign
 
 
 def split_errors(msgs: list[Message], stage: str) -> list[Message]:

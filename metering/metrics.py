@@ -32,6 +32,8 @@ END_TO_END_SECONDS = Histogram(
     "Kafka produce timestamp to queryable in ClickHouse, per event", ["stage"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30),
 )
+STORE_REWINDS = Counter("metering_store_rewinds_total",
+                        "Partitions replayed because Redis held less than Kafka had committed", ["stage"])
 STALE_RETRIES = Counter("metering_stale_snapshot_total", "Batches re-settled after a concurrent write")
 
 

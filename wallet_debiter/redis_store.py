@@ -83,6 +83,19 @@ class RedisWalletStore:
         # used seconds seen by the last lookup, re-checked by apply (optimistic concurrency)
         self._seen_used: dict[AllowanceKey, int] = {}
 
+    # ------------------------------------------------------------------ positions
+
+    def record_positions(self, topic: str, next_offsets: Mapping[int, int]) -> None:
+        """After a batch's debits: the next offset per partition whose effects Redis holds.
+        Written after the apply script, so the AOF (an ordered log) never keeps this line
+        without the debits before it: if Redis loses its last second, it loses both."""
+        if next_offsets:
+            self.client.hset(f"pos:{{{topic}}}", mapping={str(p): o for p, o in next_offsets.items()})
+
+    def positions(self, topic: str) -> dict[int, int]:
+        raw = self.client.hgetall(f"pos:{{{topic}}}")
+        return {int(p): int(o) for p, o in raw.items()}
+
     # ------------------------------------------------------------------ WalletStore
 
     def lookup(

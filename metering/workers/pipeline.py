@@ -113,7 +113,8 @@ class Pipeline:
         self.producer = kafka_io.make_producer(settings)
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
-        self.consumer = kafka_io.make_consumer(settings, "debit", [t.events])
+        self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
+                                               on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"))
         self.movements = kafka_io.make_consumer(settings, "movements", [t.movements])
         self._lag_state: dict[str, float] = {}
 
@@ -169,6 +170,9 @@ class Pipeline:
         now = datetime.now(UTC)
         result = with_retry(lambda: self.rater.rate_batch(items, now), "redis settle",
                             REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
+        with_retry(lambda: self.store.record_positions(s.topics.events, positions), "redis positions",
+                   REDIS_TRANSIENT, metrics.REDIS_ERRORS)
         crash_point("after_redis")
         rows, events = result.rows, result.wallet_events
         ats = event_times(rows, events)

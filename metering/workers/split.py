@@ -17,11 +17,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from metering import kafka_io, metrics
 from metering.config import Settings
@@ -52,10 +52,11 @@ from wallet_debiter.redis_store import RedisWalletStore, connect
 class _Worker:
     stage = "worker"
 
-    def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
+    def __init__(self, settings: Settings, topics: Sequence[str],
+                 on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
         self.settings = settings
         self.stop = threading.Event()
-        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics))
+        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics), on_assign=on_assign)
         self.producer = kafka_io.make_producer(settings)
         self.delivery = kafka_io.DeliveryCheck()
         self._lag_state: dict[str, float] = {}
@@ -146,8 +147,10 @@ class DebitWorker(_Worker):
     def __init__(self, settings: Settings) -> None:
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
-        self.settler = Settler(self.watcher.catalog, RedisWalletStore(self.redis))
-        super().__init__(settings, [settings.topics.priced])
+        self.store = RedisWalletStore(self.redis)
+        self.settler = Settler(self.watcher.catalog, self.store)
+        super().__init__(settings, [settings.topics.priced],
+                         on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"))
 
     def ready(self) -> bool:
         try:
@@ -165,6 +168,9 @@ class DebitWorker(_Worker):
         priced = [decode_priced(m.value() or b"") for m in msgs]
         result = with_retry(lambda: self.settler.settle(priced), "redis settle", REDIS_TRANSIENT,
                             metrics.REDIS_ERRORS)
+        positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
+        with_retry(lambda: self.store.record_positions(self.settings.topics.priced, positions),
+                   "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
         crash_point("after_redis")
         rated_topic = self.settings.topics.rated
         for row, m in zip(result.rows, msgs, strict=True):
