@@ -30,6 +30,7 @@ from rating.wallet import (
     AllowanceKey,
     Debit,
     DedupeKey,
+    Outcome,
     Prior,
     StaleSnapshot,
     WalletStore,
@@ -412,11 +413,13 @@ class Settler:
         dedupe_keys: list[DedupeKey] = []
         allowance_keys: list[AllowanceKey] = []
         seen_keys: set[AllowanceKey] = set()
+        add_pending = pending.append
+        add_dkey = dedupe_keys.append
         for i, p in enumerate(rows):
             if p[2] != "priced":
                 continue
-            pending.append(i)
-            dedupe_keys.append((p[1], p[0]))
+            add_pending(i)
+            add_dkey((p[1], p[0]))
             if p[12] is not None and p[9]:
                 pkg = packages.get(p[12])
                 if pkg is not None and pkg.limit_s is not None:
@@ -432,9 +435,12 @@ class Settler:
 
         # Sequential part: duplicates, allowances and the final charge of each new event.
         debits: list[Debit] = []
-        fresh: list[int] = []
+        add_debit = debits.append
+        fresh: list[tuple[int, Row, Outcome]] = []
+        add_fresh = fresh.append
         replays: list[tuple[int, Prior]] = []
         in_batch: dict[DedupeKey, int] = {}
+        in_batch_get = in_batch.get
         for i, dkey, prior in zip(pending, dedupe_keys, priors, strict=True):
             p = rows[i]
             if prior is not None:
@@ -443,47 +449,54 @@ class Settler:
                 else:
                     rows[i] = duplicate_row(p, prior.fingerprint != p[27])
                 continue
-            first_fp = in_batch.get(dkey)
+            fp = p[27]
+            first_fp = in_batch_get(dkey)
             if first_fp is not None:
-                rows[i] = duplicate_row(p, first_fp != p[27])
+                rows[i] = duplicate_row(p, first_fp != fp)
                 continue
-            in_batch[dkey] = p[27]
+            in_batch[dkey] = fp
             billable = p[9]
             amount = p[14]
-            covered = thresholds = fue = 0
+            pid = p[12]
+            if pid is None or not billable or (pkg := packages.get(pid)) is None:
+                outcome: Outcome = (0, amount, 0, 0)
+                add_debit((dkey[0], dkey[1], amount, None, 0, fp, p[26], outcome, p[25]))
+                add_fresh((i, p, outcome))
+                continue
+            thresholds = fue = 0
             allowance_key = None
-            if p[12] is not None and billable:
-                pkg = packages.get(p[12])
-                if pkg is not None:
-                    limit = pkg.limit_s
-                    if limit is None:
-                        covered = billable
-                    else:
-                        allowance_key = (dkey[0], p[12], p[31])
-                        before = used[allowance_key]
-                        covered = billable if before + billable <= limit else max(0, limit - before)
-                        used[allowance_key] = before + covered
-                        if pkg.allowance_s is not None:
-                            thresholds = _threshold_bits(before, before + covered, limit)
-                    if covered == billable:
-                        amount = 0
-                    elif covered:
-                        rate = self.catalog.raw_rates[p[29]][p[30]]
-                        amount = call_charge(rate, p[28], covered)
-                    if pkg.allowance_s is None and covered < billable:
-                        fue = 1
-            debits.append((dkey[0], dkey[1], amount, allowance_key, covered, p[27], p[26],
-                           (covered, amount, fue, thresholds), p[25]))
-            fresh.append(i)
+            limit = pkg.limit_s
+            if limit is None:
+                covered = billable
+            else:
+                allowance_key = (dkey[0], pid, p[31])
+                before = used[allowance_key]
+                covered = billable if before + billable <= limit else max(0, limit - before)
+                used[allowance_key] = before + covered
+                if pkg.allowance_s is not None:
+                    thresholds = _threshold_bits(before, before + covered, limit)
+            if covered == billable:
+                amount = 0
+            elif covered:
+                rate = self.catalog.raw_rates[p[29]][p[30]]
+                amount = call_charge(rate, p[28], covered)
+            if pkg.allowance_s is None and covered < billable:
+                fue = 1
+            outcome = (covered, amount, fue, thresholds)
+            add_debit((dkey[0], dkey[1], amount, allowance_key, covered, fp, p[26], outcome, p[25]))
+            add_fresh((i, p, outcome))
 
         # Store round trip 2: apply atomically; the store decides balance-driven events.
         applied = self.store.apply(debits) if debits else []
         emitted: list[tuple[int, int, int]] = []
-        for i, debit, (balance_after, bits) in zip(fresh, debits, applied, strict=True):
-            outcome = debit[7]
-            rows[i] = _final_row(rows[i], outcome, balance_after)
-            if bits or outcome[3]:
-                emitted.append((i, bits, outcome[3]))
+        for (i, p, (covered, amount, fue, thresholds)), (balance_after, bits) in zip(fresh, applied, strict=True):
+            # = _final_row(p, outcome, balance_after), spelled out: no slicing per event
+            billable = p[9]
+            rows[i] = (p[0], p[1], "rated", p[3], p[4], p[5], p[6], p[7], p[8], billable, covered,
+                       billable - covered, p[12], fue == 1, amount, balance_after, p[16], p[17],
+                       p[18], p[19], p[20], p[21], p[22], p[23], p[24], p[25], p[26])
+            if bits or thresholds:
+                emitted.append((i, bits, thresholds))
         for i, prior in replays:
             rows[i] = _final_row(rows[i], prior.outcome, prior.balance_after)
             if prior.events or prior.outcome[3]:
