@@ -295,36 +295,24 @@ def serve_api(host: str, port: int, hold_ttl: int) -> None:
 @main.command("report")
 def report() -> None:
     """Operator and analyst summary queried from ClickHouse (the views analysts use)."""
-    from metering.storage.clickhouse_sink import ClickHouseSink
+    from metering.report import print_report
 
     settings = _settings()
-    db = settings.clickhouse_database
-    queries = [
-        ("Usage and revenue by category",
-         f"SELECT category, sum(events) AS events, round(sum(billable_minutes)) AS minutes, sum(charge) AS revenue "
-         f"FROM {db}.v_usage_by_category GROUP BY category ORDER BY revenue DESC"),
-        ("Top destinations (outbound calls)",
-         f"SELECT country, dest_class, calls, round(minutes) AS minutes, revenue FROM {db}.v_top_destinations "
-         f"ORDER BY revenue DESC LIMIT 10"),
-        ("Package minutes used",
-         f"SELECT package_id, count() AS accounts, round(sum(used_minutes)) AS used_min, "
-         f"countIf(remaining_minutes = 0) AS exhausted, countIf(fair_use_exceeded) AS over_fair_use "
-         f"FROM {db}.v_package_usage GROUP BY package_id ORDER BY used_min DESC"),
-        ("Top accounts by spend",
-         f"SELECT account_id, plan_id, count() AS events, sum(charge) AS spend, argMax(balance_after, started_at) AS balance "
-         f"FROM {db}.rated_usage FINAL GROUP BY account_id, plan_id ORDER BY spend DESC LIMIT 10"),
-        ("Rejected input by reason",
-         f"SELECT reason, count() AS events FROM {db}.rejected_events FINAL GROUP BY reason ORDER BY events DESC"),
-        ("Wallet events",
-         f"SELECT type, count() AS events FROM {db}.wallet_events FINAL GROUP BY type ORDER BY events DESC"),
-    ]
-    with ClickHouseSink(settings.clickhouse_dsn, db) as sink:
-        for title, sql in queries:
-            res = sink.client.query(sql)
-            click.echo(f"\n== {title}")
-            click.echo("  ".join(f"{c:>14}" for c in res.column_names))
-            for row in res.result_rows:
-                click.echo("  ".join(f"{str(v):>14}" for v in row))
+    print_report(settings.clickhouse_dsn, settings.clickhouse_database, click.echo)
+
+
+@main.command("demo")
+@click.option("--seconds", type=float, default=60, show_default=True, help="How long traffic streams.")
+@click.option("--rate", type=float, default=3000, show_default=True, help="CDRs per second offered.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--metrics-port", type=int, default=9100, show_default=True, help="0: no metrics server.")
+def demo(seconds: float, rate: float, seed: int, metrics_port: int) -> None:
+    """Start the local stack, stream traffic through the whole pipeline, print the results."""
+    from metering import logs
+    from metering.demo import run_demo
+
+    logs.setup("WARNING")  # the progress line and the summary say the rest
+    sys.exit(run_demo(seconds=seconds, rate=rate, seed=seed, metrics_port=metrics_port, echo=click.echo))
 
 
 @main.command("simulate")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from metering import kafka_io
@@ -13,7 +15,9 @@ from metering.traffic import generate_events, load_accounts_list, load_catalog_d
 
 def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, seed: int = 1,
                     duplicate_rate: float = 0.0, malformed_rate: float = 0.0,
-                    start: datetime | None = None, progress: bool = False) -> int:
+                    start: datetime | None = None, progress: bool = False,
+                    on_sent: Callable[[int], None] | None = None,
+                    stop: threading.Event | None = None) -> int:
     """Produce `count` events (keyed by account) at about `per_second` (0: flat out)."""
     now = datetime.now(UTC)
     start = start or now - timedelta(hours=2)
@@ -36,6 +40,10 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
         sent += 1
         if sent % 1000 == 0:
             producer.poll(0)
+            if on_sent:
+                on_sent(sent)
+            if stop is not None and stop.is_set():
+                break
             if per_second > 0:
                 ahead = sent / per_second - (time.monotonic() - began)
                 if ahead > 0:
@@ -47,4 +55,6 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
     delivery.raise_if_failed()
     if progress:
         print(file=sys.stderr)
+    if on_sent:
+        on_sent(sent)
     return sent
