@@ -38,6 +38,7 @@ chDB and concurrency (measured with chdb 4.4 / clickhouse-connect 1.12)
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -48,6 +49,8 @@ from types import TracebackType
 from typing import Any, NamedTuple, cast
 
 import clickhouse_connect
+from clickhouse_connect.datatypes import numeric as _ch_numeric
+from clickhouse_connect.driver.common import write_array as _ch_write_array
 
 from schemas.records import STATUS_RATED, Movement, RatedRecord, WalletEvent
 
@@ -150,6 +153,36 @@ def datetime_to_ms(value: datetime, *, field: str = "at") -> int:
     return (value - _EPOCH) // _ONE_MS
 
 
+def micros_column(values: Sequence[int | None], *, field: str, nullable: bool = False) -> list[Any]:
+    """A column of integer micros, checked against ``Decimal(18, 6)`` (None only when
+    ``nullable``) and returned as they are: the sink's inserts write them as the column's
+    scaled Int64 directly (see ``_MicrosDecimal``), with no Decimal objects in between."""
+    if not nullable or None not in values:
+        for v in values:
+            if type(v) is not int:
+                raise TypeError(f"{field}: money must be integer micros, got {v!r}")
+        ints = cast("Sequence[int]", values)
+        if ints and not (
+            min(ints) > -_MAX_DECIMAL_18_6_UNITS and max(ints) < _MAX_DECIMAL_18_6_UNITS
+        ):
+            raise ValueError(
+                f"{field}: {min(ints)}..{max(ints)} micros does not fit Decimal(18, 6)"
+            )
+        return list(ints)
+    for v in values:
+        if v is not None:
+            micros_to_decimal(v, field=field)  # same checks, same messages
+    return list(values)
+
+
+def quantity_to_micros(value: Decimal | int | None, *, field: str = "quantity") -> int | None:
+    """Like quantity_to_decimal (rounded half-up to 6 places, range checked), as integer micros."""
+    if type(value) is int and -_MAX_DECIMAL_18_6_UNITS < value * 1_000_000 < _MAX_DECIMAL_18_6_UNITS:
+        return value * 1_000_000  # sms segments, integer meter quantities: exact already
+    dec = quantity_to_decimal(value, field=field)
+    return None if dec is None else int(dec.scaleb(6))
+
+
 def money_column(values: Sequence[int | None], *, field: str, nullable: bool = False) -> list[Any]:
     """A column of integer micros -> exact Decimals (None allowed only when ``nullable``)."""
     if not nullable or None not in values:
@@ -174,6 +207,30 @@ def ms_column(values: Sequence[datetime], *, field: str) -> list[int]:
         return [(v - _EPOCH) // _ONE_MS for v in values]
     except TypeError:
         return [datetime_to_ms(v, field=field) for v in values]
+
+
+class _MicrosDecimal(_ch_numeric.Decimal, registered=False):
+    """clickhouse-connect's Decimal(P, S) column fed with integers already scaled by 10**S.
+
+    Its stock writer turns every value into ``int(Decimal(str(x)) * 10**S)``; the engine's money
+    is integer micros already, so this writes the ints as the column's Int64 unchanged (exact,
+    and ~20 us less per rated row than building Decimals twice)."""
+
+    __slots__ = ()
+
+    def _write_column_binary(self, column: Sequence[Any], dest: bytearray, ctx: Any) -> None:
+        if self.nullable:
+            column = [0 if x is None else x for x in column]
+        _ch_write_array(self._array_type, column, dest, ctx.column_name)
+
+
+def _micros_type(ch_type: Any) -> Any | None:
+    """The micros twin of a clickhouse-connect Decimal(18, 6) type (None: not such a type)."""
+    if type(ch_type) is not _ch_numeric.Decimal or ch_type.scale != 6 or ch_type.low_card:
+        return None
+    twin = copy.copy(ch_type)
+    twin.__class__ = _MicrosDecimal
+    return twin
 
 
 def split_sql(text: str) -> list[str]:
@@ -260,7 +317,7 @@ class ClickHouseSink:
         # No `database=` here: on a fresh server it does not exist until ensure_schema() creates
         # it. Every statement names the database explicitly instead.
         self._client: Any = clickhouse_connect.get_client(dsn=dsn)
-        self._column_types: dict[str, Any] = {}
+        self._column_types: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -386,11 +443,11 @@ class ClickHouseSink:
         rated_ms = datetime_to_ms(rated_at or datetime.now(UTC), field="rated_at")
         cols: list[list[Any]] = [
             list(c[0]), list(c[1]), list(c[3]), list(c[16]), list(c[17]), list(c[18]), list(c[23]),
-            [None if q is None else quantity_to_decimal(q) for q in c[24]],
+            [None if q is None else quantity_to_micros(q) for q in c[24]],
             list(c[7]), list(c[8]), list(c[9]), list(c[10]), list(c[11]), list(c[12]),
             list(c[13]),
-            money_column(c[14], field="charge"),
-            money_column(c[15], field="balance_after", nullable=True),
+            micros_column(c[14], field="charge"),
+            micros_column(c[15], field="balance_after", nullable=True),
             ms_column(c[19], field="at"),
             list(c[20]),
             [p or "" for p in c[21]],
@@ -400,7 +457,8 @@ class ClickHouseSink:
             [int(p) if p.isdigit() else 0 for p, _ in sources],
             [int(o) if o.isdigit() else 0 for _, o in sources],
         ]
-        return self._insert("rated_usage", RATED_USAGE_COLUMNS, cols)
+        return self._insert("rated_usage", RATED_USAGE_COLUMNS, cols,
+                            micros=("quantity", "charge", "balance_after"))
 
     def insert_movements(self, movements: Sequence[Movement]) -> int:
         """Insert wallet movements (amount signed, debits negative). Returns rows written."""
@@ -409,11 +467,12 @@ class ClickHouseSink:
             [m.account_id for m in movements],
             ms_column([m.at for m in movements], field="at"),
             [m.type for m in movements],
-            money_column([m.amount for m in movements], field="amount"),
-            money_column([m.balance_after for m in movements], field="balance_after"),
+            micros_column([m.amount for m in movements], field="amount"),
+            micros_column([m.balance_after for m in movements], field="balance_after"),
             [m.reference for m in movements],
         ]
-        return self._insert("wallet_movements", WALLET_MOVEMENT_COLUMNS, cols)
+        return self._insert("wallet_movements", WALLET_MOVEMENT_COLUMNS, cols,
+                            micros=("amount", "balance_after"))
 
     def insert_rejected(self, rows: Sequence[RejectedRow]) -> int:
         """Insert rejected input: (raw bytes, reason, detail, topic, partition, offset, at)."""
@@ -448,11 +507,12 @@ class ClickHouseSink:
             c_type.append(ev.type)
             c_account.append(ev.account_id)
             c_event.append(ev.event_id)
-            c_balance.append(micros_to_decimal(ev.balance, field="balance"))
+            micros_to_decimal(ev.balance, field="balance")  # type and range check
+            c_balance.append(ev.balance)
             c_package.append(ev.package_id)
             c_percent.append(ev.percent)
             c_at.append(datetime_to_ms(when))
-        return self._insert("wallet_events", WALLET_EVENT_COLUMNS, cols)
+        return self._insert("wallet_events", WALLET_EVENT_COLUMNS, cols, micros=("balance",))
 
     def replace_package_allowances(
         self,
@@ -479,18 +539,35 @@ class ClickHouseSink:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _insert(self, table: str, column_names: Sequence[str], columns: list[list[Any]]) -> int:
+    def _insert(
+        self,
+        table: str,
+        column_names: Sequence[str],
+        columns: list[list[Any]],
+        *,
+        micros: Sequence[str] = (),
+    ) -> int:
+        """One columnar insert. Columns named in ``micros`` hold integer micros (or None) for
+        Decimal(18, 6) columns; they are written as the scaled Int64 directly."""
         rows = len(columns[0]) if columns else 0
         if rows == 0:
             return 0
-        types = self._column_types.get(table)
+        key = (table, tuple(micros))
+        types = self._column_types.get(key)
         if types is None:
             # Ask the server once per table for the column types, then reuse them: saves a
             # DESCRIBE round trip on every batch.
             ctx = self._client.create_insert_context(
                 table=table, column_names=list(column_names), database=self.database
             )
-            types = self._column_types[table] = list(ctx.column_types)
+            types = list(ctx.column_types)
+            for i, name in enumerate(column_names):
+                if name in micros:
+                    twin = _micros_type(types[i])
+                    if twin is None:  # not a plain Decimal(18, 6): let clickhouse-connect convert
+                        raise TypeError(f"{table}.{name}: expected Decimal(18, 6), got {types[i].name}")
+                    types[i] = twin
+            self._column_types[key] = types
         self._client.insert(
             table=table,
             data=columns,
