@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from rating.accounts import Account
-from rating.catalog import Catalog, Package, Plan, Rate
+from rating.catalog import Catalog, Destination, Package, Plan, Rate
 from rating.money import PICO_PER_MICRO
 from rating.periods import period_start
 from rating.pricing import billed_parts, charge_micros
@@ -47,6 +47,8 @@ _ONE = Decimal(1)
 _MICRO_DEN = 60 * PICO_PER_MICRO
 _DEN2 = 2 * _MICRO_DEN
 _MEMO_MAX = 4096  # durations remembered per interval rate
+_NO_DEST = Destination("", "", "")
+_NO_RATE = Rate("", (), 0)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
@@ -167,33 +169,57 @@ class Pricer:
             plan_id: {"outbound": {}, "inbound": {}, "sms": {}} for plan_id in catalog.plans
         }
         self._memos: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
+        # digits -> destination; (table, digits) -> rate (_NO_DEST / _NO_RATE: none)
+        self._lookups: dict[str | tuple[str, str], Destination | Rate] = {}
+        self._shared_routes: dict[tuple[str, str, str, str | None], _Route] = {}
         self._periods: dict[tuple[date, int], tuple[date, str]] = {}
 
     def set_accounts(self, accounts: Mapping[str, Account]) -> None:
         self.accounts = accounts
 
     def _resolve(self, plan: Plan, direction: str, digits: str) -> _Route | str:
+        # Lookups are shared by every plan and direction; so are routes with the same inputs.
         catalog = self.catalog
-        dest = catalog.destinations.lookup(digits)
+        lookups = self._lookups
+        dest = lookups.get(digits)
         if dest is None:
+            dest = lookups[digits] = catalog.destinations.lookup(digits) or _NO_DEST
+        if dest is _NO_DEST:
             return "unknown_destination"
+        assert isinstance(dest, Destination)
+        if direction == "sms":
+            table: str | None = None
+            rate: Rate | None = None
+        else:
+            # Inbound: rated on the plan's inbound table when it prices this number, else free.
+            table = plan.rate_table if direction == "outbound" else plan.inbound_rate_table
+            if table:
+                rate_key = (table, digits)
+                found = lookups.get(rate_key)
+                if found is None:
+                    found = lookups[rate_key] = catalog.rate_tables[table].lookup(digits) or _NO_RATE
+                rate = found if isinstance(found, Rate) and found is not _NO_RATE else None
+            else:
+                rate = None
+            if rate is None and direction == "outbound":
+                return "no_rate"
+        route_key = (plan.plan_id, direction, dest.prefix, rate.prefix if rate is not None else None)
+        route = self._shared_routes.get(route_key)
+        if route is None:
+            route = self._shared_routes[route_key] = self._make_route(plan, direction, dest, table, rate)
+        return route
+
+    def _make_route(self, plan: Plan, direction: str, dest: Destination, table: str | None, rate: Rate | None) -> _Route:
         if direction == "sms":
             return _Route(dest.country, dest.dest_class, None, None, (), None, None, None, None, 0, 0, None)
+        catalog = self.catalog
+        pkgs: tuple[Package, ...] = ()
         if direction == "outbound":
-            table: str | None = plan.rate_table
-            rate = catalog.rate_tables[plan.rate_table].lookup(digits)
-            if rate is None:
-                return "no_rate"
             pkgs = tuple(
                 p
                 for p in (catalog.packages[name] for name in plan.packages)
                 if dest.dest_class in p.classes and dest.country in p.countries
             )
-        else:
-            # Inbound: rated on the plan's inbound table when it prices this number, else free.
-            table = plan.inbound_rate_table
-            rate = catalog.rate_tables[table].lookup(digits) if table else None
-            pkgs = ()
         home = pkgs[0].package_id if pkgs else None
         away = next((p.package_id for p in pkgs if p.scope != "domestic"), None)
         if rate is None:
@@ -436,7 +462,7 @@ class Settler:
         # Sequential part: duplicates, allowances and the final charge of each new event.
         debits: list[Debit] = []
         add_debit = debits.append
-        fresh: list[tuple[int, Row, Outcome]] = []
+        fresh: list[int] = []
         add_fresh = fresh.append
         replays: list[tuple[int, Prior]] = []
         in_batch: dict[DedupeKey, int] = {}
@@ -461,7 +487,7 @@ class Settler:
             if pid is None or not billable or (pkg := packages.get(pid)) is None:
                 outcome: Outcome = (0, amount, 0, 0)
                 add_debit((dkey[0], dkey[1], amount, None, 0, fp, p[26], outcome, p[25]))
-                add_fresh((i, p, outcome))
+                add_fresh(i)
                 continue
             thresholds = fue = 0
             allowance_key = None
@@ -474,7 +500,11 @@ class Settler:
                 covered = billable if before + billable <= limit else max(0, limit - before)
                 used[allowance_key] = before + covered
                 if pkg.allowance_s is not None:
-                    thresholds = _threshold_bits(before, before + covered, limit)
+                    # = _threshold_bits(before, before + covered, limit) for USAGE_THRESHOLDS
+                    b100 = before * 100
+                    a100 = b100 + covered * 100
+                    thresholds = ((b100 < 50 * limit <= a100) | (b100 < 80 * limit <= a100) << 1
+                                  | (b100 < 100 * limit <= a100) << 2)
             if covered == billable:
                 amount = 0
             elif covered:
@@ -484,13 +514,15 @@ class Settler:
                 fue = 1
             outcome = (covered, amount, fue, thresholds)
             add_debit((dkey[0], dkey[1], amount, allowance_key, covered, fp, p[26], outcome, p[25]))
-            add_fresh((i, p, outcome))
+            add_fresh(i)
 
         # Store round trip 2: apply atomically; the store decides balance-driven events.
         applied = self.store.apply(debits) if debits else []
         emitted: list[tuple[int, int, int]] = []
-        for (i, p, (covered, amount, fue, thresholds)), (balance_after, bits) in zip(fresh, applied, strict=True):
+        for i, debit, (balance_after, bits) in zip(fresh, debits, applied, strict=True):
             # = _final_row(p, outcome, balance_after), spelled out: no slicing per event
+            p = rows[i]
+            covered, amount, fue, thresholds = debit[7]
             billable = p[9]
             rows[i] = (p[0], p[1], "rated", p[3], p[4], p[5], p[6], p[7], p[8], billable, covered,
                        billable - covered, p[12], fue == 1, amount, balance_after, p[16], p[17],
