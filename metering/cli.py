@@ -169,7 +169,7 @@ def _stop_on_signals(event) -> None:  # noqa: ANN001
 
 
 @main.command("worker")
-@click.argument("stage", type=click.Choice(["rating", "debit", "sink"]))
+@click.argument("stage", type=click.Choice(["rating", "debit", "sink", "alerts"]))
 @click.option("--until-idle", type=float, help="Exit once nothing arrived for this many seconds.")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics, /healthz, /readyz port (0: off).")
 def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> None:
@@ -179,6 +179,12 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
 
     logs.setup()
     settings = _settings(metrics_port=metrics_port)
+    if stage == "alerts":  # faust-streaming: wallet.events -> notifications (low volume, keyed state)
+        from metering.workers.alerts import run_alerts_worker
+
+        stats = run_alerts_worker(settings, until_idle_s=until_idle)
+        click.echo(f"alerts worker stopped: {stats}")
+        return
     cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]
     w = _start_or_fail(lambda: cls(settings))
     metrics.serve_metrics(settings.metrics_port, w.ready)
