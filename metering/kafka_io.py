@@ -173,8 +173,11 @@ def split_errors(msgs: list[Message], stage: str) -> list[Message]:
     return good
 
 
-def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, float]) -> dict[int, int]:
-    """Refresh the consumer-lag gauge at most every `every_s`; returns lag per partition."""
+def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, float], *,
+               cached: bool = True) -> dict[int, int]:
+    """Refresh the consumer-lag gauge at most every `every_s`; returns lag per partition.
+    cached=True reads the high watermark from the last fetch (free); a broker query (False)
+    waits behind the pending fetch (up to fetch.wait.max.ms) and is kept for the idle-exit."""
     now = time.monotonic()
     if now - state.get("at", 0.0) < every_s:
         return {}
@@ -188,7 +191,9 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
         unknown = [tp for tp in positions if tp.offset < 0]  # nothing fetched there yet
         committed = {tp.partition: tp.offset for tp in consumer.committed(unknown, timeout=5)} if unknown else {}
         for tp in positions:
-            lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=cached)
+            if hi < 0 or lo < 0:  # nothing fetched yet for this partition: ask the broker
+                lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
             pos = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
             if pos < 0:
                 pos = lo

@@ -36,6 +36,7 @@ from rating.wallet import (
 )
 
 ACCOUNT_SET = "accounts"
+ACCOUNTS_VERSION = "accounts:version"  # bumped by every import: workers reload on change
 _WALLET_FIELDS = (
     "balance", "billing", "blocked", "topup_pending", "topup_threshold", "topup_amount",
     "low_balance_alert", "credit_limit", "plan", "home_country", "period_anchor_day",
@@ -189,8 +190,13 @@ class RedisWalletStore:
                 updated += 1
             pipe.hset(wallet_key(a.account_id), mapping=config)
             pipe.sadd(ACCOUNT_SET, a.account_id)
+        pipe.incr(ACCOUNTS_VERSION)
         pipe.execute()
         return new, updated
+
+    def accounts_version(self) -> int:
+        """Changes whenever accounts are imported: one GET instead of reloading every wallet."""
+        return int(self.client.get(ACCOUNTS_VERSION) or 0)
 
     def load_accounts(self) -> dict[str, Account]:
         """Every imported account, as the pricer needs them (plan, home country, anchor...)."""

@@ -37,6 +37,7 @@ from metering.storage.clickhouse_sink import ClickHouseSink, PackageAllowance
 from metering.workers.common import (
     LOG,
     REDIS_TRANSIENT,
+    AccountsWatcher,
     CatalogWatcher,
     arm_crash_timer,
     count_rows,
@@ -101,10 +102,9 @@ class Pipeline:
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
-        accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        self.rater = Rater(self.watcher.catalog, accounts, self.store)
+        self.accounts = AccountsWatcher(self.store)
+        self.rater = Rater(self.watcher.catalog, self.accounts.accounts, self.store)
         self.rater.pricer.max_bytes = settings.max_message_bytes
-        self._accounts_at = time.monotonic()
         self.sink = sink or ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
         self._own_sink = sink is None
         self.sink.ensure_schema()
@@ -142,7 +142,7 @@ class Pipeline:
                 self.handle_movements()
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
-                    lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state)
+                    lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
                         break
         finally:
@@ -154,10 +154,9 @@ class Pipeline:
         if catalog is not None:
             self.rater.set_catalog(catalog)
             self.sink.replace_package_allowances(package_allowances(catalog), catalog_version=catalog.version)
-        if time.monotonic() - self._accounts_at > 10:
-            self._accounts_at = time.monotonic()
-            self.rater.set_accounts(with_retry(self.store.load_accounts, "load accounts",
-                                               REDIS_TRANSIENT, metrics.REDIS_ERRORS))
+        accounts = self.accounts.changed()
+        if accounts is not None:
+            self.rater.set_accounts(accounts)
         lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state)
         if lags:
             self.progress.lag = sum(lags.values())

@@ -30,6 +30,7 @@ from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.workers.common import (
     LOG,
     REDIS_TRANSIENT,
+    AccountsWatcher,
     CatalogWatcher,
     WalletEventOut,
     count_rows,
@@ -92,7 +93,7 @@ class _Worker:
                     last = time.monotonic()
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
-                    lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state)
+                    lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
                         break
         finally:
@@ -112,10 +113,9 @@ class RatingWorker(_Worker):
     def __init__(self, settings: Settings) -> None:
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.store = RedisWalletStore(connect(settings.redis_url))
-        accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        self.pricer = Pricer(self.watcher.catalog, accounts)
+        self.accounts = AccountsWatcher(self.store)
+        self.pricer = Pricer(self.watcher.catalog, self.accounts.accounts)
         self.pricer.max_bytes = settings.max_message_bytes
-        self._accounts_at = time.monotonic()
         super().__init__(settings, [settings.topics.events])
 
     def housekeeping(self) -> None:
@@ -123,10 +123,9 @@ class RatingWorker(_Worker):
         catalog = self.watcher.changed()
         if catalog is not None:
             self.pricer.set_catalog(catalog)
-        if time.monotonic() - self._accounts_at > 10:
-            self._accounts_at = time.monotonic()
-            self.pricer.set_accounts(with_retry(self.store.load_accounts, "load accounts",
-                                                REDIS_TRANSIENT, metrics.REDIS_ERRORS))
+        accounts = self.accounts.changed()
+        if accounts is not None:
+            self.pricer.set_accounts(accounts)
 
     def handle(self, msgs: list[Message]) -> None:
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
