@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Context, Decimal
@@ -44,6 +45,8 @@ MAX_METER_QUANTITY = Decimal(10) ** 12
 USAGE_THRESHOLDS = (50, 80, 100)
 _EXACT = Context(prec=80)
 _ONE = Decimal(1)
+_PRICE_FAST_MAX = 10**30
+_SEGMENTS = {n: Decimal(n) for n in range(1, 64)}  # Decimal is immutable: share the common ones
 _MICRO_DEN = 60 * PICO_PER_MICRO
 _DEN2 = 2 * _MICRO_DEN
 _MEMO_MAX = 4096  # durations remembered per interval rate
@@ -172,7 +175,8 @@ class Pricer:
         # digits -> destination; (table, digits) -> rate (_NO_DEST / _NO_RATE: none)
         self._lookups: dict[str | tuple[str, str], Destination | Rate] = {}
         self._shared_routes: dict[tuple[str, str, str, str | None], _Route] = {}
-        self._periods: dict[tuple[date, int], tuple[date, str]] = {}
+        # anchor day -> UTC day -> (period start, its ISO text)
+        self._periods: defaultdict[int, dict[date, tuple[date, str]]] = defaultdict(dict)
 
     def set_accounts(self, accounts: Mapping[str, Account]) -> None:
         self.accounts = accounts
@@ -261,11 +265,12 @@ class Pricer:
 
     def _period(self, ts: datetime, anchor: int) -> tuple[date, str]:
         """(period start, its ISO text) for a UTC timestamp, cached per day and anchor."""
-        key = (ts.date(), anchor)
-        hit = self._periods.get(key)
+        day = ts.date()
+        by_day = self._periods[anchor]
+        hit = by_day.get(day)
         if hit is None:
             start = period_start(ts, anchor)
-            hit = self._periods[key] = (start, start.isoformat())
+            hit = by_day[day] = (start, start.isoformat())
         return hit
 
     def price(self, items: Sequence[tuple[bytes, str]], now: datetime) -> list[Row]:
@@ -280,7 +285,7 @@ class Pricer:
         keys = self._keys
         key_lens = self._key_lens
         crc = zlib.crc32
-        periods_get = self._periods.get
+        periods = self._periods
         version = self.catalog.version
         max_bytes = self.max_bytes
         _CallEvent, _SmsEvent, _UTC = CallEvent, SmsEvent, UTC
@@ -339,7 +344,7 @@ class Pricer:
                     if ts.tzinfo is not _UTC:
                         ts = ts.astimezone(_UTC)
                     anchor = account.period_anchor_day
-                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
+                    period = periods[anchor].get(ts.date()) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "call", None, None, False,
                             route.country, route.dest_class, billable, 0, billable,
                             (route.pkg_home if account.home_country == route.country else route.pkg_away),
@@ -367,11 +372,11 @@ class Pricer:
                     if ts.tzinfo is not _UTC:
                         ts = ts.astimezone(_UTC)
                     anchor = account.period_anchor_day
-                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
+                    period = periods[anchor].get(ts.date()) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "sms", None, None, False,
                             route.country, route.dest_class, 0, 0, 0, None, False, amount, None,
                             ev.direction, ev.from_, to, ev.sent_at, period[0], plan.plan_id,
-                            version, None, Decimal(ev.segments), None, source, crc(raw), 0, None,
+                            version, None, _SEGMENTS.get(ev.segments) or Decimal(ev.segments), None, source, crc(raw), 0, None,
                             None, period[1]))
                 else:
                     ts = ev.at
@@ -381,7 +386,7 @@ class Pricer:
                     if ts.tzinfo is not _UTC:
                         ts = ts.astimezone(_UTC)
                     anchor = account.period_anchor_day
-                    period = periods_get((ts.date(), anchor)) or self._period(ts, anchor)
+                    period = periods[anchor].get(ts.date()) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "meter", None, None, False, None,
                             None, 0, 0, 0, None, False, amount, None, None, None, None, ev.at,
                             period[0], plan.plan_id, version, ev.meter, ev.quantity, None, source,
@@ -407,6 +412,13 @@ class Pricer:
         q = ev.quantity
         if not q.is_finite() or q < 0 or q > MAX_METER_QUANTITY:
             raise Rejection("invalid_field", f"quantity: must be a number from 0 to 1e12, got {q}")
+        t = q.as_tuple()
+        if type(t.exponent) is int and t.exponent >= -12 and len(t.digits) <= 30 and price < _PRICE_FAST_MAX:
+            # At most 30 + 30 digits: the 80-digit Decimal path below is exact here, so this is
+            # the same half-up rounding done on the exact ratio in integers.
+            num, den = q.as_integer_ratio()
+            den *= PICO_PER_MICRO
+            return (2 * num * price + den) // (2 * den)
         exact = _EXACT.divide(_EXACT.multiply(q, Decimal(price)), Decimal(PICO_PER_MICRO))
         return int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
 
@@ -419,6 +431,8 @@ class Settler:
     def __init__(self, catalog: Catalog, store: WalletStore) -> None:
         self.catalog = catalog
         self.store = store
+        self._limited: frozenset[str] = frozenset()  # packages with a limit (derived per catalog)
+        self._limited_for: Mapping[str, Package] | None = None
 
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -435,6 +449,10 @@ class Settler:
     def _settle_once(self, priced: Sequence[Row]) -> BatchResult:
         rows: list[Row] = list(priced)
         packages = self.catalog.packages
+        if self._limited_for is not packages:
+            self._limited = frozenset(pid for pid, pkg in packages.items() if pkg.limit_s is not None)
+            self._limited_for = packages
+        limited = self._limited
         pending: list[int] = []
         dedupe_keys: list[DedupeKey] = []
         allowance_keys: list[AllowanceKey] = []
@@ -446,13 +464,11 @@ class Settler:
                 continue
             add_pending(i)
             add_dkey((p[1], p[0]))
-            if p[12] is not None and p[9]:
-                pkg = packages.get(p[12])
-                if pkg is not None and pkg.limit_s is not None:
-                    akey = (p[1], p[12], p[31])
-                    if akey not in seen_keys:
-                        seen_keys.add(akey)
-                        allowance_keys.append(akey)
+            if p[12] in limited and p[9]:
+                akey = (p[1], p[12], p[31])
+                if akey not in seen_keys:
+                    seen_keys.add(akey)
+                    allowance_keys.append(akey)
         if not pending:
             return BatchResult(rows, [])
         # Store round trip 1: dedupe priors and allowance used so far.

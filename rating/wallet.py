@@ -128,10 +128,14 @@ class WalletState:
         after = before - amount
         self.balance = after
         bits = 0
-        if not self.blocked and self.should_block():
-            self.blocked = True
-            bits |= EV_BLOCKED
-        if self.billing == "prepaid":
+        prepaid = self.billing == "prepaid"
+        if not self.blocked:
+            # = self.should_block(), inlined (this runs once per charged event)
+            limit = self.credit_limit
+            if (after <= 0) if prepaid else (limit is not None and -after > limit):
+                self.blocked = True
+                bits |= EV_BLOCKED
+        if prepaid:
             t = self.topup_threshold
             if t is not None and not self.topup_pending and before >= t > after:
                 self.topup_pending = True
