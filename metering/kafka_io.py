@@ -65,6 +65,7 @@ def make_producer(settings: Settings, **extra: Any) -> Producer:
 
 def make_consumer(settings: Settings, group: str, topics: Sequence[str],
                   on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+                  on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None,
                   **extra: Any) -> Consumer:
     conf = {
         "bootstrap.servers": settings.kafka_bootstrap,
@@ -82,10 +83,13 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
     conf.update(extra)
     consumer = Consumer(conf)
-    if on_assign is None:
-        consumer.subscribe(list(topics))
-    else:
-        consumer.subscribe(list(topics), on_assign=on_assign)
+    callbacks: dict[str, Any] = {}
+    if on_assign is not None:
+        callbacks["on_assign"] = on_assign
+    if on_revoke is not None:
+        callbacks["on_revoke"] = on_revoke
+        callbacks["on_lost"] = on_revoke
+    consumer.subscribe(list(topics), **callbacks)
     return consumer
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +94,49 @@ def queryable_latencies(msgs: list) -> list[float]:  # type: ignore[type-arg]
     return out
 
 
+class OrderedWriter:
+    """Stage 2 of each batch on one thread, strictly in batch order: ClickHouse inserts, Kafka
+    outputs, offset commit. chDB and librdkafka release the GIL, so this overlaps with rating
+    and settling the next batch. At most `depth` batches wait; a failure stops the pipeline
+    (raised on the next submit/drain) instead of committing anything after it."""
+
+    def __init__(self, depth: int = 1) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="pipeline-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            finally:
+                self._jobs.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._jobs.put(job)
+
+    def drain(self) -> None:
+        """Wait until every submitted batch is written and committed."""
+        self._jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=120)
+
+
 class Pipeline:
     def __init__(self, settings: Settings, *, sink: ClickHouseSink | None = None,
                  stop: threading.Event | None = None) -> None:
@@ -113,10 +157,17 @@ class Pipeline:
         self.producer = kafka_io.make_producer(settings)
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
+        self.writer = OrderedWriter()
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
-                                               on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"))
+                                               on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
+                                               on_revoke=self._on_revoke)
         self.movements = kafka_io.make_consumer(settings, "movements", [t.movements])
         self._lag_state: dict[str, float] = {}
+
+    def _on_revoke(self, consumer: object, partitions: list) -> None:  # type: ignore[type-arg]
+        # commit what was settled before the partitions move to another owner
+        with contextlib.suppress(Exception):
+            self.writer.drain()
 
     def ready(self) -> bool:
         try:
@@ -142,6 +193,7 @@ class Pipeline:
                 self.handle_movements()
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
+                    self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
                         break
@@ -153,7 +205,8 @@ class Pipeline:
         catalog = self.watcher.changed()
         if catalog is not None:
             self.rater.set_catalog(catalog)
-            self.sink.replace_package_allowances(package_allowances(catalog), catalog_version=catalog.version)
+            self.writer.submit(lambda: self.sink.replace_package_allowances(
+                package_allowances(catalog), catalog_version=catalog.version))
         accounts = self.accounts.changed()
         if accounts is not None:
             self.rater.set_accounts(accounts)
@@ -186,18 +239,22 @@ class Pipeline:
             self.sink.insert_rejected(rejected)
             self.sink.insert_wallet_events(events, at=ats)
 
-        with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
-        self.progress.last_latencies = queryable_latencies(msgs)
-        crash_point("after_clickhouse")
-        produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
-        produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
-        crash_point("before_flush")
-        kafka_io.flush(self.producer)
-        self.delivery.raise_if_failed()
-        crash_point("before_commit")
-        kafka_io.commit_offsets(self.consumer, msgs)
-        crash_point("after_commit")
+        def write_and_commit() -> None:  # on the writer thread, in batch order
+            write_started = time.perf_counter()
+            with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+            self.progress.last_latencies = queryable_latencies(msgs)
+            crash_point("after_clickhouse")
+            produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
+            produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
+            crash_point("before_flush")
+            kafka_io.flush(self.producer)
+            self.delivery.raise_if_failed()
+            crash_point("before_commit")
+            kafka_io.commit_offsets(self.consumer, msgs)
+            crash_point("after_commit")
+            metrics.BATCH_SECONDS.labels(stage="debit-write").observe(time.perf_counter() - write_started)
 
+        self.writer.submit(write_and_commit)
         counts = count_rows(rows)
         p = self.progress
         p.batches += 1
@@ -224,14 +281,26 @@ class Pipeline:
             except (msgspec.DecodeError, ValueError) as exc:
                 log(LOG, logging.ERROR, "bad movement message skipped", partition=m.partition(),
                     offset=m.offset(), error=str(exc))
-        with_retry(lambda: self.sink.insert_movements(moves), "clickhouse insert", CH_TRANSIENT,
-                   metrics.CLICKHOUSE_ERRORS)
-        kafka_io.commit_offsets(self.movements, msgs)
+        def write() -> None:
+            with_retry(lambda: self.sink.insert_movements(moves), "clickhouse insert", CH_TRANSIENT,
+                       metrics.CLICKHOUSE_ERRORS)
+            kafka_io.commit_offsets(self.movements, msgs)
+
+        self.writer.submit(write)
 
     def close(self) -> None:
+        error: BaseException | None = None
+        try:
+            self.writer.drain()  # every settled batch written and committed before leaving
+        except BaseException as exc:  # noqa: BLE001 - re-raised once everything is closed
+            error = exc
+            log(LOG, logging.ERROR, "writer failed; uncommitted batches will be replayed", error=repr(exc))
+        self.writer.close()
         for closer in (self.consumer.close, self.movements.close):
             with contextlib.suppress(KafkaException, RuntimeError):
                 closer()
         self.producer.flush(10)
         if self._own_sink:
             self.sink.close()
+        if error is not None:
+            raise error
