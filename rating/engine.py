@@ -50,6 +50,7 @@ _SEGMENTS = {n: Decimal(n) for n in range(1, 64)}  # Decimal is immutable: share
 _MICRO_DEN = 60 * PICO_PER_MICRO
 _DEN2 = 2 * _MICRO_DEN
 _MEMO_MAX = 4096  # durations remembered per interval rate
+_HEAD = 6  # "+" and 5 digits
 _NO_DEST = Destination("", "", "")
 _NO_RATE = Rate("", (), 0)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -167,6 +168,10 @@ class Pricer:
             keys.update(table._by_prefix)
         self._keys = frozenset("+" + k for k in keys)
         self._key_lens = tuple(sorted({len(k) for k in self._keys}, reverse=True))
+        # The first _HEAD characters of most numbers already decide that prefix: those heads
+        # map straight to it (a head is ambiguous when a longer prefix starts with it).
+        self._ambiguous = frozenset(k[:_HEAD] for k in self._keys if len(k) > _HEAD)
+        self._heads: dict[str, str] = {}
         # plan_id -> direction ("outbound", "inbound", "sms") -> "+prefix" -> route or reason
         self._routes: dict[str, dict[str, dict[str, _Route | str]]] = {
             plan_id: {"outbound": {}, "inbound": {}, "sms": {}} for plan_id in catalog.plans
@@ -174,7 +179,7 @@ class Pricer:
         self._memos: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
         # digits -> destination; (table, digits) -> rate (_NO_DEST / _NO_RATE: none)
         self._lookups: dict[str | tuple[str, str], Destination | Rate] = {}
-        self._shared_routes: dict[tuple[str, str, str, str | None], _Route] = {}
+        self._shared_routes: dict[tuple[str, str, str, str, str | None], _Route] = {}
         # anchor day -> UTC day -> (period start, its ISO text)
         self._periods: defaultdict[int, dict[date, tuple[date, str]]] = defaultdict(dict)
 
@@ -182,7 +187,9 @@ class Pricer:
         self.accounts = accounts
 
     def _resolve(self, plan: Plan, direction: str, digits: str) -> _Route | str:
-        # Lookups are shared by every plan and direction; so are routes with the same inputs.
+        # Lookups are shared by every plan and direction; a route is shared by every number
+        # with the same plan, direction, country, class and rate (the table follows from plan
+        # and direction).
         catalog = self.catalog
         lookups = self._lookups
         dest = lookups.get(digits)
@@ -207,7 +214,7 @@ class Pricer:
                 rate = None
             if rate is None and direction == "outbound":
                 return "no_rate"
-        route_key = (plan.plan_id, direction, dest.prefix, rate.prefix if rate is not None else None)
+        route_key = (plan.plan_id, direction, dest.country, dest.dest_class, rate.prefix if rate is not None else None)
         route = self._shared_routes.get(route_key)
         if route is None:
             route = self._shared_routes[route_key] = self._make_route(plan, direction, dest, table, rate)
@@ -239,11 +246,18 @@ class Pricer:
     def _prefix_key(self, number: str) -> str:
         """The longest "+prefix" of `number` in any table ("" when none)."""
         keys = self._keys
+        key = ""
         for n in self._key_lens:
-            key = number[:n]
-            if key in keys:
-                return key
-        return ""
+            if number[:n] in keys:
+                key = number[:n]
+                break
+        if key:  # "" (no prefix) is not cached: the hot loop treats it as a miss
+            head = number[:_HEAD]
+            if head not in self._ambiguous:
+                if len(self._heads) >= 1_000_000:  # bound memory under adversarial numbering
+                    self._heads.clear()
+                self._heads[head] = key
+        return key
 
     def _route_miss(self, plan: Plan, direction: str, key: str) -> _Route | str:
         by_dir = self._routes.get(plan.plan_id)
@@ -282,8 +296,7 @@ class Pricer:
         accounts_get = self.accounts.get
         plans_get = self.catalog.plans.get
         routes = self._routes
-        keys = self._keys
-        key_lens = self._key_lens
+        heads_get = self._heads.get
         crc = zlib.crc32
         periods = self._periods
         version = self.catalog.version
@@ -307,12 +320,7 @@ class Pricer:
                         raise Rejection("future_timestamp", f"started_at: {ts.isoformat()} is more than 24 h ahead")
                     direction = ev.direction
                     to = ev.to
-                    for n in key_lens:
-                        key = to[:n]
-                        if key in keys:
-                            break
-                    else:
-                        key = ""
+                    key = heads_get(to[:_HEAD]) or self._prefix_key(to)
                     route = routes[plan.plan_id][direction].get(key)
                     if route is None:
                         route = self._route_miss(plan, direction, key)
@@ -356,12 +364,7 @@ class Pricer:
                     if ts > limit_ts:
                         raise Rejection("future_timestamp", f"sent_at: {ts.isoformat()} is more than 24 h ahead")
                     to = ev.to
-                    for n in key_lens:
-                        key = to[:n]
-                        if key in keys:
-                            break
-                    else:
-                        key = ""
+                    key = heads_get(to[:_HEAD]) or self._prefix_key(to)
                     route = routes[plan.plan_id]["sms"].get(key)
                     if route is None:
                         route = self._route_miss(plan, "sms", key)
