@@ -456,24 +456,15 @@ class Settler:
             self._limited = frozenset(pid for pid, pkg in packages.items() if pkg.limit_s is not None)
             self._limited_for = packages
         limited = self._limited
-        pending: list[int] = []
-        dedupe_keys: list[DedupeKey] = []
-        allowance_keys: list[AllowanceKey] = []
-        seen_keys: set[AllowanceKey] = set()
-        add_pending = pending.append
-        add_dkey = dedupe_keys.append
-        for i, p in enumerate(rows):
-            if p[2] != "priced":
-                continue
-            add_pending(i)
-            add_dkey((p[1], p[0]))
-            if p[12] in limited and p[9]:
-                akey = (p[1], p[12], p[31])
-                if akey not in seen_keys:
-                    seen_keys.add(akey)
-                    allowance_keys.append(akey)
+        pending = [i for i, p in enumerate(rows) if p[2] == "priced"]
         if not pending:
             return BatchResult(rows, [])
+        prows = rows if len(pending) == len(rows) else [rows[i] for i in pending]
+        dedupe_keys: list[DedupeKey] = [(p[1], p[0]) for p in prows]
+        # (account, package, period) of every event its package may cover, first seen first
+        allowance_keys: list[AllowanceKey] = list(
+            dict.fromkeys([(p[1], p[12], p[31]) for p in prows if p[12] in limited and p[9]])
+        )
         # Store round trip 1: dedupe priors and allowance used so far.
         priors, used_list = self.store.lookup(dedupe_keys, allowance_keys)
         used = dict(zip(allowance_keys, used_list, strict=True))
@@ -486,8 +477,7 @@ class Settler:
         replays: list[tuple[int, Prior]] = []
         in_batch: dict[DedupeKey, int] = {}
         in_batch_get = in_batch.get
-        for i, dkey, prior in zip(pending, dedupe_keys, priors, strict=True):
-            p = rows[i]
+        for i, p, dkey, prior in zip(pending, prows, dedupe_keys, priors, strict=True):
             if prior is not None:
                 if prior.source == p[26]:
                     replays.append((i, prior))

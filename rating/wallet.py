@@ -192,6 +192,7 @@ class MemoryWalletStore:
         used = self.allowance_used
         wallets = self.wallets
         dedupe = self.dedupe
+        add = out.append
         for account_id, event_id, amount, allowance_key, covered, fp, source, outcome, reservation in debits:
             wallet = wallets.get(account_id) or self.wallet(account_id)
             bits = wallet.debit(amount) if amount else 0
@@ -201,7 +202,7 @@ class MemoryWalletStore:
                 self.released_reservations.add(reservation)
             balance = wallet.balance
             dedupe[(account_id, event_id)] = (fp, source, outcome, balance, bits)
-            out.append((balance, bits))
+            add((balance, bits))
         return out
 
     def credit(self, account_id: str, amount: int, *, settles_topup: bool = False) -> tuple[int, int]:
