@@ -55,7 +55,7 @@ def main() -> None:
     decoder = msgspec.json.Decoder(UsageEvent)
     t = time.perf_counter()
     for v in values:
-        try:
+        try:  # noqa: SIM105 (contextlib.suppress would add a context manager per event to the baseline)
             decoder.decode(v)
         except (msgspec.DecodeError, UnicodeDecodeError):
             pass
