@@ -4,9 +4,11 @@ Pure apart from the `WalletStore` it is given (two calls per batch) and `now`, w
 passes in. The same code runs offline (`metering rate`, memory store) and in the live debit
 worker (Redis store), which is why the two agree record for record.
 
-Hot-path notes: one msgspec decode per event (types, E.164 and ranges checked in C), one
-cached dict probe per destination, integer arithmetic, and one plain tuple per event as the
-output row (`ROW_FIELDS`); no per-event objects beyond those.
+Hot-path notes: one msgspec decode per event (types, E.164 and ranges checked in C); the
+number's first digits map to its longest catalog prefix and that to a cached route (with its
+package choice and pricing constants precomputed); integer arithmetic (interval rates memoised
+per duration); one plain tuple per event as the output row (`ROW_FIELDS`). Settling builds
+each final row once, without slicing. Everything cached is a pure function of the catalog.
 """
 
 from __future__ import annotations
