@@ -195,3 +195,18 @@ def test_redis_losing_its_last_writes_after_kafka_committed_is_replayed(live: di
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wallet store is behind Kafka" in proc.stderr
     _check_equal(live, rater, rows)
+
+
+def test_split_workers_rating_debit_sink_match_offline(live: dict[str, str]) -> None:
+    """`metering worker rating|debit|sink` as separate processes (the scale-out mode) give the
+    same rows, balances and rejects as `metering rate`."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    settings = Settings.from_env(live)
+    produce_traffic(settings, count=20_000, seed=31, duplicate_rate=0.05, malformed_rate=0.01,
+                    start=now.replace(hour=0))
+    rater, rows = _offline(20_000, 31, 0.05, 0.01, now)
+    for stage in ("rating", "debit", "sink"):
+        proc = subprocess.run([sys.executable, "-m", "metering.cli", "worker", stage, "--until-idle", "3"],
+                              env=live, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"worker {stage}: {proc.stderr[-3000:]}"
+    _check_equal(live, rater, rows)
