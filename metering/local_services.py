@@ -7,6 +7,9 @@ Environment overrides (read by :func:`endpoints`):
     a service whose endpoint is overridden is not started locally by :func:`ensure_started`.
   METERING_KAFKA_PORT (19092), METERING_REDIS_PORT (16379), METERING_STATE_DIR (<repo>/.state):
     shared with services.sh.
+  METERING_REDIS_CLUSTER_URL (redis+cluster://127.0.0.1:17001/), METERING_REDIS_CLUSTER_PORTS
+    ("17001 17002 17003"): the optional 3-master Redis Cluster, service "redis-cluster". It is
+    started only when asked for (``ensure_started(("redis-cluster",))``), never by default.
   METERING_SERVICES_SCRIPT: path to services.sh when the package is not run from a checkout.
 """
 
@@ -32,13 +35,15 @@ __all__ = [
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_SERVER_SERVICES = ("kafka", "redis")
+_SERVER_SERVICES = ("kafka", "redis", "redis-cluster")
 _KNOWN_SERVICES = (*_SERVER_SERVICES, "clickhouse")
 _OVERRIDE_VARS = {
     "kafka": "METERING_KAFKA_BOOTSTRAP",
     "redis": "METERING_REDIS_URL",
+    "redis-cluster": "METERING_REDIS_CLUSTER_URL",
     "clickhouse": "METERING_CLICKHOUSE_DSN",
 }
+_DEFAULT_CLUSTER_PORTS = "17001 17002 17003"
 
 
 class ServiceError(RuntimeError):
@@ -50,9 +55,12 @@ class Endpoints:
     kafka_bootstrap: str
     redis_url: str
     clickhouse_dsn: str
+    # the optional local Redis Cluster (a worker uses it when METERING_REDIS_URL is set to it)
+    redis_cluster_url: str = "redis+cluster://127.0.0.1:17001/"
 
     def as_env(self) -> dict[str, str]:
-        """The endpoints as the METERING_* variables the workers read."""
+        """The endpoints as the METERING_* variables the workers read (the cluster URL is not
+        one of them: point METERING_REDIS_URL at it to run on the cluster)."""
         return {
             "METERING_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "METERING_REDIS_URL": self.redis_url,
@@ -70,11 +78,13 @@ def endpoints(env: Mapping[str, str] | None = None) -> Endpoints:
     env = os.environ if env is None else env
     kafka_port = env.get("METERING_KAFKA_PORT") or "19092"
     redis_port = env.get("METERING_REDIS_PORT") or "16379"
+    cluster_port = (env.get("METERING_REDIS_CLUSTER_PORTS") or _DEFAULT_CLUSTER_PORTS).split()[0]
     return Endpoints(
         kafka_bootstrap=env.get("METERING_KAFKA_BOOTSTRAP") or f"127.0.0.1:{kafka_port}",
         redis_url=env.get("METERING_REDIS_URL") or f"redis://127.0.0.1:{redis_port}/0",
         clickhouse_dsn=env.get("METERING_CLICKHOUSE_DSN")
         or f"chdb://{state_dir(env) / 'clickhouse'}",
+        redis_cluster_url=env.get("METERING_REDIS_CLUSTER_URL") or f"redis+cluster://127.0.0.1:{cluster_port}/",
     )
 
 
@@ -127,7 +137,8 @@ def ensure_started(services: Iterable[str] = ("kafka", "redis")) -> Endpoints:
     """Start the local services that are not running yet and return all endpoints.
 
     A service whose endpoint is overridden in the environment is left alone.
-    "clickhouse" only creates the chDB folder (embedded, no server).
+    "clickhouse" only creates the chDB folder (embedded, no server). "redis-cluster" (three
+    masters on 17001-17003) starts only when listed.
     """
     chosen = _select(services)
     for name in _SERVER_SERVICES:

@@ -52,6 +52,7 @@ from metering.logs import setup as setup_logs
 from rating.catalog import CatalogError, load_catalog
 from rating.money import format_micros
 from wallet_debiter.authorize import E164_RE, MAX_CALL_S, UNKNOWN_ACCOUNT, Authorizer, Decision
+from wallet_debiter.redis_store import connect_async
 from wallet_debiter.reservations import (
     DEFAULT_HOLD_TTL_S,
     RESERVATION_ID_PATTERN,
@@ -135,7 +136,7 @@ def _account_id(request: web.Request) -> str:
 class ApiState:
     """Per-application state: the Redis client, the hold store and the current catalog."""
 
-    def __init__(self, catalog_path: str, client: aioredis.Redis, store: ReservationStore,
+    def __init__(self, catalog_path: str, client: aioredis.Redis | aioredis.RedisCluster, store: ReservationStore,
                  reload_interval_s: float) -> None:
         self.catalog_path = catalog_path
         self.client = client
@@ -368,8 +369,8 @@ def make_app(
     """The API application. The catalog is loaded now (a refused one: /readyz says not ready
     until a good file appears); Redis connects on first use. `clock` (epoch seconds) sets
     hold times, expiry and the billing period."""
-    client = aioredis.Redis.from_url(
-        redis_url, decode_responses=False, socket_timeout=redis_timeout_s,
+    client = connect_async(  # redis:// or a Redis Cluster (redis+cluster://host:port/)
+        redis_url, socket_timeout=redis_timeout_s,
         socket_connect_timeout=redis_timeout_s, health_check_interval=30,
     )
     store = ReservationStore(client, hold_ttl_s=hold_ttl_s, clock=clock)

@@ -11,6 +11,13 @@ Redis Cluster slot and a Lua script may touch them together:
   h:{A}  hash  reservation holds (dialer): reservation_id -> JSON hold
   c:{A}  hash  credits applied: reference -> "balance|bits|at_ms" (idempotent credits)
   accounts    set   every imported account id
+  pos:{T}     hash  Kafka positions of topic T (standalone: one hash; Cluster: one copy per master)
+
+Redis Cluster (`redis+cluster://host:port[,host:port...]/`, `rediss+cluster://` for TLS): an
+account is one slot, so the per-account scripts (credit, reserve) run unchanged; the batch
+scripts (lookup, apply) run once per hash slot of the batch's accounts, pipelined (one round
+trip per node). Each per-slot apply is atomic for its wallets; a batch is not atomic across
+slots, which the per-wallet dedupe entries make safe (see `RedisWalletStore.apply`).
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis
+import redis.asyncio as aioredis
+from redis.cluster import ClusterNode, RedisCluster, key_slot
+from redis.exceptions import NoScriptError
 
 from rating.accounts import Account
 from rating.wallet import (
@@ -66,16 +77,67 @@ def _opt_int(v: Any) -> int | None:
     return int(v)
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for a standalone Redis (redis://) ; see README for Cluster."""
-    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, health_check_interval=30)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_CLIENT_OPTS: dict[str, Any] = {"decode_responses": False, "socket_timeout": 30, "health_check_interval": 30}
+
+
+def _cluster_url(url: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """For a `redis+cluster://` / `rediss+cluster://` URL: the plain redis URL of the first
+    seed node and every seed (host, port); None for any other URL. A path other than `/` or
+    `/0` is refused (a cluster has only database 0)."""
+    parts = urlsplit(url)
+    base = CLUSTER_SCHEMES.get(parts.scheme.lower())
+    if base is None:
+        return None
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0: {url!r}")
+    auth, _, hosts = parts.netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for hp in hosts.split(","):
+        hp = hp.strip()
+        if hp.startswith("["):  # [ipv6]:port
+            host, _, rest = hp[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = hp.partition(":")
+        seeds.append((host or "127.0.0.1", int(port or 6379)))
+    first = f"{auth}@{hosts.split(',')[0]}" if auth else hosts.split(",")[0]
+    return urlunsplit((base, first, "/", parts.query, "")), seeds
+
+
+def connect(url: str) -> redis.Redis | RedisCluster:
+    """A sync client: `redis.Redis` for `redis://` / `rediss://` / `unix://`, or
+    `redis.RedisCluster` for `redis+cluster://host:port[,host:port...]/` (`rediss+cluster://`:
+    TLS). The cluster hosts are seeds only: the client discovers every node and slot from them."""
+    cluster = _cluster_url(url)
+    if cluster is None:
+        return redis.Redis.from_url(url, **_CLIENT_OPTS)
+    base, seeds = cluster
+    return RedisCluster.from_url(base, startup_nodes=[ClusterNode(h, p) for h, p in seeds], **_CLIENT_OPTS)
+
+
+def connect_async(url: str, **options: Any) -> aioredis.Redis | aioredis.RedisCluster:
+    """The asyncio client for the same URLs as `connect` (used by the dialer API)."""
+    cluster = _cluster_url(url)
+    opts = {"decode_responses": False, **options}
+    if cluster is None:
+        return aioredis.Redis.from_url(url, **opts)
+    base, seeds = cluster
+    return aioredis.RedisCluster.from_url(
+        base, startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in seeds], **opts)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, (RedisCluster, aioredis.RedisCluster))
 
 
 class RedisWalletStore:
     """`WalletStore` on Redis: one Lua read and one Lua write per batch (per slot in Cluster)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster) -> None:
         self.client = client
+        self.cluster = is_cluster(client)
+        self._slots: dict[str, int] = {}  # account id -> hash slot (a pure function of the id)
         self._lookup = client.register_script(_lua("lookup.lua"))
         self._apply = client.register_script(_lua("apply.lua"))
         self._credit = client.register_script(_lua("credit.lua"))
@@ -89,13 +151,48 @@ class RedisWalletStore:
     def record_positions(self, topic: str, next_offsets: Mapping[int, int]) -> None:
         """After a batch's debits: the next offset per partition whose effects Redis holds.
         Written after the apply script, so the AOF (an ordered log) never keeps this line
-        without the debits before it: if Redis loses its last second, it loses both."""
-        if next_offsets:
-            self.client.hset(f"pos:{{{topic}}}", mapping={str(p): o for p, o in next_offsets.items()})
+        without the debits before it: if Redis loses its last second, it loses both.
+        On a Cluster every master has its own AOF, so every master gets its own copy (a key
+        on a slot it serves) and `positions` answers the lowest copy."""
+        if not next_offsets:
+            return
+        mapping = {str(p): o for p, o in next_offsets.items()}
+        if not self.cluster:
+            self.client.hset(f"pos:{{{topic}}}", mapping=mapping)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in self._position_keys(topic):
+            pipe.hset(key, mapping=mapping)
+        pipe.execute()
 
     def positions(self, topic: str) -> dict[int, int]:
-        raw = self.client.hgetall(f"pos:{{{topic}}}")
-        return {int(p): int(o) for p, o in raw.items()}
+        if not self.cluster:
+            raw = self.client.hgetall(f"pos:{{{topic}}}")
+            return {int(p): int(o) for p, o in raw.items()}
+        pipe = self.client.pipeline(transaction=False)
+        for key in self._position_keys(topic):
+            pipe.hgetall(key)
+        out: dict[int, int] = {}
+        for raw in pipe.execute():  # the lowest copy: a master that lost writes lost its copy's too
+            for p, o in raw.items():
+                part, off = int(p), int(o)
+                if off < out.get(part, off + 1):
+                    out[part] = off
+        return out
+
+    def _position_keys(self, topic: str) -> list[str]:
+        """Cluster: one `pos:{topic|n}` key per master, n the first whose slot it serves."""
+        nodes = self.client.nodes_manager
+        masters = {n.name for n in self.client.get_primaries()}
+        keys: dict[str, str] = {}
+        n = 0
+        while len(keys) < len(masters) and n < 1_000_000:
+            key = f"pos:{{{topic}|{n}}}"
+            owner = nodes.get_node_from_slot(key_slot(key.encode())).name
+            if owner in masters and owner not in keys:
+                keys[owner] = key
+            n += 1
+        return list(keys.values())
 
     # ------------------------------------------------------------------ WalletStore
 
@@ -122,11 +219,14 @@ class RedisWalletStore:
             fields = groups[g][1]
             where_a.append((g, len(fields)))
             fields.append(f"{package_id}|{period}")
-        keys: list[str] = []
-        for account_id in order:
-            tag = f"{{{account_id}}}"
-            keys += (f"d:{tag}", f"u:{tag}")
-        result = self._unpack(self._lookup(keys=keys, args=[self._pack(groups)]))
+        if self.cluster:
+            result = self._lookup_per_slot(order, groups)
+        else:
+            keys: list[str] = []
+            for account_id in order:
+                tag = f"{{{account_id}}}"
+                keys += (f"d:{tag}", f"u:{tag}")
+            result = self._unpack(self._lookup(keys=keys, args=[self._pack(groups)]))
         priors: list[Prior | None] = []
         for g, n in where_d:
             raw = result[g][0][n]
@@ -136,6 +236,10 @@ class RedisWalletStore:
         return priors, used
 
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
+        """Standalone: one atomic script for the batch. Cluster: one atomic script per hash
+        slot (see `_apply_per_slot`)."""
+        if self.cluster:
+            return self._apply_per_slot(debits)
         order: dict[str, int] = {}
         packed: list[list[Any]] = []
         expected: list[list[Any]] = []
@@ -162,6 +266,109 @@ class RedisWalletStore:
         if status != "ok":
             raise RuntimeError(f"wallet apply failed: {result[1]}")
         return [(int(b), int(bits)) for b, bits in result[1]]
+
+    # ------------------------------------------------------------------ Cluster: per slot
+
+    def _slot(self, account_id: str) -> int:
+        slot = self._slots.get(account_id)
+        if slot is None:
+            slot = self._slots[account_id] = key_slot(f"{{{account_id}}}".encode())
+        return slot
+
+    def _per_slot(self, script: Any, calls: list[tuple[list[str], bytes]]) -> list[Any]:
+        """Run `script` once per (keys, packed arg) call, all keys of a call in one slot; the
+        calls go in one cluster pipeline, i.e. one round trip per node (redis-py writes to every
+        node, then reads). A call that reaches a node no longer serving its slot (MOVED/ASK
+        after a reshard or failover) did not run there; redis-py refreshes the slot map and
+        sends it again to the right node."""
+        if len(calls) == 1:
+            keys, arg = calls[0]
+            return [script(keys=keys, args=[arg])]
+        node_of = self.client.nodes_manager.get_node_from_slot
+        pipe = self.client.pipeline(transaction=False)
+        for keys, arg in calls:
+            # pipe.evalsha is blocked in a cluster pipeline, so the raw command; routed here by
+            # slot, because redis-py 8 otherwise asks the server for the keys of every EVALSHA
+            # (COMMAND GETKEYS: one extra round trip per call)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, arg,
+                                 target_nodes=node_of(key_slot(keys[0].encode())))
+        replies = pipe.execute(raise_on_error=False)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # a node restarted or failed over: load, rerun
+                keys, arg = calls[i]
+                replies[i] = script(keys=keys, args=[arg])
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _lookup_per_slot(self, order: dict[str, int], groups: list[tuple[list[str], list[str]]]) -> list[Any]:
+        by_slot: dict[int, list[str]] = {}
+        for account_id in order:
+            by_slot.setdefault(self._slot(account_id), []).append(account_id)
+        calls: list[tuple[list[str], bytes]] = []
+        for accounts in by_slot.values():
+            keys: list[str] = []
+            for account_id in accounts:
+                tag = f"{{{account_id}}}"
+                keys += (f"d:{tag}", f"u:{tag}")
+            calls.append((keys, self._pack([groups[order[a]] for a in accounts])))
+        result: list[Any] = [None] * len(groups)
+        for accounts, reply in zip(by_slot.values(), self._per_slot(self._lookup, calls), strict=True):
+            for account_id, got in zip(accounts, self._unpack(reply), strict=True):
+                result[order[account_id]] = got
+        return result
+
+    def _apply_per_slot(self, debits: Sequence[Debit]) -> list[Applied]:
+        """The batch split by hash slot, the same apply script per slot (atomic for its wallets,
+        results stitched back into debit order). Slots are not atomic together: if one slot's
+        snapshot is stale the others may still apply; StaleSnapshot is raised after all ran,
+        and the Settler's next attempt finds the applied ones in their dedupe entries with the
+        same source (replays: same rows and wallet events, no second charge)."""
+        # slot -> (account -> 1-based index, packed debits, expected allowances, debit positions)
+        by_slot: dict[int, tuple[dict[str, int], list[list[Any]], list[list[Any]], list[int]]] = {}
+        expected_seen: set[AllowanceKey] = set()
+        slot_of = self._slot
+        for n, (account_id, event_id, amount, akey, covered, fp, source, outcome, reservation) in enumerate(debits):
+            slot = slot_of(account_id)
+            grp = by_slot.get(slot)
+            if grp is None:
+                grp = by_slot[slot] = ({}, [], [], [])
+            order, packed, expected, where = grp
+            g = order.get(account_id)
+            if g is None:
+                g = order[account_id] = len(order) + 1
+            field = ""
+            if akey is not None:
+                field = f"{akey[1]}|{akey[2]}"
+                if akey not in expected_seen:
+                    expected_seen.add(akey)
+                    expected.append([g, field, self._seen_used.get(akey, 0)])
+            packed.append([g, event_id, amount, field, covered, str(fp), source,
+                           "|".join(map(str, outcome)), reservation or ""])
+            where.append(n)
+        calls: list[tuple[list[str], bytes]] = []
+        for order, packed, expected, _ in by_slot.values():
+            keys: list[str] = []
+            for account_id in order:
+                keys += _keys(account_id)
+            calls.append((keys, self._pack([packed, expected])))
+        out: list[Applied] = [(0, 0)] * len(debits)
+        stale: list[str] = []
+        errors: list[str] = []
+        for (_, _, _, where), reply in zip(by_slot.values(), self._per_slot(self._apply, calls), strict=True):
+            result = self._unpack(reply)
+            if result[0] == "ok":
+                for n, (b, bits) in zip(where, result[1], strict=True):
+                    out[n] = (int(b), int(bits))
+            elif result[0] == "stale":
+                stale.append(result[1])
+            else:
+                errors.append(str(result[1]))
+        if errors:
+            raise RuntimeError(f"wallet apply failed: {errors[0]} ({len(errors)} of {len(calls)} slot groups)")
+        if stale:
+            raise StaleSnapshot(f"{stale[0]} ({len(stale)} of {len(calls)} slot groups stale; the others applied)")
+        return out
 
     # ------------------------------------------------------------------ operators
 

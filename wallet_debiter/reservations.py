@@ -168,7 +168,8 @@ class _Coalescer:
             else:
                 pipe = self.client.pipeline(transaction=False)
                 for keys, args, _ in batch:
-                    pipe.evalsha(self.script.sha, len(keys), *keys, *args)
+                    # the raw command: a Redis Cluster pipeline blocks pipe.evalsha, routes this by key
+                    pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for _, _, fut in batch:
