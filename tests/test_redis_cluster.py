@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -194,6 +195,61 @@ def test_stale_slot_group_while_others_apply(client: RedisCluster, stream: list[
     assert len(applies) == len(batches) + 1  # the spoiled batch was settled twice...
     assert applies[1] < applies[0]  # ...the second time only the slot groups not yet applied
     _assert_same_wallets(ref, store)
+
+
+def _errorstats(client: RedisCluster) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for node in client.get_primaries():
+        for name, v in client.get_redis_connection(node).info("errorstats").items():
+            out[name] = out.get(name, 0) + int(v["count"])
+    return out
+
+
+def _reshard(src: str, dst: str, slots: int) -> None:
+    """Move `slots` slots (and their keys, MIGRATE) from master `src` to `dst` (host:port)."""
+    out = subprocess.run(["redis-cli", "-h", src.split(":")[0], "-p", src.split(":")[1], "cluster", "nodes"],
+                         capture_output=True, text=True, check=True).stdout
+    ids = {line.split()[1].split("@")[0]: line.split()[0] for line in out.splitlines()}
+    subprocess.run(["redis-cli", "--cluster", "reshard", src, "--cluster-from", ids[src], "--cluster-to", ids[dst],
+                    "--cluster-slots", str(slots), "--cluster-yes", "--cluster-pipeline", "10"],
+                   capture_output=True, text=True, check=True, timeout=120)
+
+
+def test_slot_migration_under_load_equals_reference(client: RedisCluster, stream: list[bytes]) -> None:
+    """Slots (with their wallets) move between masters while batches settle, with a client
+    whose slot map predates the moves: MOVED/ASK redirections re-send a slot's script to its
+    new owner (a redirected script did not run), and every row and wallet equals the reference."""
+    batches = [[(v, f"0:{i + n}") for n, v in enumerate(stream[i:i + 300])] for i in range(0, len(stream), 300)]
+    ref, want = _reference(batches)
+    store = RedisWalletStore(client)
+    rater = _rater(store)
+    masters = sorted(n.name for n in client.get_primaries())
+    before = _errorstats(client)
+    errors: list[BaseException] = []
+
+    def moves() -> None:
+        try:
+            for k in range(len(masters)):
+                _reshard(masters[k], masters[(k + 1) % len(masters)], 1500)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    mover = threading.Thread(target=moves)
+    mover.start()
+    split = len(batches) - 5
+    for batch, expected in zip(batches[:split], want[:split], strict=True):
+        got = rater.rate_batch(batch, NOW)
+        assert (got.rows, got.wallet_events) == (expected.rows, expected.wallet_events)
+    mover.join()
+    assert not errors, errors
+    for batch, expected in zip(batches[split:], want[split:], strict=True):  # after all moves
+        got = rater.rate_batch(batch, NOW)
+        assert (got.rows, got.wallet_events) == (expected.rows, expected.wallet_events)
+    _assert_same_wallets(ref, store)
+    after = _errorstats(client)
+    redirected = sum(after.get(k, 0) - before.get(k, 0) for k in ("errorstat_MOVED", "errorstat_ASK"))
+    assert redirected > 0
+    assert after.get("errorstat_CROSSSLOT", 0) == before.get("errorstat_CROSSSLOT", 0)
 
 
 def test_positions_are_kept_per_master_and_the_lowest_wins(client: RedisCluster) -> None:
