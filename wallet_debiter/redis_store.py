@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -182,8 +182,9 @@ class RedisWalletStore:
 
     def _position_keys(self, topic: str) -> list[str]:
         """Cluster: one `pos:{topic|n}` key per master, n the first whose slot it serves."""
-        nodes = self.client.nodes_manager
-        masters = {n.name for n in self.client.get_primaries()}
+        client = cast(RedisCluster, self.client)
+        nodes = client.nodes_manager
+        masters = {n.name for n in client.get_primaries()}
         keys: dict[str, str] = {}
         n = 0
         while len(keys) < len(masters) and n < 1_000_000:
@@ -284,7 +285,7 @@ class RedisWalletStore:
         if len(calls) == 1:
             keys, arg = calls[0]
             return [script(keys=keys, args=[arg])]
-        node_of = self.client.nodes_manager.get_node_from_slot
+        node_of = cast(RedisCluster, self.client).nodes_manager.get_node_from_slot
         pipe = self.client.pipeline(transaction=False)
         for keys, arg in calls:
             # pipe.evalsha is blocked in a cluster pipeline, so the raw command; routed here by
