@@ -7,6 +7,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,3 +212,33 @@ def test_split_workers_rating_debit_sink_match_offline(live: dict[str, str]) -> 
                               env=live, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"worker {stage}: {proc.stderr[-3000:]}"
     _check_equal(live, rater, rows)
+
+
+def test_redis_outage_mid_stream_is_retried_not_rejected(live: dict[str, str]) -> None:
+    """Redis stopped for a few seconds while the pipeline runs: batches wait and retry with
+    backoff (logged), nothing is rejected for it, and the end state equals `metering rate`."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    env = {**live, "METERING_BATCH_SIZE": "250"}
+    settings = Settings.from_env(env)
+    producer = threading.Thread(target=produce_traffic, args=(settings,), kwargs=dict(
+        count=20_000, per_second=1_500, seed=41, duplicate_rate=0.05, malformed_rate=0.01,
+        start=now.replace(hour=0)))
+    producer.start()  # paced over ~13 s, so the outage lands mid-stream
+    rater, rows = _offline(20_000, 41, 0.05, 0.01, now)
+    script = str(ROOT / "deploy/local/services.sh")
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)  # started and settling batches
+        assert proc.poll() is None, "the pipeline finished before the outage"
+        subprocess.run(["bash", script, "stop", "redis"], check=True, capture_output=True)
+        time.sleep(4)
+        subprocess.run(["bash", script, "start", "redis"], check=True, capture_output=True)
+        producer.join()
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "failed, retrying" in err  # the outage was seen and waited out
+    _check_equal(env, rater, rows)
