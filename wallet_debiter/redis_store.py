@@ -31,7 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import redis
 import redis.asyncio as aioredis
-from redis.cluster import ClusterNode, RedisCluster, key_slot
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from rating.accounts import Account
@@ -113,7 +114,8 @@ def connect(url: str) -> redis.Redis | RedisCluster:
     if cluster is None:
         return redis.Redis.from_url(url, **_CLIENT_OPTS)
     base, seeds = cluster
-    return RedisCluster.from_url(base, startup_nodes=[ClusterNode(h, p) for h, p in seeds], **_CLIENT_OPTS)
+    nodes = [ClusterNode(h, p) for h, p in seeds]  # type: ignore[no-untyped-call]
+    return RedisCluster.from_url(base, startup_nodes=nodes, **_CLIENT_OPTS)
 
 
 def connect_async(url: str, **options: Any) -> aioredis.Redis | aioredis.RedisCluster:
@@ -158,11 +160,11 @@ class RedisWalletStore:
             return
         mapping = {str(p): o for p, o in next_offsets.items()}
         if not self.cluster:
-            self.client.hset(f"pos:{{{topic}}}", mapping=mapping)
+            self.client.hset(f"pos:{{{topic}}}", mapping=cast(Any, mapping))
             return
         pipe = self.client.pipeline(transaction=False)
         for key in self._position_keys(topic):
-            pipe.hset(key, mapping=mapping)
+            pipe.hset(key, mapping=cast(Any, mapping))
         pipe.execute()
 
     def positions(self, topic: str) -> dict[int, int]:
@@ -184,7 +186,7 @@ class RedisWalletStore:
         """Cluster: one `pos:{topic|n}` key per master, n the first whose slot it serves."""
         client = cast(RedisCluster, self.client)
         nodes = client.nodes_manager
-        masters = {n.name for n in client.get_primaries()}
+        masters = {n.name for n in client.get_primaries()}  # type: ignore[no-untyped-call]
         keys: dict[str, str] = {}
         n = 0
         while len(keys) < len(masters) and n < 1_000_000:
@@ -396,7 +398,7 @@ class RedisWalletStore:
                 new += 1
             else:
                 updated += 1
-            pipe.hset(wallet_key(a.account_id), mapping=config)
+            pipe.hset(wallet_key(a.account_id), mapping=cast(Any, config))
             pipe.sadd(ACCOUNT_SET, a.account_id)
         pipe.incr(ACCOUNTS_VERSION)
         pipe.execute()
@@ -408,7 +410,7 @@ class RedisWalletStore:
 
     def load_accounts(self) -> dict[str, Account]:
         """Every imported account, as the pricer needs them (plan, home country, anchor...)."""
-        ids = sorted(m.decode() for m in self.client.smembers(ACCOUNT_SET))
+        ids = sorted(m.decode() for m in cast(set[bytes], self.client.smembers(ACCOUNT_SET)))
         pipe = self.client.pipeline(transaction=False)
         for account_id in ids:
             pipe.hmget(wallet_key(account_id), _WALLET_FIELDS)
@@ -439,7 +441,7 @@ class RedisWalletStore:
 
     def allowance_used(self, account_id: str) -> dict[str, int]:
         raw = self.client.hgetall(_keys(account_id)[1])
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {cast(bytes, k).decode(): int(v) for k, v in raw.items()}
 
     def credit(
         self, account_id: str, amount: int, *, kind: str, reference: str,

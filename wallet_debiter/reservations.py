@@ -139,7 +139,7 @@ class _Coalescer:
     one read for many requests instead of one each (concurrent dialer requests share the
     round trip). Each call still gets its own reply or error."""
 
-    def __init__(self, client: aioredis.Redis, script: AsyncScript) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, script: AsyncScript) -> None:
         self.client = client
         self.script = script
         self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
@@ -199,7 +199,7 @@ class ReservationStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | aioredis.RedisCluster,
         *,
         hold_ttl_s: int = DEFAULT_HOLD_TTL_S,
         clock: Callable[[], float] = time.time,
