@@ -238,6 +238,20 @@ class RedisWalletStore:
         self._seen_used = dict(zip(allowances, used, strict=True))
         return priors, used
 
+    def _pack_debit(self, g: int, debit: Debit, expected: list[list[Any]],
+                    expected_seen: set[AllowanceKey]) -> list[Any]:
+        """One debit as apply.lua reads it (g: the wallet's 1-based index in the call's KEYS);
+        the first debit of each allowance also adds the used seconds the lookup saw."""
+        _, event_id, amount, akey, covered, fp, source, outcome, reservation = debit
+        field = ""
+        if akey is not None:
+            field = f"{akey[1]}|{akey[2]}"
+            if akey not in expected_seen:
+                expected_seen.add(akey)
+                expected.append([g, field, self._seen_used.get(akey, 0)])
+        return [g, event_id, amount, field, covered, str(fp), source, "|".join(map(str, outcome)),
+                reservation or ""]
+
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
         """Standalone: one atomic script for the batch. Cluster: one atomic script per hash
         slot (see `_apply_per_slot`)."""
@@ -247,18 +261,13 @@ class RedisWalletStore:
         packed: list[list[Any]] = []
         expected: list[list[Any]] = []
         expected_seen: set[AllowanceKey] = set()
-        for account_id, event_id, amount, akey, covered, fp, source, outcome, reservation in debits:
+        pack_debit = self._pack_debit
+        for debit in debits:
+            account_id = debit[0]
             g = order.get(account_id)
             if g is None:
                 g = order[account_id] = len(order) + 1  # Lua is 1-based
-            field = ""
-            if akey is not None:
-                field = f"{akey[1]}|{akey[2]}"
-                if akey not in expected_seen:
-                    expected_seen.add(akey)
-                    expected.append([g, field, self._seen_used.get(akey, 0)])
-            packed.append([g, event_id, amount, field, covered, str(fp), source,
-                           "|".join(map(str, outcome)), reservation or ""])
+            packed.append(pack_debit(g, debit, expected, expected_seen))
         keys: list[str] = []
         for account_id in order:
             keys += _keys(account_id)
@@ -331,7 +340,9 @@ class RedisWalletStore:
         by_slot: dict[int, tuple[dict[str, int], list[list[Any]], list[list[Any]], list[int]]] = {}
         expected_seen: set[AllowanceKey] = set()
         slot_of = self._slot
-        for n, (account_id, event_id, amount, akey, covered, fp, source, outcome, reservation) in enumerate(debits):
+        pack_debit = self._pack_debit
+        for n, debit in enumerate(debits):
+            account_id = debit[0]
             slot = slot_of(account_id)
             grp = by_slot.get(slot)
             if grp is None:
@@ -340,14 +351,7 @@ class RedisWalletStore:
             g = order.get(account_id)
             if g is None:
                 g = order[account_id] = len(order) + 1
-            field = ""
-            if akey is not None:
-                field = f"{akey[1]}|{akey[2]}"
-                if akey not in expected_seen:
-                    expected_seen.add(akey)
-                    expected.append([g, field, self._seen_used.get(akey, 0)])
-            packed.append([g, event_id, amount, field, covered, str(fp), source,
-                           "|".join(map(str, outcome)), reservation or ""])
+            packed.append(pack_debit(g, debit, expected, expected_seen))
             where.append(n)
         calls: list[tuple[list[str], bytes]] = []
         for order, packed, expected, _ in by_slot.values():

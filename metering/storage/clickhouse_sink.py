@@ -185,19 +185,8 @@ def quantity_to_micros(value: Decimal | int | None, *, field: str = "quantity") 
 
 def money_column(values: Sequence[int | None], *, field: str, nullable: bool = False) -> list[Any]:
     """A column of integer micros -> exact Decimals (None allowed only when ``nullable``)."""
-    if not nullable or None not in values:
-        for v in values:
-            if type(v) is not int:
-                raise TypeError(f"{field}: money must be integer micros, got {v!r}")
-        ints = cast("Sequence[int]", values)
-        if ints and not (
-            min(ints) > -_MAX_DECIMAL_18_6_UNITS and max(ints) < _MAX_DECIMAL_18_6_UNITS
-        ):
-            raise ValueError(
-                f"{field}: {min(ints)}..{max(ints)} micros does not fit Decimal(18, 6)"
-            )
-        return [Decimal(v).scaleb(-6) for v in ints]
-    return [None if v is None else micros_to_decimal(v, field=field) for v in values]
+    checked = micros_column(values, field=field, nullable=nullable)
+    return [None if v is None else Decimal(v).scaleb(-6) for v in checked]
 
 
 def ms_column(values: Sequence[datetime], *, field: str) -> list[int]:
