@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from metering import kafka_io, metrics
@@ -35,7 +36,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int,
-             echo=print) -> int:  # noqa: ANN001
+             echo: Callable[[str], None] = print) -> int:
     echo("== starting local services (Kafka KRaft + Redis) ...")
     eps = ensure_started()
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")

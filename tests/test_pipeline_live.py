@@ -256,3 +256,56 @@ def test_redis_outage_mid_stream_is_retried_not_rejected(live: dict[str, str]) -
     assert proc.returncode == 0, err[-3000:]
     assert "failed, retrying" in err  # the outage was seen and waited out
     _check_equal(env, rater, rows)
+
+
+def _committed(settings: Settings) -> int:
+    topic = settings.topics.events
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.group_prefix}-debit",
+                  "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(max(0, tp.offset) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10))
+    finally:
+        c.close()
+
+
+def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _committed(settings) < n:
+        assert time.monotonic() < deadline, f"pipeline did not commit {n} messages in {timeout_s} s"
+        time.sleep(0.5)
+
+
+def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, str], tmp_path: Path) -> None:
+    """The running pipeline picks up a changed catalog file (rows record the new version); a
+    broken file in between is refused with a log line and the running catalog stays."""
+    catalog = tmp_path / "catalog.yaml"
+    original = CATALOG.read_text()
+    catalog.write_text(original)
+    env = {**live, "METERING_CATALOG": str(catalog), "METERING_CATALOG_CHECK_S": "0.2"}
+    settings = Settings.from_env(env)
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    produce_traffic(settings, count=2_000, seed=51, start=start)
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "8"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_committed(settings, 2_000)
+        catalog.write_text(original.replace('version: "2026-11-01"', 'version: "broken"') + "\nplans: 7\n")
+        time.sleep(0.8)
+        catalog.write_text(original.replace('version: "2026-11-01"', 'version: "2026-11-23-reloaded"'))
+        time.sleep(0.8)
+        produce_traffic(settings, count=2_000, seed=52, start=start)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "new catalog refused" in err and "catalog reloaded" in err
+    client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+    try:
+        by_version = dict(client.query(
+            "SELECT catalog_version, count() FROM metering.rated_usage FINAL GROUP BY catalog_version").result_rows)
+    finally:
+        client.close()
+    assert set(by_version) == {"2026-11-01", "2026-11-23-reloaded"}, by_version
+    assert by_version["2026-11-01"] > 1_500 and by_version["2026-11-23-reloaded"] > 1_500

@@ -205,8 +205,11 @@ class Pipeline:
         catalog = self.watcher.changed()
         if catalog is not None:
             self.rater.set_catalog(catalog)
-            self.writer.submit(lambda: self.sink.replace_package_allowances(
-                package_allowances(catalog), catalog_version=catalog.version))
+            def replace_allowances() -> None:
+                self.sink.replace_package_allowances(package_allowances(catalog),
+                                                     catalog_version=catalog.version)
+
+            self.writer.submit(replace_allowances)
         accounts = self.accounts.changed()
         if accounts is not None:
             self.rater.set_accounts(accounts)
