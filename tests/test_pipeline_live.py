@@ -3,6 +3,7 @@ across kill -9 at chosen lines and duplicate delivery."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -17,6 +18,7 @@ import clickhouse_connect
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from metering import kafka_io
 from metering.config import Settings
 from metering.local_services import ensure_started
 from metering.simulate import produce_traffic
@@ -309,3 +311,64 @@ def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, 
         client.close()
     assert set(by_version) == {"2026-11-01", "2026-11-23-reloaded"}, by_version
     assert by_version["2026-11-01"] > 1_500 and by_version["2026-11-23-reloaded"] > 1_500
+
+
+def test_poison_and_every_reject_reason_land_on_usage_rejected_byte_for_byte(live: dict[str, str]) -> None:
+    """Broker-level poison (empty, oversize, invalid UTF-8) and each SPEC reject reason go to
+    usage.rejected with the original bytes, the reason and the source offset in headers; the
+    valid events around them are rated and the partition keeps moving."""
+    settings = Settings.from_env(live)
+    at = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+    def call(eid: str, **kw: object) -> bytes:
+        ev = {"kind": "call", "event_id": eid, "account_id": "acc-000001", "direction": "outbound",
+              "from": "+15550001111", "to": "+12125550100", "started_at": at, "duration_s": 65}
+        ev.update(kw)
+        return json.dumps(ev).encode()
+
+    cases: list[tuple[bytes, str | None]] = [
+        (call("ok-1"), None),
+        (b"", "invalid_json"),
+        (b'{"kind":"call","event_id":"' + b"x" * 70_000 + b'"}', "invalid_json"),  # > 64 KiB
+        (b'{"kind":"call","event_id":"\xff\xfe"}', "invalid_json"),  # not UTF-8
+        (b"CDR;a;b;c", "invalid_json"),
+        (call("bad-dur", duration_s=-5), "invalid_field"),
+        (json.dumps({"kind": "fax", "event_id": "k", "account_id": "acc-000001"}).encode(), "unknown_kind"),
+        (call("who", account_id="nobody"), "unknown_account"),
+        (call("nowhere", to="+9999999999"), "unknown_destination"),
+        (call("later", started_at="2099-01-01T00:00:00Z"), "future_timestamp"),
+        (json.dumps({"kind": "meter", "event_id": "m", "account_id": "acc-000001", "meter": "nope",
+                     "quantity": 1, "at": at}).encode(), "unknown_meter"),
+        (call("ok-2"), None),
+    ]
+    producer = kafka_io.make_producer(settings, **{"message.max.bytes": 1_000_000})
+    for value, _ in cases:  # one partition (same key), so offsets follow the list
+        producer.produce(settings.topics.events, value=value, key=b"acc-000001")
+    kafka_io.flush(producer)
+    assert _run(live) == 0
+
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([settings.topics.rejected])
+    got: list = []
+    deadline = time.monotonic() + 60
+    want = [(v, r) for v, r in cases if r]
+    while len(got) < len(want) and time.monotonic() < deadline:
+        got += [m for m in c.consume(100, 1.0) if m.error() is None]
+    c.close()
+    assert len(got) == len(want)
+    got.sort(key=lambda m: int(dict(m.headers())["source.offset"]))
+    offsets = [i for i, (_, r) in enumerate(cases) if r]
+    first = min(int(dict(m.headers())["source.offset"]) for m in got) - offsets[0]
+    for m, (value, reason), i in zip(got, want, offsets, strict=True):
+        h = dict(m.headers())
+        assert (m.value() or b"") == value  # byte for byte
+        assert h["reason"].decode() == reason, (value[:40], h)
+        assert int(h["source.offset"]) == first + i
+        assert h["source.topic"].decode() == settings.topics.events
+    client = clickhouse_connect.get_client(dsn=live["METERING_CLICKHOUSE_DSN"])
+    try:
+        rated = client.query("SELECT event_id, charge FROM metering.rated_usage FINAL ORDER BY event_id").result_rows
+    finally:
+        client.close()
+    assert [e for e, _ in rated] == ["ok-1", "ok-2"] and all(ch >= 0 for _, ch in rated)
