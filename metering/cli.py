@@ -277,10 +277,12 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
                            type=kind, amount=format_micros(micros), balance_after=format_micros(balance),
                            reference=reference)
     producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
-    if bits:
+    if bits:  # also re-sent on a replay (the first run may have died before producing it);
+        # event_id = the movement id, so consumers drop the repeat
         name = "unblocked" if bits & 2 else "blocked"
         producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
-            WalletEventOut(type=name, account_id=account_id, event_id=None, balance=format_micros(balance), at=at)))
+            WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
+                           balance=format_micros(balance), at=at)))
     kafka_io.flush(producer)
     note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
     click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -372,3 +374,86 @@ def test_poison_and_every_reject_reason_land_on_usage_rejected_byte_for_byte(liv
     finally:
         client.close()
     assert [e for e, _ in rated] == ["ok-1", "ok-2"] and all(ch >= 0 for _, ch in rated)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(live: dict[str, str]) -> None:
+    """While `metering run` works: /healthz, /readyz and /metrics (consumed, rejects by reason,
+    batch latency, lag...). Then `metering accounts credit` unblocks a wallet the traffic
+    blocked, once per reference, and the next run writes the movement to ClickHouse."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    port = _free_port()
+    env = {**live, "METERING_METRICS_PORT": str(port)}
+    settings = Settings.from_env(env)
+    produce_traffic(settings, count=20_000, seed=61, duplicate_rate=0.02, malformed_rate=0.01,
+                    start=now.replace(hour=0))
+    rater, _ = _offline(20_000, 61, 0.02, 0.01, now)
+    blocked = sorted(a for a in rater.accounts if rater.store.wallet(a).blocked)  # type: ignore[attr-defined]
+    assert blocked, "the seeded traffic blocks no wallet: pick another seed"
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(seen) < 3:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+                        body = resp.read().decode()
+                    if path != "/metrics" or "metering_consumed_total{" in body:
+                        seen[path] = body
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert seen.get("/healthz") == '{"status":"ok"}' and seen.get("/readyz") == '{"ready":true}', seen
+    for name in ("metering_consumed_total", 'metering_rejected_total{reason="invalid_json"}',
+                 "metering_batch_seconds_bucket", "metering_consumer_lag", "metering_redis_errors_total",
+                 "metering_clickhouse_errors_total", "metering_wallets_blocked_total",
+                 "metering_end_to_end_seconds_bucket"):
+        assert name in seen["/metrics"], name
+
+    account = blocked[0]
+    store = RedisWalletStore(connect(env["METERING_REDIS_URL"]))
+    assert store.wallet(account)["blocked"] == "1"  # type: ignore[index]
+
+    def credit() -> str:
+        out = subprocess.run([sys.executable, "-m", "metering.cli", "accounts", "credit", account, "1000.00",
+                              "--reference", "pay-1"], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout
+
+    balance = store.balances([account])[account]
+    assert "credit 1000.000000" in credit()
+    assert store.balances([account])[account] == balance + 1_000_000_000
+    assert store.wallet(account)["blocked"] == "0"  # type: ignore[index]
+    assert "already applied" in credit()  # same reference: once
+    assert store.balances([account])[account] == balance + 1_000_000_000
+    assert _run(env) == 0  # picks the movement up from wallet.movements
+    client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+    try:
+        moves = client.query("SELECT type, toInt64(amount * 1000000), reference FROM metering.wallet_movements FINAL "
+                             f"WHERE account_id = '{account}' AND type != 'debit'").result_rows
+    finally:
+        client.close()
+    assert moves == [("credit", 1_000_000_000, "pay-1")]
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([settings.topics.wallet_events])
+    events: list[dict] = []  # type: ignore[type-arg]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(e["type"] == "unblocked" for e in events):
+        events += [json.loads(m.value()) for m in c.consume(500, 1.0) if m.error() is None]
+    c.close()
+    mine = [e for e in events if e["account_id"] == account]
+    assert "blocked" in [e["type"] for e in mine]  # by the traffic
+    # unblocked by the credit; the replay may re-send it (at least once) under the same id
+    assert {e["event_id"] for e in mine if e["type"] == "unblocked"} == {f"credit:{account}:pay-1"}
