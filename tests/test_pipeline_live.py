@@ -457,3 +457,44 @@ def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(li
     assert "blocked" in [e["type"] for e in mine]  # by the traffic
     # unblocked by the credit; the replay may re-send it (at least once) under the same id
     assert {e["event_id"] for e in mine if e["type"] == "unblocked"} == {f"credit:{account}:pay-1"}
+
+
+def test_redis_losing_writes_under_a_running_pipeline_is_noticed_and_replayed(live: dict[str, str]) -> None:
+    """Redis goes back in time while `metering run` keeps running (a crash losing the AOF's
+    last second, a failover to a lagging replica): simulated by atomically restoring a
+    snapshot taken a few seconds earlier. Before its next batch the worker sees Redis's
+    positions fell below what it wrote, seeks back, settles the lost batches again, and the
+    end state equals `metering rate`."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    env = {**live, "METERING_BATCH_SIZE": "500"}
+    settings = Settings.from_env(env)
+    producer = threading.Thread(target=produce_traffic, args=(settings,), kwargs=dict(
+        count=20_000, per_second=1_500, seed=71, duplicate_rate=0.05, malformed_rate=0.01,
+        start=now.replace(hour=0)))
+    producer.start()
+    rater, rows = _offline(20_000, 71, 0.05, 0.01, now)
+    r = connect(env["METERING_REDIS_URL"])
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)
+        r.execute_command("CLIENT", "PAUSE", "5000", "WRITE")  # a consistent snapshot: no script runs
+        try:
+            snapshot = [(k, r.dump(k)) for k in r.scan_iter(count=1000)]
+        finally:
+            r.execute_command("CLIENT", "UNPAUSE")
+        assert any(k.startswith(b"pos:") for k, _ in snapshot), "no batch settled before the snapshot"
+        time.sleep(4)
+        pipe = r.pipeline(transaction=True)  # MULTI ... EXEC: the worker never sees a half state
+        pipe.flushdb()
+        for key, blob in snapshot:
+            pipe.restore(key, 0, blob, replace=True)
+        pipe.execute()
+        producer.join()
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "lost writes under a running worker" in err
+    _check_equal(env, rater, rows)

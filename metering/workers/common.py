@@ -152,6 +152,65 @@ class AccountsWatcher:
         return self.accounts
 
 
+class RedisLostWrites(RuntimeError):
+    """Redis holds no positions at all any more although this worker wrote some: it was wiped
+    (or restored from an empty backup). Charging on would be wrong; an operator restores it."""
+
+
+class PositionGuard:
+    """Notices, before each batch, that Redis lost writes *under a running worker* (a crash
+    and restart losing the AOF's last second, a failover to a lagging replica): the positions
+    Redis holds for this worker's partitions fell below the ones it wrote. The caller then
+    seeks back to Redis's positions and the lost batches are settled again (what Redis kept
+    is deduped). One HGETALL per batch."""
+
+    def __init__(self, store: Any, topic: str) -> None:
+        self.store = store
+        self.topic = topic
+        self.written: dict[int, int] = {}  # partition -> next offset this worker wrote
+
+    def wrote(self, next_offsets: dict[int, int]) -> None:
+        self.written.update(next_offsets)
+
+    def forget(self, partitions: Sequence[int]) -> None:
+        for p in partitions:
+            self.written.pop(p, None)
+
+    def behind(self) -> dict[int, int]:
+        """partition -> the position Redis holds, for partitions where it lost writes."""
+        if not self.written:
+            return {}
+        held = with_retry(lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT,
+                          metrics.REDIS_ERRORS)
+        if not held:
+            raise RedisLostWrites(f"Redis holds no positions for {self.topic} although this worker wrote "
+                                  f"{self.written}: it was wiped; restore it before restarting")
+        lost = {p: held.get(p, 0) for p, o in self.written.items() if held.get(p, 0) < o}
+        for p, pos in lost.items():
+            self.written[p] = pos
+        return lost
+
+    def seek_back(self, consumer: Any, msgs: Sequence[Message], lost: dict[int, int], stage: str) -> None:
+        """Drop the batch in hand and re-read from Redis's positions (and from this batch's
+        first offset on the partitions that lost nothing)."""
+        from confluent_kafka import TopicPartition
+
+        start: dict[int, int] = {}
+        for m in msgs:
+            p, o = int(m.partition() or 0), int(m.offset() or 0)
+            if o < start.get(p, o + 1):
+                start[p] = o
+        for p, pos in lost.items():
+            start[p] = min(pos, start.get(p, pos))
+        for p, off in start.items():
+            consumer.seek(TopicPartition(self.topic, p, off))
+        for p, pos in lost.items():
+            metrics.STORE_REWINDS.labels(stage=stage).inc()
+            log(LOG, logging.WARNING, "wallet store lost writes under a running worker: replaying",
+                stage=stage, topic=self.topic, partition=p, store_position=pos,
+                worker_position=start.get(p))
+
+
 # ---------------------------------------------------------------------- outputs
 
 

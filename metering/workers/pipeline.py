@@ -40,6 +40,7 @@ from metering.workers.common import (
     REDIS_TRANSIENT,
     AccountsWatcher,
     CatalogWatcher,
+    PositionGuard,
     arm_crash_timer,
     count_rows,
     crash_point,
@@ -158,6 +159,7 @@ class Pipeline:
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
         self.writer = OrderedWriter()
+        self.guard = PositionGuard(self.store, t.events)
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
                                                on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                                                on_revoke=self._on_revoke)
@@ -168,6 +170,7 @@ class Pipeline:
         # commit what was settled before the partitions move to another owner
         with contextlib.suppress(Exception):
             self.writer.drain()
+        self.guard.forget([tp.partition for tp in partitions])
 
     def ready(self) -> bool:
         try:
@@ -221,6 +224,11 @@ class Pipeline:
         started = time.perf_counter()
         arm_crash_timer()
         s = self.settings
+        lost = self.guard.behind()
+        if lost:  # Redis lost writes since the last batch: settle those again first
+            self.writer.drain()
+            self.guard.seek_back(self.consumer, msgs, lost, "debit")
+            return
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
         now = datetime.now(UTC)
         result = with_retry(lambda: self.rater.rate_batch(items, now), "redis settle",
@@ -228,6 +236,7 @@ class Pipeline:
         positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
         with_retry(lambda: self.store.record_positions(s.topics.events, positions), "redis positions",
                    REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.guard.wrote(positions)
         crash_point("after_redis")
         rows, events = result.rows, result.wallet_events
         ats = event_times(rows, events)

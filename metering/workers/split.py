@@ -32,6 +32,7 @@ from metering.workers.common import (
     REDIS_TRANSIENT,
     AccountsWatcher,
     CatalogWatcher,
+    PositionGuard,
     WalletEventOut,
     count_rows,
     crash_point,
@@ -54,10 +55,12 @@ class _Worker:
     stage = "worker"
 
     def __init__(self, settings: Settings, topics: Sequence[str],
-                 on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
+                 on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+                 on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
         self.settings = settings
         self.stop = threading.Event()
-        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics), on_assign=on_assign)
+        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics), on_assign=on_assign,
+                                               on_revoke=on_revoke)
         self.producer = kafka_io.make_producer(settings)
         self.delivery = kafka_io.DeliveryCheck()
         self._lag_state: dict[str, float] = {}
@@ -66,7 +69,9 @@ class _Worker:
     def ready(self) -> bool:
         return bool(self.consumer.assignment())
 
-    def handle(self, msgs: list[Message]) -> None:
+    def handle(self, msgs: list[Message]) -> bool:
+        """Handle one batch; False: the batch was dropped (the consumer was moved back), do
+        not commit it."""
         raise NotImplementedError
 
     def housekeeping(self) -> None:
@@ -81,7 +86,8 @@ class _Worker:
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), self.stage)
                 if msgs:
                     started = time.perf_counter()
-                    self.handle(msgs)
+                    if not self.handle(msgs):
+                        continue
                     kafka_io.flush(self.producer)
                     self.delivery.raise_if_failed()
                     crash_point(f"{self.stage}_before_commit")
@@ -127,7 +133,7 @@ class RatingWorker(_Worker):
         if accounts is not None:
             self.pricer.set_accounts(accounts)
 
-    def handle(self, msgs: list[Message]) -> None:
+    def handle(self, msgs: list[Message]) -> bool:
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
         rows = self.pricer.price(items, datetime.now(UTC))
         topic = self.settings.topics.priced
@@ -136,6 +142,7 @@ class RatingWorker(_Worker):
             if row[2] == "priced":
                 produce(topic, value=encode_priced(row), key=m.key(), on_delivery=self.delivery)
         produce_rejected(self.producer, self.settings.topics.rejected, rows, msgs, self.delivery)
+        return True
 
 
 class DebitWorker(_Worker):
@@ -148,8 +155,10 @@ class DebitWorker(_Worker):
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
         self.settler = Settler(self.watcher.catalog, self.store)
+        self.guard = PositionGuard(self.store, settings.topics.priced)
         super().__init__(settings, [settings.topics.priced],
-                         on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"))
+                         on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
+                         on_revoke=lambda _, parts: self.guard.forget([tp.partition for tp in parts]))
 
     def ready(self) -> bool:
         try:
@@ -163,13 +172,18 @@ class DebitWorker(_Worker):
         if catalog is not None:
             self.settler.set_catalog(catalog)
 
-    def handle(self, msgs: list[Message]) -> None:
+    def handle(self, msgs: list[Message]) -> bool:
+        lost = self.guard.behind()
+        if lost:  # Redis lost writes since the last batch: settle those again first
+            self.guard.seek_back(self.consumer, msgs, lost, self.stage)
+            return False
         priced = [decode_priced(m.value() or b"") for m in msgs]
         result = with_retry(lambda: self.settler.settle(priced), "redis settle", REDIS_TRANSIENT,
                             metrics.REDIS_ERRORS)
         positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
         with_retry(lambda: self.store.record_positions(self.settings.topics.priced, positions),
                    "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.guard.wrote(positions)
         crash_point("after_redis")
         rated_topic = self.settings.topics.rated
         for row, m in zip(result.rows, msgs, strict=True):
@@ -177,6 +191,7 @@ class DebitWorker(_Worker):
         produce_wallet_events(self.producer, self.settings.topics.wallet_events, result.wallet_events,
                               event_times(result.rows, result.wallet_events), self.delivery)
         count_rows(result.rows)
+        return True
 
 
 class SinkWorker(_Worker):
@@ -200,7 +215,7 @@ class SinkWorker(_Worker):
         if catalog is not None:
             self.sink.replace_package_allowances(package_allowances(catalog), catalog_version=catalog.version)
 
-    def handle(self, msgs: list[Message]) -> None:
+    def handle(self, msgs: list[Message]) -> bool:
         t = self.settings.topics
         rows, rejected, events, ats, moves = [], [], [], [], []
         for m in msgs:
@@ -234,6 +249,7 @@ class SinkWorker(_Worker):
             self.sink.insert_wallet_events(events, at=ats)
 
         with_retry(write, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+        return True
 
     def close(self) -> None:
         super().close()
