@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from rating.accounts import Account, AccountsError, load_accounts
 from rating.catalog import Catalog, CatalogError, load_catalog, summarize
 
+if TYPE_CHECKING:
+    import threading
 
-def _fail(message: str, code: int = 2) -> None:
+    from metering.config import Settings
+
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(message, err=True)
     sys.exit(code)
 
@@ -111,10 +119,10 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
 
 # ---------------------------------------------------------------------------- live pipeline
 
-def _settings(**overrides: object):  # noqa: ANN202
+def _settings(**overrides: Any) -> Settings:
     from metering.config import Settings
 
-    return Settings.from_env(**overrides)
+    return Settings.from_env(None, **overrides)
 
 
 @main.command("setup")
@@ -149,7 +157,7 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
     pipeline.run(max_idle_s=until_idle)
 
 
-def _start_or_fail(build):  # noqa: ANN001, ANN202
+def _start_or_fail(build: Callable[[], T]) -> T:
     try:
         return build()
     except CatalogError as exc:
@@ -158,10 +166,10 @@ def _start_or_fail(build):  # noqa: ANN001, ANN202
         _fail(f"error: {exc}")
 
 
-def _stop_on_signals(event) -> None:  # noqa: ANN001
+def _stop_on_signals(event: threading.Event) -> None:
     import signal
 
-    def handler(signum, frame):  # noqa: ANN001, ANN202, ARG001
+    def handler(signum: int, frame: object) -> None:  # noqa: ARG001
         event.set()
 
     signal.signal(signal.SIGTERM, handler)

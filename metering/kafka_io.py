@@ -17,7 +17,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from metering import metrics
 from metering.config import Settings
@@ -120,8 +120,8 @@ def next_offsets(msgs: Iterable[Message]) -> dict[tuple[str, int], int]:
     """last offset + 1 per (topic, partition) of a batch."""
     out: dict[tuple[str, int], int] = {}
     for m in msgs:
-        key = (m.topic(), m.partition())
-        nxt = m.offset() + 1
+        key = (str(m.topic()), int(m.partition() or 0))
+        nxt = int(m.offset() or 0) + 1
         if nxt > out.get(key, 0):
             out[key] = nxt
     return out

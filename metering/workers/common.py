@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
@@ -149,7 +149,7 @@ class AccountsWatcher:
         self.version = version
         self.accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
         log(LOG, logging.INFO, "accounts reloaded", accounts=len(self.accounts), version=version)
-        return self.accounts
+        return cast(dict[str, Any], self.accounts)
 
 
 class RedisLostWrites(RuntimeError):
@@ -280,7 +280,7 @@ def produce_rejected(producer: Producer, topic: str, rows: Sequence[Row], msgs: 
             topic, value=m.value() or b"", key=m.key(), on_delivery=on_delivery,
             headers=[
                 ("reason", row[4].encode()), ("detail", (row[5] or "").encode()),
-                ("source.topic", m.topic().encode()), ("source.partition", str(m.partition()).encode()),
+                ("source.topic", str(m.topic()).encode()), ("source.partition", str(m.partition()).encode()),
                 ("source.offset", str(m.offset()).encode()), ("event_id", (row[0] or "").encode()),
                 ("account_id", (row[1] or "").encode()),
             ],
@@ -291,7 +291,7 @@ def produce_rejected(producer: Producer, topic: str, rows: Sequence[Row], msgs: 
 def rejected_rows_for_sink(rows: Sequence[Row], msgs: Sequence[Message]) -> list[tuple[bytes, str, str | None, str, int, int, datetime]]:
     now = datetime.now(UTC)
     return [
-        (m.value() or b"", row[4], row[5], m.topic(), m.partition(), m.offset(), now)
+        (m.value() or b"", row[4], row[5], str(m.topic()), int(m.partition() or 0), int(m.offset() or 0), now)
         for row, m in zip(rows, msgs, strict=True)
         if row[2] == "rejected"
     ]

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 import msgspec
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
@@ -224,7 +225,8 @@ class SinkWorker(_Worker):
                 if topic == t.rated:
                     rows.append(decode_row(value))
                 elif topic == t.rejected:
-                    h = {k: (v or b"").decode("utf-8", "replace") for k, v in (m.headers() or [])}
+                    headers = cast(list[tuple[str, bytes | None]], m.headers() or [])
+                    h = {k: (v or b"").decode("utf-8", "replace") for k, v in headers}
                     rejected.append((value, h.get("reason", "invalid_json"), h.get("detail") or None,
                                      h.get("source.topic", t.events), int(h.get("source.partition", "0")),
                                      int(h.get("source.offset", "0")), datetime.now(UTC)))
