@@ -295,7 +295,6 @@ def test_credit_and_authorize_on_the_cluster(client: RedisCluster, cluster_url: 
     assert holds > 0
 
 
-@pytest.mark.skipif(os.environ.get("METERING_CLUSTER_LIVE", "1") == "0", reason="METERING_CLUSTER_LIVE=0")
 def test_live_pipeline_on_the_cluster_equals_offline(client: RedisCluster, cluster_url: str, tmp_path: Path) -> None:
     """`metering run --until-idle` with METERING_REDIS_URL=redis+cluster://... on 10 k events."""
 
