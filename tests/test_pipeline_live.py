@@ -3,6 +3,7 @@ across kill -9 at chosen lines and duplicate delivery."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,12 +14,13 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import clickhouse_connect
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from metering import kafka_io
 from metering.config import Settings
@@ -51,29 +53,80 @@ def live(tmp_path: Path):  # noqa: ANN201
     return env
 
 
-def _run(env: dict[str, str], **extra: str) -> int:
-    proc = subprocess.run([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
-                          env={**env, **extra}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+RUN = [sys.executable, "-m", "metering.cli", "run", "--until-idle"]
+
+
+def _run_logged(env: dict[str, str], **extra: str) -> tuple[int, str]:
+    """`metering run --until-idle 3` to the end: (exit code, stderr); 0 or -9 (a crash point)."""
+    proc = subprocess.run([*RUN, "3"], env={**env, **extra}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     if proc.returncode not in (0, -9):
         raise AssertionError(f"metering run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc.returncode
+    return proc.returncode, proc.stderr
 
 
-def _rewind(env: dict[str, str]) -> int:
-    """Move the pipeline's committed offsets on usage.events back to the start (an operator's
-    consumer-group reset). Returns how many messages that re-delivers."""
-    settings = Settings.from_env(env)
+def _run(env: dict[str, str], **extra: str) -> int:
+    return _run_logged(env, **extra)[0]
+
+
+@contextlib.contextmanager
+def _running(env: dict[str, str], idle_s: str = "3") -> Iterator[subprocess.Popen[str]]:
+    """`metering run` in the background while the test acts on the stack; killed if left over."""
+    proc = subprocess.Popen([*RUN, idle_s], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finished(proc: subprocess.Popen[str]) -> str:
+    """Wait for a background run to exit on its own, cleanly; returns its stderr (JSON logs)."""
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _paced(settings: Settings, seed: int, now: datetime) -> threading.Thread:
+    """20 k events at 1 500/s (~13 s) from a thread, so something can happen mid-stream."""
+    producer = threading.Thread(target=produce_traffic, args=(settings,), kwargs={
+        "count": 20_000, "per_second": 1_500, "seed": seed, "duplicate_rate": 0.05,
+        "malformed_rate": 0.01, "start": now.replace(hour=0)})
+    producer.start()
+    return producer
+
+
+def _group_offsets(settings: Settings, *, reset_to: int | None = None) -> int:
+    """Sum of the pipeline group's committed offsets on usage.events; with `reset_to`, then
+    commit that offset on every partition (an operator's consumer-group reset)."""
     topic = settings.topics.events
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.group_prefix}-debit",
                   "enable.auto.commit": False})
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p) for p in parts]
-        before = sum(tp.offset for tp in c.committed(tps, timeout=10))
-        c.commit(offsets=[TopicPartition(topic, p, 0) for p in parts], asynchronous=False)
+        total = sum(max(0, tp.offset) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10))
+        if reset_to is not None:
+            c.commit(offsets=[TopicPartition(topic, p, reset_to) for p in parts], asynchronous=False)
     finally:
         c.close()
-    return before
+    return total
+
+
+def _read(settings: Settings, topic: str, done: Callable[[list[Message]], bool], timeout_s: float = 60) -> list[Message]:
+    """Messages of `topic` from the start (a throwaway group) until `done(messages)` or timeout."""
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done(got) and time.monotonic() < deadline:
+            got += [m for m in c.consume(500, 1.0) if m.error() is None]
+    finally:
+        c.close()
+    return got
 
 
 def _offline(count: int, seed: int, dup: float, bad: float, now: datetime):  # noqa: ANN202
@@ -121,7 +174,7 @@ def test_live_pipeline_matches_offline_rating_then_a_rewind_changes_nothing(live
     rater, rows = _offline(100_000, 11, 0.05, 0.01, now)
     assert _run(env) == 0
     _check_equal(env, rater, rows)
-    assert _rewind(env) == 100_000
+    assert _group_offsets(settings, reset_to=0) == 100_000
     assert _run(env) == 0
     _check_equal(env, rater, rows)
 
@@ -178,14 +231,21 @@ def test_kill_9_at_24_seeded_points_then_restart_changes_nothing(live: dict[str,
 
 
 def _snapshot(url: str) -> list[tuple[bytes, int, bytes]]:
+    """Every key of the database, consistent even while a worker writes: writes (scripts
+    included) are paused while it is read."""
     r = connect(url)
-    return [(k, max(0, r.pttl(k)), r.dump(k)) for k in r.scan_iter(count=1000)]
+    r.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+    try:
+        return [(k, max(0, r.pttl(k)), r.dump(k)) for k in r.scan_iter(count=1000)]
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
 
 
 def _restore(url: str, snapshot: list[tuple[bytes, int, bytes]]) -> None:
-    r = connect(url)
-    r.flushdb()
-    pipe = r.pipeline(transaction=False)
+    """Put the database back to the snapshot in one MULTI/EXEC: a running worker never sees
+    a half-restored state."""
+    pipe = connect(url).pipeline(transaction=True)
+    pipe.flushdb()
     for key, ttl, blob in snapshot:
         pipe.restore(key, ttl, blob, replace=True)
     pipe.execute()
@@ -210,10 +270,9 @@ def test_redis_losing_its_last_writes_after_kafka_committed_is_replayed(live: di
     store = RedisWalletStore(connect(url))
     offline_bal = {a: rater.store.wallet(a).balance for a in rater.accounts}  # type: ignore[attr-defined]
     assert store.balances(rater.accounts) != offline_bal  # the loss is real
-    proc = subprocess.run([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
-                          env=live, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wallet store is behind Kafka" in proc.stderr
+    rc, err = _run_logged(live)
+    assert rc == 0
+    assert "wallet store is behind Kafka" in err
     _check_equal(live, rater, rows)
 
 
@@ -238,44 +297,24 @@ def test_redis_outage_mid_stream_is_retried_not_rejected(live: dict[str, str]) -
     now = datetime.now(UTC).replace(microsecond=0)
     env = {**live, "METERING_BATCH_SIZE": "250"}
     settings = Settings.from_env(env)
-    producer = threading.Thread(target=produce_traffic, args=(settings,), kwargs=dict(
-        count=20_000, per_second=1_500, seed=41, duplicate_rate=0.05, malformed_rate=0.01,
-        start=now.replace(hour=0)))
-    producer.start()  # paced over ~13 s, so the outage lands mid-stream
+    producer = _paced(settings, 41, now)
     rater, rows = _offline(20_000, 41, 0.05, 0.01, now)
     script = str(ROOT / "deploy/local/services.sh")
-    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _running(env) as proc:
         time.sleep(6)  # started and settling batches
         assert proc.poll() is None, "the pipeline finished before the outage"
         subprocess.run(["bash", script, "stop", "redis"], check=True, capture_output=True)
         time.sleep(4)
         subprocess.run(["bash", script, "start", "redis"], check=True, capture_output=True)
         producer.join()
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+        err = _finished(proc)
     assert "failed, retrying" in err  # the outage was seen and waited out
     _check_equal(env, rater, rows)
 
 
-def _committed(settings: Settings) -> int:
-    topic = settings.topics.events
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.group_prefix}-debit",
-                  "enable.auto.commit": False})
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(max(0, tp.offset) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10))
-    finally:
-        c.close()
-
-
 def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    while _committed(settings) < n:
+    while _group_offsets(settings) < n:
         assert time.monotonic() < deadline, f"pipeline did not commit {n} messages in {timeout_s} s"
         time.sleep(0.5)
 
@@ -290,20 +329,14 @@ def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, 
     settings = Settings.from_env(env)
     start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     produce_traffic(settings, count=2_000, seed=51, start=start)
-    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "8"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _running(env, idle_s="8") as proc:
         _wait_committed(settings, 2_000)
         catalog.write_text(original.replace('version: "2026-11-01"', 'version: "broken"') + "\nplans: 7\n")
         time.sleep(0.8)
         catalog.write_text(original.replace('version: "2026-11-01"', 'version: "2026-11-23-reloaded"'))
         time.sleep(0.8)
         produce_traffic(settings, count=2_000, seed=52, start=start)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+        err = _finished(proc)
     assert "new catalog refused" in err and "catalog reloaded" in err
     client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
     try:
@@ -349,15 +382,8 @@ def test_poison_and_every_reject_reason_land_on_usage_rejected_byte_for_byte(liv
     kafka_io.flush(producer)
     assert _run(live) == 0
 
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([settings.topics.rejected])
-    got: list = []
-    deadline = time.monotonic() + 60
     want = [(v, r) for v, r in cases if r]
-    while len(got) < len(want) and time.monotonic() < deadline:
-        got += [m for m in c.consume(100, 1.0) if m.error() is None]
-    c.close()
+    got = _read(settings, settings.topics.rejected, lambda ms: len(ms) >= len(want))
     assert len(got) == len(want)
     got.sort(key=lambda m: int(dict(m.headers())["source.offset"]))
     offsets = [i for i, (_, r) in enumerate(cases) if r]
@@ -395,31 +421,28 @@ def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(li
     rater, _ = _offline(20_000, 61, 0.02, 0.01, now)
     blocked = sorted(a for a in rater.accounts if rater.store.wallet(a).blocked)  # type: ignore[attr-defined]
     assert blocked, "the seeded traffic blocks no wallet: pick another seed"
-    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wanted = ("metering_consumed_total", 'metering_rejected_total{reason="invalid_json"}',
+              "metering_batch_seconds_bucket", "metering_consumer_lag", "metering_redis_errors_total",
+              "metering_clickhouse_errors_total", "metering_wallets_blocked_total",
+              "metering_end_to_end_seconds_bucket")
     seen: dict[str, str] = {}
-    try:
+
+    def complete() -> bool:  # counters appear as batches are written: poll until all are there
+        return len(seen) == 3 and all(name in seen["/metrics"] for name in wanted)
+
+    with _running(env) as proc:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and len(seen) < 3:
+        while time.monotonic() < deadline and proc.poll() is None and not complete():
             for path in ("/healthz", "/readyz", "/metrics"):
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-                        body = resp.read().decode()
-                    if path != "/metrics" or "metering_consumed_total{" in body:
-                        seen[path] = body
+                        seen[path] = resp.read().decode()
                 except OSError:
                     pass
             time.sleep(0.3)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+        _finished(proc)
     assert seen.get("/healthz") == '{"status":"ok"}' and seen.get("/readyz") == '{"ready":true}', seen
-    for name in ("metering_consumed_total", 'metering_rejected_total{reason="invalid_json"}',
-                 "metering_batch_seconds_bucket", "metering_consumer_lag", "metering_redis_errors_total",
-                 "metering_clickhouse_errors_total", "metering_wallets_blocked_total",
-                 "metering_end_to_end_seconds_bucket"):
+    for name in wanted:
         assert name in seen["/metrics"], name
 
     account = blocked[0]
@@ -445,15 +468,8 @@ def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(li
     finally:
         client.close()
     assert moves == [("credit", 1_000_000_000, "pay-1")]
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([settings.topics.wallet_events])
-    events: list[dict] = []  # type: ignore[type-arg]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(e["type"] == "unblocked" for e in events):
-        events += [json.loads(m.value()) for m in c.consume(500, 1.0) if m.error() is None]
-    c.close()
-    mine = [e for e in events if e["account_id"] == account]
+    msgs = _read(settings, settings.topics.wallet_events, lambda ms: any(b'"unblocked"' in m.value() for m in ms))
+    mine = [e for e in map(json.loads, (m.value() for m in msgs)) if e["account_id"] == account]
     assert "blocked" in [e["type"] for e in mine]  # by the traffic
     # unblocked by the credit; the replay may re-send it (at least once) under the same id
     assert {e["event_id"] for e in mine if e["type"] == "unblocked"} == {f"credit:{account}:pay-1"}
@@ -468,33 +484,16 @@ def test_redis_losing_writes_under_a_running_pipeline_is_noticed_and_replayed(li
     now = datetime.now(UTC).replace(microsecond=0)
     env = {**live, "METERING_BATCH_SIZE": "500"}
     settings = Settings.from_env(env)
-    producer = threading.Thread(target=produce_traffic, args=(settings,), kwargs=dict(
-        count=20_000, per_second=1_500, seed=71, duplicate_rate=0.05, malformed_rate=0.01,
-        start=now.replace(hour=0)))
-    producer.start()
+    producer = _paced(settings, 71, now)
     rater, rows = _offline(20_000, 71, 0.05, 0.01, now)
-    r = connect(env["METERING_REDIS_URL"])
-    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run", "--until-idle", "3"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    url = env["METERING_REDIS_URL"]
+    with _running(env) as proc:
         time.sleep(6)
-        r.execute_command("CLIENT", "PAUSE", "5000", "WRITE")  # a consistent snapshot: no script runs
-        try:
-            snapshot = [(k, r.dump(k)) for k in r.scan_iter(count=1000)]
-        finally:
-            r.execute_command("CLIENT", "UNPAUSE")
-        assert any(k.startswith(b"pos:") for k, _ in snapshot), "no batch settled before the snapshot"
+        snapshot = _snapshot(url)
+        assert any(k.startswith(b"pos:") for k, _, _ in snapshot), "no batch settled before the snapshot"
         time.sleep(4)
-        pipe = r.pipeline(transaction=True)  # MULTI ... EXEC: the worker never sees a half state
-        pipe.flushdb()
-        for key, blob in snapshot:
-            pipe.restore(key, 0, blob, replace=True)
-        pipe.execute()
+        _restore(url, snapshot)
         producer.join()
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+        err = _finished(proc)
     assert "lost writes under a running worker" in err
     _check_equal(env, rater, rows)
