@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/bench_pipeline.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench_rating import accounts_10k  # noqa: E402 - the same 10 k accounts as the rating benchmark
+
 from metering import kafka_io  # noqa: E402
 from metering.config import Settings  # noqa: E402
 from metering.local_services import ensure_started  # noqa: E402
@@ -73,17 +75,6 @@ MALFORMED_RATE = 0.005
 
 def err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def accounts_10k(base: list[dict]) -> list[dict]:  # type: ignore[type-arg]
-    """10 000 accounts cycling through the example ones, with balances that never run out."""
-    out = []
-    for i in range(10_000):
-        a = dict(base[i % len(base)])
-        a["id"] = f"bench-{i:05d}"
-        a["balance"] = "1000000.00" if a.get("billing", "prepaid") == "prepaid" else "0"
-        out.append(a)
-    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,12 +138,7 @@ def produce_all(settings: Settings, events: list[tuple[str, bytes, str]]) -> flo
     topic = settings.topics.events
     t = time.perf_counter()
     for i, (key, value, _) in enumerate(events):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key.encode(), on_delivery=delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_io.produce(producer, topic, value, key.encode(), delivery)
         if i % 5000 == 0:
             producer.poll(0)
     kafka_io.flush(producer)
@@ -315,11 +301,7 @@ def paced_producer(conn: Any, settings: Settings, accounts_list: list[dict], cou
         worst_behind = max(worst_behind, (due - i) / rate)
         while i < due:
             key, value, _ = events[i]
-            try:
-                producer.produce(topic, value=value, key=key.encode(), on_delivery=delivery)
-            except BufferError:
-                producer.poll(0.01)
-                continue
+            kafka_io.produce(producer, topic, value, key.encode(), delivery)
             i += 1
         producer.poll(0)
         ahead = i / rate - (time.monotonic() - t0)

@@ -93,6 +93,17 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
     return consumer
 
 
+def produce(producer: Producer, topic: str, value: bytes, key: bytes | None,
+            on_delivery: Callable[..., None]) -> None:
+    """produce(), waiting for room when the local queue is full instead of failing."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def flush(producer: Producer, timeout_s: float = 60.0) -> None:
     """Wait for every queued message; raise if the broker did not take them all."""
     remaining = producer.flush(timeout_s)
@@ -224,4 +235,4 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
 
 __all__ = ["OFFSET_END", "DeliveryCheck", "commit_offsets", "end_offsets", "ensure_topics",
-           "flush", "make_consumer", "make_producer", "split_errors", "update_lag"]
+           "flush", "produce", "make_consumer", "make_producer", "split_errors", "update_lag"]

@@ -31,12 +31,7 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
     for key, value in generate_events(catalog, accounts, count=count, seed=seed, start=start,
                                       duplicate_rate=duplicate_rate, malformed_rate=malformed_rate,
                                       now=now):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key.encode(), on_delivery=delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_io.produce(producer, topic, value, key.encode(), delivery)
         sent += 1
         if sent % 1000 == 0:
             producer.poll(0)

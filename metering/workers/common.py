@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message, Producer, TopicPartition
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from metering import metrics
@@ -193,8 +193,6 @@ class PositionGuard:
     def seek_back(self, consumer: Any, msgs: Sequence[Message], lost: dict[int, int], stage: str) -> None:
         """Drop the batch in hand and re-read from Redis's positions (and from this batch's
         first offset on the partitions that lost nothing)."""
-        from confluent_kafka import TopicPartition
-
         start: dict[int, int] = {}
         for m in msgs:
             p, o = int(m.partition() or 0), int(m.offset() or 0)
