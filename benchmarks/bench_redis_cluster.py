@@ -10,7 +10,8 @@ one apply script per batch; the cluster one script per hash slot of the batch's 
 pipelined (one round trip per master). Each round starts from empty wallets: it FLUSHES the
 --redis-url database and the whole cluster, so point them at scratch instances (the
 defaults are the local services: `deploy/local/services.sh start redis` / `start redis-cluster`).
-Prints events/s, batch p50/max, time in the store calls, slot groups per batch.
+Prints events/s, batch p50/max, time in the store calls, slot groups per batch; for the standalone
+Redis also the time one script call blocks it (INFO commandstats) and the bytes per dedupe entry.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def run(name: str, url: str, priced: list[Any], rounds: int, count: int) -> dict
         store.import_accounts(accs.values())
         timed = Timed(store)
         settler = Settler(cat, timed)  # type: ignore[arg-type]
+        if name != "cluster":
+            client.config_resetstat()
         lat: list[float] = []
         t0 = time.perf_counter()
         for batch in priced:
@@ -86,12 +89,20 @@ def run(name: str, url: str, priced: list[Any], rounds: int, count: int) -> dict
         res = {"events_s": count / total, "p50_ms": statistics.median(lat) * 1000, "max_ms": max(lat) * 1000,
                "store_s": timed.seconds, "total_s": total,
                "groups": statistics.mean(timed.groups) if timed.groups else 1.0}
+        if name != "cluster":  # how long one script blocks Redis; what the dedupe entries weigh
+            res["script_ms"] = client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"] / 1000
+            keys = list(client.scan_iter("d:*", count=1000))
+            res["dedupe_b"] = (sum(client.memory_usage(k, samples=0) or 0 for k in keys)
+                               / max(1, sum(client.hlen(k) for k in keys)))
         if not best or res["events_s"] > best["events_s"]:
             best = res
         client.close()
     print(f"{name:10} {best['events_s']:>9,.0f} events/s  batch p50 {best['p50_ms']:6.1f} ms  max "
           f"{best['max_ms']:6.1f} ms  store calls {best['store_s']:.2f} of {best['total_s']:.2f} s  "
           f"script calls/batch {best['groups']:.0f}")
+    if "script_ms" in best:
+        print(f"{'':10} Redis time per script call {best['script_ms']:.1f} ms (INFO commandstats), "
+              f"dedupe entries {best['dedupe_b']:.0f} bytes per event (MEMORY USAGE)")
     return best
 
 
