@@ -260,6 +260,8 @@ def debit_movements(rows: Sequence[Row]) -> list[Movement]:
 
 def event_times(rows: Sequence[Row], events: Sequence[WalletEvent]) -> list[datetime]:
     """The timestamp of each wallet event's cause (its usage event)."""
+    if not events:  # most batches: no per-row map to build
+        return []
     at = {(r[1], r[0]): r[19] for r in rows if r[2] == "rated"}
     now = datetime.now(UTC)
     return [at.get((e.account_id, e.event_id or ""), now) for e in events]
