@@ -487,11 +487,16 @@ def test_redis_losing_writes_under_a_running_pipeline_is_noticed_and_replayed(li
     producer = _paced(settings, 71, now)
     rater, rows = _offline(20_000, 71, 0.05, 0.01, now)
     url = env["METERING_REDIS_URL"]
+    store = RedisWalletStore(connect(url))
     with _running(env) as proc:
         time.sleep(6)
         snapshot = _snapshot(url)
-        assert any(k.startswith(b"pos:") for k, _, _ in snapshot), "no batch settled before the snapshot"
-        time.sleep(4)
+        at_snapshot = sum(store.positions(settings.topics.events).values())  # >= the snapshot's
+        assert at_snapshot, "no batch settled before the snapshot"
+        deadline = time.monotonic() + 60
+        while sum(store.positions(settings.topics.events).values()) <= at_snapshot:  # more settled since
+            assert time.monotonic() < deadline and proc.poll() is None, "nothing settled after the snapshot"
+            time.sleep(0.2)
         _restore(url, snapshot)
         producer.join()
         err = _finished(proc)

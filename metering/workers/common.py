@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -87,14 +88,20 @@ def arm_crash_timer() -> None:
 
 
 class CatalogWatcher:
-    """Reloads the catalog when its file changes; a bad new version is refused and logged,
-    and the running one stays in force."""
+    """Reloads the catalog when its file's content changes; a bad new version is refused and
+    logged, and the running one stays in force. A change is seen by (mtime, size), and while the
+    mtime is within the last 2 s the content hash is compared too: file timestamps are as
+    coarse as the kernel tick, so a file rewritten twice in one tick keeps its mtime."""
+
+    RACY_NS = 2_000_000_000
 
     def __init__(self, path: str, every_s: float) -> None:
         self.path = Path(path)
         self.every_s = every_s
         self._checked = 0.0
-        self._mtime = self.path.stat().st_mtime_ns
+        st = self.path.stat()
+        self._stat = (st.st_mtime_ns, st.st_size)
+        self._digest = hashlib.sha256(self.path.read_bytes()).digest()
         self.catalog = load_catalog(self.path)
         metrics.CATALOG_VERSION.labels(version=self.catalog.version).set(1)
 
@@ -104,12 +111,17 @@ class CatalogWatcher:
             return None
         self._checked = now
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
+            stat = (st.st_mtime_ns, st.st_size)
+            if stat == self._stat and time.time_ns() - st.st_mtime_ns > self.RACY_NS:
+                return None
+            digest = hashlib.sha256(self.path.read_bytes()).digest()
         except OSError:
             return None
-        if mtime == self._mtime:
+        self._stat = stat
+        if digest == self._digest:
             return None
-        self._mtime = mtime
+        self._digest = digest
         try:
             catalog = load_catalog(self.path)
         except CatalogError as exc:
