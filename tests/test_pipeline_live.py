@@ -343,6 +343,7 @@ def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, 
         proc.send_signal(signal.SIGTERM)
         err = _finished(proc)
     assert "new catalog refused" in err and "catalog reloaded" in err
+    assert '"msg":"pipeline stopped","reason":"signal"' in err
     client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
     try:
         by_version = dict(client.query(

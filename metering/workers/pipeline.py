@@ -185,6 +185,7 @@ class Pipeline:
         log(LOG, logging.INFO, "pipeline started", catalog=self.watcher.catalog.version,
             accounts=len(self.rater.accounts), kafka=s.kafka_bootstrap, redis=s.redis_url,
             clickhouse=s.clickhouse_dsn)
+        reason = "signal"
         try:
             while not self.stop.is_set():
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), "debit")
@@ -199,9 +200,13 @@ class Pipeline:
                     self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
+                        reason = "idle"
                         break
         finally:
             self.close()
+        p = self.progress
+        log(LOG, logging.INFO, "pipeline stopped", reason=reason, consumed=p.consumed, rated=p.rated,
+            rejected=p.rejected, duplicates=p.duplicates, batches=p.batches)
         return self.progress
 
     def housekeeping(self) -> None:
