@@ -72,6 +72,7 @@ def _run_worker(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
     stopped = [line for line in proc.stderr.splitlines() if '"alerts worker stopped"' in line]
     assert len(stopped) == 1, proc.stderr[-4000:]
     counts: dict[str, Any] = msgspec.json.decode(stopped[0])
+    counts["stderr"] = proc.stderr[-4000:]  # shown when an assertion on the counts fails
     return counts
 
 
@@ -147,7 +148,7 @@ def test_restart_recovers_the_table_and_sends_no_duplicate(env: dict[str, str], 
     _produce(env, [*EVENTS, new])
     counts = _run_worker(env, tmp_path / "run2")
     # input whose offsets run 1 had not committed is read again: the table drops that too
-    assert counts["received"] >= len(EVENTS) + 1
-    assert counts["notified"] == 1
-    assert counts["duplicates"] == counts["received"] - 1
+    assert counts["received"] >= len(EVENTS) + 1, counts
+    assert counts["notified"] == 1, counts
+    assert counts["duplicates"] == counts["received"] - 1, counts
     _check(_notifications(env), [*EVENTS, new])

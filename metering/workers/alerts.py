@@ -13,9 +13,11 @@ the rating/debit path stays on confluent-kafka batches (see benchmarks/bench_fau
 Guarantee: repeats of an alert are dropped at once (in memory) and across restarts (the table
 is rebuilt from its changelog). Default `exactly_once`: the notification, the table's
 changelog write and the source offsets commit in one Kafka transaction (every ~2.8 s, Faust's
-commit interval), so a kill -9 between sending and recording cannot double-send; readers of
-`notifications` must use isolation.level=read_committed (librdkafka's default; aiokafka's is
-not). `at_least_once` sends at once but may repeat one notification after a crash.
+commit interval), so a kill -9 between sending and recording does not double-send (one gap is
+left: a periodic commit landing between the notification's send and the table write's flush,
+two awaits apart, followed by a kill before the next commit, repeats that one notification);
+readers of `notifications` must use isolation.level=read_committed (librdkafka's default;
+aiokafka's is not). `at_least_once` sends at once but may repeat one notification after a crash.
 
 Run: `run_alerts_worker(Settings.from_env())` (or `python -m metering.workers.alerts`).
 """
@@ -163,6 +165,10 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
             note = to_notification(event, key)
             await out.send(key=event.account_id.encode(), value=_encode(note))
             sent[key] = note.notification_id
+            # A table write is only queued (Faust's producer buffer, drained by a background
+            # task); hand it to the partition's transactional producer now, so it commits in
+            # the same transaction as the notification and never after the offsets.
+            await app.producer.buffer.flush()
             stats.notified += 1
 
     @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
@@ -176,6 +182,7 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
             return
         if until_idle_s is not None and now - max(stats.last_event_at, stats.ready_at) >= until_idle_s:
             log(LOG, logging.INFO, "idle, stopping", idle_s=until_idle_s)
+            await app.producer.buffer.flush()  # queued table writes join the last transaction
             await app.consumer.commit()  # Faust commits on stop too; this one is not racing it
             os.kill(os.getpid(), signal.SIGTERM)  # the worker's graceful shutdown path
 
