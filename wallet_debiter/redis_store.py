@@ -143,6 +143,11 @@ class RedisWalletStore:
         self._lookup = client.register_script(_lua("lookup.lua"))
         self._apply = client.register_script(_lua("apply.lua"))
         self._credit = client.register_script(_lua("credit.lua"))
+        self._positions_cas = client.register_script(_lua("positions.lua"))
+        # positions the next apply checks and writes with the debits (standalone, see
+        # bind_positions); positions_applied says whether a successful apply did
+        self._bound: tuple[str, list[list[Any]]] | None = None
+        self.positions_applied = False
         self._pack = msgspec.msgpack.Encoder().encode
         self._unpack = msgspec.msgpack.Decoder().decode
         # used seconds seen by the last lookup, re-checked by apply (optimistic concurrency)
@@ -166,6 +171,32 @@ class RedisWalletStore:
         for key in self._position_keys(topic):
             pipe.hset(key, mapping=cast(Any, mapping))
         pipe.execute()
+
+    def bind_positions(self, topic: str, expected: Mapping[int, int], new: Mapping[int, int]) -> None:
+        """The next batch's positions: `expected` the ones this worker wrote last (absent: none
+        yet), `new` the ones to write. Standalone: the batch's apply checks and writes them in
+        its own atomic step, raising PositionsLost instead of applying if Redis went back in
+        time. Cluster (positions live on other slots than the wallets) and batches without
+        debits: `positions_cas` after the apply does it."""
+        self.positions_applied = False
+        entries = [[str(p), expected.get(p, -1), str(o)] for p, o in new.items()]
+        self._bound = None if self.cluster or not entries else (f"pos:{{{topic}}}", entries)
+
+    def positions_cas(self, topic: str, expected: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:
+        """Write `new` positions only if Redis holds `expected` (absent: no check) for each of
+        them; else write nothing and return partition -> position held (-1: none) where it
+        differs. Cluster: on every master's copy (the lowest held wins)."""
+        if not new:
+            return {}
+        entries = self._pack([[str(p), expected.get(p, -1), str(o)] for p, o in new.items()])
+        keys = [f"pos:{{{topic}}}"] if not self.cluster else self._position_keys(topic)
+        lost: dict[int, int] = {}
+        for key in keys:
+            result = self._unpack(self._positions_cas(keys=[key], args=[entries]))
+            if result[0] == "lost":
+                for part, held in result[1]:
+                    lost[int(part)] = min(int(held), lost.get(int(part), int(held)))
+        return lost
 
     def positions(self, topic: str) -> dict[int, int]:
         if not self.cluster:
@@ -257,6 +288,23 @@ class RedisWalletStore:
         slot (see `_apply_per_slot`)."""
         if self.cluster:
             return self._apply_per_slot(debits)
+        keys, arg = self._apply_call(debits)
+        return self._applied(self._apply(keys=keys, args=[arg]))
+
+    def _applied(self, reply: Any) -> list[Applied]:
+        result = self._unpack(reply)
+        status = result[0]
+        if status == "stale":
+            raise StaleSnapshot(result[1])
+        if status == "lost":
+            raise PositionsLost({int(p): int(held) for p, held in result[1]})
+        if status != "ok":
+            raise RuntimeError(f"wallet apply failed: {result[1]}")
+        self.positions_applied = self._bound is not None
+        return [(int(b), int(bits)) for b, bits in result[1]]
+
+    def _apply_call(self, debits: Sequence[Debit]) -> tuple[list[str], bytes]:
+        """KEYS and the packed argument of apply.lua for a batch on one node."""
         order: dict[str, int] = {}
         packed: list[list[Any]] = []
         expected: list[list[Any]] = []
@@ -271,13 +319,10 @@ class RedisWalletStore:
         keys: list[str] = []
         for account_id in order:
             keys += _keys(account_id)
-        result = self._unpack(self._apply(keys=keys, args=[self._pack([packed, expected])]))
-        status = result[0]
-        if status == "stale":
-            raise StaleSnapshot(result[1])
-        if status != "ok":
-            raise RuntimeError(f"wallet apply failed: {result[1]}")
-        return [(int(b), int(bits)) for b, bits in result[1]]
+        if self._bound is None:
+            return keys, self._pack([packed, expected])
+        keys.append(self._bound[0])
+        return keys, self._pack([packed, expected, self._bound[1]])
 
     # ------------------------------------------------------------------ Cluster: per slot
 
@@ -467,3 +512,12 @@ class RedisWalletStore:
 
     def accounts_map(self) -> Mapping[str, Account]:
         return self.load_accounts()
+
+
+class PositionsLost(RuntimeError):
+    """Redis holds other Kafka positions than the ones this worker wrote last: it lost writes
+    (or another worker took the partitions over). Nothing of the batch was applied."""
+
+    def __init__(self, held: dict[int, int]) -> None:
+        super().__init__(f"Redis holds positions {held}, not the ones this worker wrote")
+        self.held = held

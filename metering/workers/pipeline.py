@@ -4,7 +4,9 @@ Per batch, in this order, so that a crash at any line is safe:
 
   1. consume a batch from `usage.events` (offsets not committed yet)
   2. rate + settle: one Redis lookup, one atomic Lua apply (dedupe entries written with the
-     debits, each holding the row it produced)
+     debits, each holding the row it produced, and the batch's Kafka positions: checked
+     against the ones this worker wrote last, so a Redis that lost writes is noticed before
+     anything is applied on top of it, and the lost batches are replayed in order)
   3. ClickHouse: rated rows, debit movements, rejected input, wallet events (ReplacingMergeTree:
      re-inserting the same rows replaces them)
   4. Kafka: rejected input to `usage.rejected`, wallet events to `wallet.events`; wait for acks
@@ -41,6 +43,7 @@ from metering.workers.common import (
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
+    RedisLostWrites,
     arm_crash_timer,
     count_rows,
     crash_point,
@@ -53,9 +56,9 @@ from metering.workers.common import (
     with_retry,
 )
 from rating.catalog import Catalog
-from rating.engine import Rater
+from rating.engine import BatchResult, Rater
 from schemas.records import Movement
-from wallet_debiter.redis_store import RedisWalletStore, connect
+from wallet_debiter.redis_store import PositionsLost, RedisWalletStore, connect
 
 CH_TRANSIENT: tuple[type[BaseException], ...] = (ch_errors.OperationalError, ConnectionError, TimeoutError)
 
@@ -190,10 +193,9 @@ class Pipeline:
             while not self.stop.is_set():
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), "debit")
                 if msgs:
-                    self.handle_batch(msgs)
-                    self.progress.last_message = time.monotonic()
-                    if on_batch:
+                    if self.handle_batch(msgs) and on_batch:
                         on_batch(self.progress)
+                    self.progress.last_message = time.monotonic()
                 self.handle_movements()
                 self.housekeeping()
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
@@ -225,24 +227,52 @@ class Pipeline:
         if lags:
             self.progress.lag = sum(lags.values())
 
-    def handle_batch(self, msgs: list) -> None:  # type: ignore[type-arg]
+    def handle_batch(self, msgs: list) -> bool:  # type: ignore[type-arg]
+        """Rate and settle one batch, then hand its writes and commit to the ordered writer.
+        The batch's Kafka positions ride with the apply script (standalone Redis): checked
+        against the ones this worker wrote last and written in the same atomic step. Returns
+        False if Redis had lost writes: nothing of this batch was applied and the consumer
+        was sought back to what Redis holds."""
         started = time.perf_counter()
         arm_crash_timer()
-        s = self.settings
-        lost = self.guard.behind()
-        if lost:  # Redis lost writes since the last batch: settle those again first
-            self.writer.drain()
-            self.guard.seek_back(self.consumer, msgs, lost, "debit")
-            return
+        topic = self.settings.topics.events
+        new = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
+        expected = {p: self.guard.written[p] for p in new if p in self.guard.written}
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
         now = datetime.now(UTC)
-        result = with_retry(lambda: self.rater.rate_batch(items, now), "redis settle",
-                            REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
-        with_retry(lambda: self.store.record_positions(s.topics.events, positions), "redis positions",
-                   REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        self.guard.wrote(positions)
+
+        def settle() -> BatchResult:
+            self.store.bind_positions(topic, expected, new)
+            return self.rater.rate_batch(items, now)
+
+        try:
+            result = with_retry(settle, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+            if not self.store.positions_applied:  # no debits in the batch, or Redis Cluster
+                lost = with_retry(lambda: self.store.positions_cas(topic, expected, new), "redis positions",
+                                  REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+                if lost:
+                    raise PositionsLost(lost)
+        except PositionsLost as exc:
+            self._replay_lost(msgs, exc.held)
+            return False
+        self.guard.wrote(new)
         crash_point("after_redis")
+        self._write(msgs, result, started)
+        return True
+
+    def _replay_lost(self, msgs: list, held: dict[int, int]) -> None:  # type: ignore[type-arg]
+        topic = self.settings.topics.events
+        if all(h < 0 for h in held.values()) and not with_retry(
+                lambda: self.store.positions(topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS):
+            raise RedisLostWrites(f"Redis holds no positions for {self.settings.topics.events} although this "
+                                  f"worker wrote {self.guard.written}: it was wiped; restore it before restarting")
+        self.writer.drain()  # what was settled before the loss is written and committed first
+        lost = {p: max(h, 0) for p, h in held.items()}
+        self.guard.seek_back(self.consumer, msgs, lost, "debit")
+        self.guard.written.update(lost)
+
+    def _write(self, msgs: list, result: BatchResult, started: float) -> None:  # type: ignore[type-arg]
+        s = self.settings
         rows, events = result.rows, result.wallet_events
         ats = event_times(rows, events)
         movements = debit_movements(rows)

@@ -1,14 +1,32 @@
 -- Apply one batch of debits atomically (all or nothing), aggregated per wallet.
 -- KEYS: per account i: w:{A} (wallet hash), u:{A} (allowance used), d:{A} (dedupe), h:{A} (holds)
--- ARGV[1]: msgpack {debits, expected}
+-- ARGV[1]: msgpack {debits, expected[, positions]}
 --   debit:    {acct, event_id, amount, allowance_field|"", covered, fingerprint, source, outcome, reservation|""}
 --   expected: {acct, allowance_field, used_seconds_seen_by_lookup}
+--   positions (optional; then the last KEY is pos:{topic}): {partition, expected (-1: none), new}
+-- Positions first: if Redis holds another position than the one this worker wrote last (it lost
+-- writes: a restart losing the AOF's last second, a failover), nothing is written and
+-- {"lost", {partition, held (-1: none)}...} comes back: the caller replays from there. Else
+-- the new positions are written with the debits, in one atomic step.
 -- Optimistic check first: if another writer changed a dedupe entry or an allowance since the
 -- lookup (a stale partition owner after a rebalance), nothing is written and {"stale", why}
 -- comes back; the caller looks up again. Otherwise returns {"ok", {balance, bits}...}.
 local batch = cmsgpack.unpack(ARGV[1])
-local debits, expected = batch[1], batch[2]
+local debits, expected, positions = batch[1], batch[2], batch[3]
 local function k(i, n) return KEYS[4 * (i - 1) + n] end
+local nacc = #KEYS / 4
+if positions then
+  nacc = (#KEYS - 1) / 4
+  local pkey = KEYS[#KEYS]
+  local lost = {}
+  for _, e in ipairs(positions) do
+    if e[2] >= 0 then
+      local held = tonumber(redis.call('HGET', pkey, e[1]) or '-1')
+      if held ~= e[2] then table.insert(lost, {e[1], held}) end
+    end
+  end
+  if #lost > 0 then return cmsgpack.pack({'lost', lost}) end
+end
 
 for _, e in ipairs(expected) do
   local used = tonumber(redis.call('HGET', k(e[1], 2), e[2]) or '0')
@@ -20,7 +38,6 @@ end
 
 local function num(v) if v then return tonumber(v) end return nil end
 local W = {}
-local nacc = #KEYS / 4
 for i = 1, nacc do
   local v = redis.call('HMGET', k(i, 1), 'balance', 'billing', 'blocked', 'topup_pending',
                        'topup_threshold', 'low_balance_alert', 'credit_limit')
@@ -74,5 +91,10 @@ for i = 1, nacc do
   for field, secs in pairs(w.used) do redis.call('HINCRBY', k(i, 2), field, secs) end
   if #w.dedupe > 0 then chunked('HSET', k(i, 3), w.dedupe) end
   if #w.holds > 0 then chunked('HDEL', k(i, 4), w.holds) end
+end
+if positions then
+  local fields = {}
+  for _, e in ipairs(positions) do table.insert(fields, e[1]); table.insert(fields, e[3]) end
+  redis.call('HSET', KEYS[#KEYS], unpack(fields))
 end
 return cmsgpack.pack({'ok', results})

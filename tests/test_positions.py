@@ -1,0 +1,112 @@
+"""Kafka positions in Redis, checked and written with the debits (real Redis, standalone and
+Cluster): a Redis that went back in time (lost its AOF's last second, failed over to a lagging
+replica) is noticed by the next batch's apply before anything is applied on top of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from metering.local_services import ensure_started
+from rating.accounts import load_accounts
+from rating.catalog import load_catalog
+from rating.engine import Rater
+from wallet_debiter.redis_store import PositionsLost, RedisWalletStore, connect
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOG = ROOT / "deploy/examples/catalog.yaml"
+ACCOUNTS = ROOT / "deploy/examples/accounts.yaml"
+NOW = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
+TOPIC = "t.usage.events"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def client() -> Iterator[redis.Redis]:
+    url = ensure_started(("redis",)).redis_url
+    c = connect(f"{url.rsplit('/', 1)[0]}/13")
+    assert isinstance(c, redis.Redis)
+    c.flushdb()
+    yield c
+    c.flushdb()
+    c.close()
+
+
+def _call(event_id: str, account: str = "acc-000001") -> bytes:
+    return (b'{"kind":"call","event_id":"%s","account_id":"%s","direction":"outbound",'
+            b'"from":"+15550001111","to":"+4915112345678","started_at":"2026-03-20T11:00:00Z",'
+            b'"duration_s":125}' % (event_id.encode(), account.encode()))
+
+
+def _rater(store: RedisWalletStore) -> Rater:
+    cat = load_catalog(CATALOG)
+    accs = load_accounts(ACCOUNTS, cat)
+    store.import_accounts(accs.values())
+    return Rater(cat, accs, store)
+
+
+def test_apply_writes_positions_with_the_debits_and_refuses_a_store_that_went_back(client: redis.Redis) -> None:
+    store = RedisWalletStore(client)
+    rater = _rater(store)
+    account = "acc-000001"
+    opening = store.balances([account])[account]
+
+    store.bind_positions(TOPIC, {}, {0: 1})  # first batch of this worker: nothing to compare
+    first = rater.rate_batch([(_call("e1"), "0:0")], NOW)
+    assert first.rows[0][2] == "rated" and first.rows[0][14] > 0
+    assert store.positions_applied and store.positions(TOPIC) == {0: 1}
+    charged = opening - store.balances([account])[account]
+    assert charged == first.rows[0][14]
+
+    store.bind_positions(TOPIC, {0: 1}, {0: 2})
+    rater.rate_batch([(_call("e2"), "0:1")], NOW)
+    assert store.positions(TOPIC) == {0: 2}
+    after_two = store.balances([account])[account]
+
+    # Redis loses the last batch's writes (simulated: its position and effects roll back)
+    client.hset(f"pos:{{{TOPIC}}}", "0", 1)
+    store.bind_positions(TOPIC, {0: 2}, {0: 3})
+    with pytest.raises(PositionsLost) as lost:
+        rater.rate_batch([(_call("e3"), "0:2")], NOW)
+    assert lost.value.held == {0: 1}
+    assert not store.positions_applied
+    # nothing of the refused batch was applied: no charge, no dedupe entry, position unmoved
+    assert store.balances([account])[account] == after_two
+    assert client.hget(f"d:{{{account}}}", "e3") is None
+    assert store.positions(TOPIC) == {0: 1}
+
+
+def test_positions_cas_for_batches_without_debits(client: redis.Redis) -> None:
+    store = RedisWalletStore(client)
+    assert store.positions_cas(TOPIC, {}, {0: 5, 1: 7}) == {}
+    assert store.positions(TOPIC) == {0: 5, 1: 7}
+    assert store.positions_cas(TOPIC, {0: 5, 1: 7}, {0: 9, 1: 8}) == {}
+    assert store.positions(TOPIC) == {0: 9, 1: 8}
+    # partition 1 went back to 4: nothing is written, the held position is reported
+    client.hset(f"pos:{{{TOPIC}}}", "1", 4)
+    assert store.positions_cas(TOPIC, {0: 9, 1: 8}, {0: 10, 1: 9}) == {1: 4}
+    assert store.positions(TOPIC) == {0: 9, 1: 4}
+    # wiped: -1 for every partition it no longer holds
+    client.delete(f"pos:{{{TOPIC}}}")
+    assert store.positions_cas(TOPIC, {0: 9, 1: 4}, {0: 10, 1: 5}) == {0: -1, 1: -1}
+
+
+def test_positions_cas_on_the_cluster_checks_every_master_copy() -> None:
+    c = connect(ensure_started(("redis-cluster",)).redis_cluster_url)
+    c.flushall()
+    try:
+        store = RedisWalletStore(c)
+        store.bind_positions(TOPIC, {}, {0: 3})  # cluster: not bound to the apply
+        assert store.positions_cas(TOPIC, {}, {0: 3}) == {}
+        keys = store._position_keys(TOPIC)
+        assert len(keys) == 3
+        c.hset(keys[1], "0", 2)  # one master lost its last second
+        assert store.positions_cas(TOPIC, {0: 3}, {0: 4}) == {0: 2}
+        assert store.positions(TOPIC) == {0: 2}
+    finally:
+        c.flushall()
+        c.close()
