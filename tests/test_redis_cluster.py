@@ -254,7 +254,7 @@ def test_slot_migration_under_load_equals_reference(client: RedisCluster, stream
 
 def test_positions_are_kept_per_master_and_the_lowest_wins(client: RedisCluster) -> None:
     store = RedisWalletStore(client)
-    store.record_positions("t.usage", {0: 10, 1: 20})
+    assert store.positions_cas("t.usage", {}, {0: 10, 1: 20}) == {}
     keys = store._position_keys("t.usage")
     owners = {client.nodes_manager.get_node_from_slot(client.keyslot(k)).name for k in keys}
     assert len(keys) == len(owners) == len(client.get_primaries())

@@ -155,23 +155,6 @@ class RedisWalletStore:
 
     # ------------------------------------------------------------------ positions
 
-    def record_positions(self, topic: str, next_offsets: Mapping[int, int]) -> None:
-        """After a batch's debits: the next offset per partition whose effects Redis holds.
-        Written after the apply script, so the AOF (an ordered log) never keeps this line
-        without the debits before it: if Redis loses its last second, it loses both.
-        On a Cluster every master has its own AOF, so every master gets its own copy (a key
-        on a slot it serves) and `positions` answers the lowest copy."""
-        if not next_offsets:
-            return
-        mapping = {str(p): o for p, o in next_offsets.items()}
-        if not self.cluster:
-            self.client.hset(f"pos:{{{topic}}}", mapping=cast(Any, mapping))
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for key in self._position_keys(topic):
-            pipe.hset(key, mapping=cast(Any, mapping))
-        pipe.execute()
-
     def bind_positions(self, topic: str, expected: Mapping[int, int], new: Mapping[int, int]) -> None:
         """The next batch's positions: `expected` the ones this worker wrote last (absent: none
         yet), `new` the ones to write. Standalone: the batch's apply checks and writes them in
@@ -185,7 +168,9 @@ class RedisWalletStore:
     def positions_cas(self, topic: str, expected: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:
         """Write `new` positions only if Redis holds `expected` (absent: no check) for each of
         them; else write nothing and return partition -> position held (-1: none) where it
-        differs. Cluster: on every master's copy (the lowest held wins)."""
+        differs. Cluster: every master has its own AOF and may lose its own last second, so
+        every master holds a copy (a key on a slot it serves), each checked and written here,
+        and `positions` answers the lowest copy."""
         if not new:
             return {}
         entries = self._pack([[str(p), expected.get(p, -1), str(o)] for p, o in new.items()])

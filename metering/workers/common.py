@@ -20,11 +20,13 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from metering import metrics
 from metering.config import Settings
+from metering.kafka_io import next_offsets
 from metering.logs import log
 from rating.catalog import Catalog, CatalogError, load_catalog
 from rating.engine import COL, Row
 from rating.money import format_micros, parse_micros
 from schemas.records import Movement, WalletEvent
+from wallet_debiter.redis_store import PositionsLost
 
 LOG = logging.getLogger("metering.worker")
 T = TypeVar("T")
@@ -170,37 +172,60 @@ class RedisLostWrites(RuntimeError):
 
 
 class PositionGuard:
-    """Notices, before each batch, that Redis lost writes *under a running worker* (a crash
-    and restart losing the AOF's last second, a failover to a lagging replica): the positions
-    Redis holds for this worker's partitions fell below the ones it wrote. The caller then
-    seeks back to Redis's positions and the lost batches are settled again (what Redis kept
-    is deduped). One HGETALL per batch."""
+    """Kafka positions of one topic's partitions in Redis (`pos:{topic}`), next to the wallets.
+
+    Each batch's positions go with its apply script: Redis compares the positions it holds
+    with the ones this worker wrote last and, if they differ (it lost writes under a running
+    worker: a restart losing the AOF's last second, a failover to a lagging replica), applies
+    nothing and answers with what it holds. The worker then seeks back there and settles the
+    lost batches again, in order (what Redis kept is deduped). Batches without debits and
+    Redis Cluster (positions on other slots than the wallets) use a compare-and-set after the
+    apply instead (see RedisWalletStore.bind_positions)."""
 
     def __init__(self, store: Any, topic: str) -> None:
         self.store = store
         self.topic = topic
         self.written: dict[int, int] = {}  # partition -> next offset this worker wrote
 
-    def wrote(self, next_offsets: dict[int, int]) -> None:
-        self.written.update(next_offsets)
-
     def forget(self, partitions: Sequence[int]) -> None:
         for p in partitions:
             self.written.pop(p, None)
 
-    def behind(self) -> dict[int, int]:
-        """partition -> the position Redis holds, for partitions where it lost writes."""
-        if not self.written:
-            return {}
-        held = with_retry(lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT,
-                          metrics.REDIS_ERRORS)
-        if not held:
+    def settle(self, consumer: Any, msgs: Sequence[Message], settle: Callable[[], T], stage: str,
+               before_replay: Callable[[], None] = lambda: None) -> T | None:
+        """`settle()` (retried while Redis is unreachable) with the batch's positions checked
+        and written; None if Redis had lost writes: nothing of the batch was applied,
+        `before_replay()` ran and the consumer was sought back to what Redis holds."""
+        new = {p: o for (_, p), o in next_offsets(msgs).items()}
+        expected = {p: self.written[p] for p in new if p in self.written}
+
+        def attempt() -> T:
+            self.store.bind_positions(self.topic, expected, new)
+            return settle()
+
+        try:
+            result = with_retry(attempt, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+            if not self.store.positions_applied:  # no debits in the batch, or Redis Cluster
+                lost = with_retry(lambda: self.store.positions_cas(self.topic, expected, new),
+                                  "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+                if lost:
+                    raise PositionsLost(lost)
+        except PositionsLost as exc:
+            self._replay(consumer, msgs, exc.held, stage, before_replay)
+            return None
+        self.written.update(new)
+        return result
+
+    def _replay(self, consumer: Any, msgs: Sequence[Message], held: dict[int, int], stage: str,
+                before_replay: Callable[[], None]) -> None:
+        if all(h < 0 for h in held.values()) and not with_retry(
+                lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS):
             raise RedisLostWrites(f"Redis holds no positions for {self.topic} although this worker wrote "
                                   f"{self.written}: it was wiped; restore it before restarting")
-        lost = {p: held.get(p, 0) for p, o in self.written.items() if held.get(p, 0) < o}
-        for p, pos in lost.items():
-            self.written[p] = pos
-        return lost
+        before_replay()
+        lost = {p: max(h, 0) for p, h in held.items()}
+        self.seek_back(consumer, msgs, lost, stage)
+        self.written.update(lost)
 
     def seek_back(self, consumer: Any, msgs: Sequence[Message], lost: dict[int, int], stage: str) -> None:
         """Drop the batch in hand and re-read from Redis's positions (and from this batch's

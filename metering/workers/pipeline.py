@@ -39,11 +39,9 @@ from metering.logs import log
 from metering.storage.clickhouse_sink import ClickHouseSink, PackageAllowance
 from metering.workers.common import (
     LOG,
-    REDIS_TRANSIENT,
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
-    RedisLostWrites,
     arm_crash_timer,
     count_rows,
     crash_point,
@@ -58,7 +56,7 @@ from metering.workers.common import (
 from rating.catalog import Catalog
 from rating.engine import BatchResult, Rater
 from schemas.records import Movement
-from wallet_debiter.redis_store import PositionsLost, RedisWalletStore, connect
+from wallet_debiter.redis_store import RedisWalletStore, connect
 
 CH_TRANSIENT: tuple[type[BaseException], ...] = (ch_errors.OperationalError, ConnectionError, TimeoutError)
 
@@ -235,41 +233,15 @@ class Pipeline:
         was sought back to what Redis holds."""
         started = time.perf_counter()
         arm_crash_timer()
-        topic = self.settings.topics.events
-        new = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
-        expected = {p: self.guard.written[p] for p in new if p in self.guard.written}
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
         now = datetime.now(UTC)
-
-        def settle() -> BatchResult:
-            self.store.bind_positions(topic, expected, new)
-            return self.rater.rate_batch(items, now)
-
-        try:
-            result = with_retry(settle, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-            if not self.store.positions_applied:  # no debits in the batch, or Redis Cluster
-                lost = with_retry(lambda: self.store.positions_cas(topic, expected, new), "redis positions",
-                                  REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-                if lost:
-                    raise PositionsLost(lost)
-        except PositionsLost as exc:
-            self._replay_lost(msgs, exc.held)
+        result = self.guard.settle(self.consumer, msgs, lambda: self.rater.rate_batch(items, now), "debit",
+                                   before_replay=self.writer.drain)  # the batches before first
+        if result is None:
             return False
-        self.guard.wrote(new)
         crash_point("after_redis")
         self._write(msgs, result, started)
         return True
-
-    def _replay_lost(self, msgs: list, held: dict[int, int]) -> None:  # type: ignore[type-arg]
-        topic = self.settings.topics.events
-        if all(h < 0 for h in held.values()) and not with_retry(
-                lambda: self.store.positions(topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS):
-            raise RedisLostWrites(f"Redis holds no positions for {self.settings.topics.events} although this "
-                                  f"worker wrote {self.guard.written}: it was wiped; restore it before restarting")
-        self.writer.drain()  # what was settled before the loss is written and committed first
-        lost = {p: max(h, 0) for p, h in held.items()}
-        self.guard.seek_back(self.consumer, msgs, lost, "debit")
-        self.guard.written.update(lost)
 
     def _write(self, msgs: list, result: BatchResult, started: float) -> None:  # type: ignore[type-arg]
         s = self.settings

@@ -30,7 +30,6 @@ from metering.logs import log
 from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.workers.common import (
     LOG,
-    REDIS_TRANSIENT,
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
@@ -174,17 +173,10 @@ class DebitWorker(_Worker):
             self.settler.set_catalog(catalog)
 
     def handle(self, msgs: list[Message]) -> bool:
-        lost = self.guard.behind()
-        if lost:  # Redis lost writes since the last batch: settle those again first
-            self.guard.seek_back(self.consumer, msgs, lost, self.stage)
-            return False
         priced = [decode_priced(m.value() or b"") for m in msgs]
-        result = with_retry(lambda: self.settler.settle(priced), "redis settle", REDIS_TRANSIENT,
-                            metrics.REDIS_ERRORS)
-        positions = {p: o for (_, p), o in kafka_io.next_offsets(msgs).items()}
-        with_retry(lambda: self.store.record_positions(self.settings.topics.priced, positions),
-                   "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        self.guard.wrote(positions)
+        result = self.guard.settle(self.consumer, msgs, lambda: self.settler.settle(priced), self.stage)
+        if result is None:  # Redis had lost writes: sought back, the lost batches come again
+            return False
         crash_point("after_redis")
         rated_topic = self.settings.topics.rated
         for row, m in zip(result.rows, msgs, strict=True):
