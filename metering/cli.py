@@ -154,7 +154,7 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
     pipeline = _start_or_fail(lambda: Pipeline(settings))
     metrics.serve_metrics(settings.metrics_port, pipeline.ready)
     _stop_on_signals(pipeline.stop)
-    pipeline.run(max_idle_s=until_idle)
+    _run_or_fail(lambda: pipeline.run(max_idle_s=until_idle))
 
 
 def _start_or_fail(build: Callable[[], T]) -> T:
@@ -164,6 +164,17 @@ def _start_or_fail(build: Callable[[], T]) -> T:
         _fail(f"error: {exc}")
     except AccountsError as exc:
         _fail(f"error: {exc}")
+
+
+def _run_or_fail(run: Callable[[], object]) -> None:
+    """A worker's loop; a wiped wallet store stops it with exit code 3 and one clear line
+    (charging on would start every wallet from nothing)."""
+    from metering.workers.common import RedisLostWrites
+
+    try:
+        run()
+    except RedisLostWrites as exc:
+        _fail(f"error: {exc}", code=3)
 
 
 def _stop_on_signals(event: threading.Event) -> None:
@@ -198,7 +209,7 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
     w = _start_or_fail(lambda: cls(settings))
     metrics.serve_metrics(settings.metrics_port, w.ready)
     _stop_on_signals(w.stop)
-    w.run(max_idle_s=until_idle)
+    _run_or_fail(lambda: w.run(max_idle_s=until_idle))
 
 
 @main.group()

@@ -508,3 +508,29 @@ def test_redis_losing_writes_under_a_running_pipeline_is_noticed_and_replayed(li
         err = _finished(proc)
     assert "lost writes under a running worker" in err
     _check_equal(env, rater, rows)
+
+
+def test_a_wiped_redis_stops_the_pipeline_instead_of_charging_from_nothing(live: dict[str, str]) -> None:
+    """Redis loses everything under a running `metering run` (FLUSHDB: a replica promoted
+    empty, a wrong backup): the next batch finds none of the positions this worker wrote, so
+    the worker refuses to charge on (every wallet would start from nothing) and exits with
+    code 3 and one clear line; no batch after the wipe is committed."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    env = {**live, "METERING_BATCH_SIZE": "500"}
+    settings = Settings.from_env(env)
+    producer = _paced(settings, 81, now)
+    store = RedisWalletStore(connect(env["METERING_REDIS_URL"]))
+    with _running(env) as proc:
+        deadline = time.monotonic() + 60
+        while not store.positions(settings.topics.events):
+            assert time.monotonic() < deadline and proc.poll() is None, "no batch settled"
+            time.sleep(0.2)
+        connect(env["METERING_REDIS_URL"]).flushdb()
+        _, err = proc.communicate(timeout=120)
+        committed_at_exit = _group_offsets(settings)
+        producer.join()
+    assert proc.returncode == 3, err[-3000:]
+    assert "it was wiped; restore it before restarting" in err.splitlines()[-1]
+    assert store.positions(settings.topics.events) == {}  # nothing charged on the empty store
+    assert store.client.dbsize() == 0  # not a single write on top of the empty store
+    assert 0 < committed_at_exit < 20_000
