@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import urllib.request
 import zipfile
@@ -45,7 +46,7 @@ K8S_VERSIONS = ("1.31", "1.34")  # oldest and newest the manifests are meant for
 
 COMPOSE_GO = "v2.16.2"
 COMPOSE_GO_ZIP_SHA256 = "75410c9723430b920592093014fc53641f6207e01b52c016c848ba62bf2da805"
-COMPOSE_GO_URL = f"https://proxy.golang.org/github.com/compose-spec/compose-go/v2/@v/{COMPOSE_GO}.zip"
+COMPOSE_GO_PATH = f"github.com/compose-spec/compose-go/v2/@v/{COMPOSE_GO}.zip"
 COMPOSE_SCHEMA_IN_ZIP = f"github.com/compose-spec/compose-go/v2@{COMPOSE_GO}/schema/compose-spec.json"
 
 
@@ -53,10 +54,13 @@ def compose_schema() -> dict[str, Any]:
     """The Compose Specification schema from compose-go, fetched once into .state/cache."""
     cached = state_dir() / "cache" / f"compose-spec-{COMPOSE_GO}.json"
     if not cached.exists():
-        with urllib.request.urlopen(COMPOSE_GO_URL, timeout=60) as resp:
+        # the first http(s) proxy of GOPROXY (as the go command would use), else the public one
+        proxies = [u for u in re.split(r"[,|]", os.environ.get("GOPROXY", "")) if u.startswith("http")]
+        url = f"{(proxies or ['https://proxy.golang.org'])[0].rstrip('/')}/{COMPOSE_GO_PATH}"
+        with urllib.request.urlopen(url, timeout=60) as resp:
             blob = resp.read()
         digest = hashlib.sha256(blob).hexdigest()
-        assert digest == COMPOSE_GO_ZIP_SHA256, f"{COMPOSE_GO_URL}: sha256 {digest}, expected the pinned one"
+        assert digest == COMPOSE_GO_ZIP_SHA256, f"{url}: sha256 {digest}, expected the pinned one"
         with zipfile.ZipFile(io.BytesIO(blob)) as zf:
             text = zf.read(COMPOSE_SCHEMA_IN_ZIP)
         cached.parent.mkdir(parents=True, exist_ok=True)
