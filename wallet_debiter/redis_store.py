@@ -286,6 +286,7 @@ class RedisWalletStore:
         if status != "ok":
             raise RuntimeError(f"wallet apply failed: {result[1]}")
         self.positions_applied = self._bound is not None
+        self._bound = None  # written: a later apply without bind_positions must not carry them
         return [(int(b), int(bits)) for b, bits in result[1]]
 
     def _apply_call(self, debits: Sequence[Debit]) -> tuple[list[str], bytes]:
