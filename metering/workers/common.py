@@ -31,7 +31,10 @@ from wallet_debiter.redis_store import PositionsLost
 LOG = logging.getLogger("metering.worker")
 T = TypeVar("T")
 
-REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# ClusterDown/TryAgain/MasterDown: a Redis Cluster failing over (redis-py retries MOVED/ASK itself)
+REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                   redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+                   redis.exceptions.MasterDownError)
 
 
 def retrying(what: str, errors: tuple[type[BaseException], ...], counter: Any, *,
