@@ -110,3 +110,52 @@ def test_positions_cas_on_the_cluster_checks_every_master_copy() -> None:
     finally:
         c.flushall()
         c.close()
+
+
+class _Msg:
+    """The three fields PositionGuard reads of a confluent_kafka.Message."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._p, self._o = partition, offset
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+class _Seeks:
+    def __init__(self) -> None:
+        self.to: dict[int, int] = {}
+
+    def seek(self, tp: object) -> None:
+        self.to[tp.partition] = tp.offset  # type: ignore[attr-defined]
+
+
+def test_guard_replays_a_partition_whose_position_redis_lost_and_then_moves_on(client: redis.Redis) -> None:
+    """Redis kept partition 1's position but lost partition 0's field entirely: the guard seeks
+    partition 0 back to offset 0 and then expects nothing there (not offset 0, which Redis
+    would never hold: that looped forever), so the replay goes through."""
+    from metering.workers.common import PositionGuard
+
+    store = RedisWalletStore(client)
+    guard = PositionGuard(store, TOPIC)
+    batch = [_Msg(0, 10), _Msg(0, 11), _Msg(1, 20), _Msg(1, 21)]
+    assert guard.settle(_Seeks(), batch, lambda: "settled", "debit") == "settled"  # first: no check
+    assert guard.written == {0: 12, 1: 22} and store.positions(TOPIC) == {0: 12, 1: 22}
+
+    client.hdel(f"pos:{{{TOPIC}}}", "0")  # Redis went back to before partition 0's first batch
+    seeks, replays = _Seeks(), []
+    nxt = [_Msg(0, 12), _Msg(1, 22)]
+    assert guard.settle(seeks, nxt, lambda: replays.append(1), "debit", before_replay=lambda: replays.append(0)) is None
+    # a batch without debits settles first (lookups only), then the compare-and-set notices the
+    # loss: what was settled before is drained, and both partitions are sought back
+    assert seeks.to == {0: 0, 1: 22} and replays == [1, 0]
+    assert guard.written == {1: 22}
+    again = [_Msg(0, 0), _Msg(0, 1), _Msg(1, 22)]
+    assert guard.settle(_Seeks(), again, lambda: "replayed", "debit") == "replayed"
+    assert store.positions(TOPIC) == {0: 2, 1: 23} and guard.written == {0: 2, 1: 23}
