@@ -162,7 +162,7 @@ class RedisWalletStore:
         time. Cluster (positions live on other slots than the wallets) and batches without
         debits: `positions_cas` after the apply does it."""
         self.positions_applied = False
-        entries = [[str(p), expected.get(p, -1), str(o)] for p, o in new.items()]
+        entries = _position_entries(expected, new)
         self._bound = None if self.cluster or not entries else (f"pos:{{{topic}}}", entries)
 
     def positions_cas(self, topic: str, expected: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:
@@ -173,7 +173,7 @@ class RedisWalletStore:
         and `positions` answers the lowest copy."""
         if not new:
             return {}
-        entries = self._pack([[str(p), expected.get(p, -1), str(o)] for p, o in new.items()])
+        entries = self._pack(_position_entries(expected, new))
         keys = [f"pos:{{{topic}}}"] if not self.cluster else self._position_keys(topic)
         lost: dict[int, int] = {}
         for key in keys:
@@ -498,6 +498,11 @@ class RedisWalletStore:
 
     def accounts_map(self) -> Mapping[str, Account]:
         return self.load_accounts()
+
+
+def _position_entries(expected: Mapping[int, int], new: Mapping[int, int]) -> list[list[Any]]:
+    """{partition, expected (-1: no check), new} as apply.lua and positions.lua read them."""
+    return [[str(p), expected.get(p, -1), str(o)] for p, o in new.items()]
 
 
 class PositionsLost(RuntimeError):

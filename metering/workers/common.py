@@ -226,14 +226,14 @@ class PositionGuard:
             raise RedisLostWrites(f"Redis holds no positions for {self.topic} although this worker wrote "
                                   f"{self.written}: it was wiped; restore it before restarting")
         before_replay()
-        self.seek_back(consumer, msgs, {p: max(h, 0) for p, h in held.items()}, stage)
+        self._seek_back(consumer, msgs, {p: max(h, 0) for p, h in held.items()}, stage)
         for p, h in held.items():
             if h < 0:  # Redis holds no position for p: replay from 0 and expect none
                 self.written.pop(p, None)
             else:
                 self.written[p] = h
 
-    def seek_back(self, consumer: Any, msgs: Sequence[Message], lost: dict[int, int], stage: str) -> None:
+    def _seek_back(self, consumer: Any, msgs: Sequence[Message], lost: dict[int, int], stage: str) -> None:
         """Drop the batch in hand and re-read from Redis's positions (and from this batch's
         first offset on the partitions that lost nothing)."""
         start: dict[int, int] = {}

@@ -226,11 +226,9 @@ class Pipeline:
             self.progress.lag = sum(lags.values())
 
     def handle_batch(self, msgs: list) -> bool:  # type: ignore[type-arg]
-        """Rate and settle one batch, then hand its writes and commit to the ordered writer.
-        The batch's Kafka positions ride with the apply script (standalone Redis): checked
-        against the ones this worker wrote last and written in the same atomic step. Returns
-        False if Redis had lost writes: nothing of this batch was applied and the consumer
-        was sought back to what Redis holds."""
+        """Rate and settle one batch (its Kafka positions checked and written with it, see
+        PositionGuard.settle), then hand its writes and commit to the ordered writer. False:
+        Redis had lost writes, the consumer was sought back and this batch comes again."""
         started = time.perf_counter()
         arm_crash_timer()
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
