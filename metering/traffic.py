@@ -52,7 +52,8 @@ from statistics import NormalDist
 from typing import Any
 
 import msgspec
-import yaml
+
+from rating.yaml_text import parse_yaml
 
 __all__ = [
     "MALFORMED_KINDS",
@@ -158,12 +159,9 @@ Entry = tuple[str, str, int]
 # --------------------------------------------------------------------------- loading
 
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~5x faster
-
-
 def load_catalog_dict(path: str | Path) -> dict[str, Any]:
     """Read a catalog YAML file as plain data (no validation: rating/ validates)."""
-    data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # noqa: S506 (safe loader)
+    data = parse_yaml(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping")
     return data
@@ -171,7 +169,7 @@ def load_catalog_dict(path: str | Path) -> dict[str, Any]:
 
 def load_accounts_list(path: str | Path) -> list[dict[str, Any]]:
     """Read accounts YAML (`accounts: [...]` or a bare list) as plain dicts (no validation)."""
-    data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # noqa: S506 (safe loader)
+    data = parse_yaml(Path(path).read_text(encoding="utf-8"))
     items = data.get("accounts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of accounts or a mapping with key accounts")

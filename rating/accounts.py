@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rating.catalog import BILLING_MODES, Catalog
 from rating.money import MoneyError, parse_micros
+from rating.yaml_text import YAMLError, parse_yaml
 
 _ACCOUNT_KEYS = {
     "id", "plan", "home_country", "billing", "balance", "period_anchor_day", "auto_topup",
@@ -122,9 +121,9 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
 def load_accounts(path: str | Path, catalog: Catalog) -> dict[str, Account]:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = parse_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise AccountsError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise AccountsError(str(p), [f"(yaml): {exc}"]) from None
     return parse_accounts(data, catalog, str(p))

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rating.money import MoneyError, parse_price_pico
+from rating.yaml_text import YAMLError, parse_yaml
 
 DEST_CLASSES = ("fixed", "mobile", "premium", "tollfree")
 NEVER_COVERED = frozenset({"premium", "tollfree"})
@@ -485,8 +484,8 @@ def load_catalog(path: str | Path) -> Catalog:
     except OSError as exc:
         raise CatalogError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 5x faster
-    except yaml.YAMLError as exc:
+        data = parse_yaml(text)
+    except YAMLError as exc:
         raise CatalogError(str(p), [f"(yaml): {exc}"]) from None
     return _validate(data, str(p))
 
