@@ -78,7 +78,7 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
         if plan is None:
             errors.append(f"{path}.plan: unknown plan {plan_id!r} (plans: {', '.join(sorted(catalog.plans))})")
         home = item.get("home_country")
-        if not isinstance(home, str) or not re.match(r"^[A-Z]{2}$", home):
+        if not isinstance(home, str) or not re.fullmatch(r"[A-Z]{2}", home):
             errors.append(f"{path}.home_country: expected an ISO alpha-2 code, got {home!r}")
         billing = item.get("billing", plan.billing if plan else "prepaid")
         if billing not in BILLING_MODES:

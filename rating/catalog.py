@@ -211,7 +211,7 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
         return None
     _unknown_keys(errs, path, item, _RATE_KEYS)
     prefix = str(item.get("prefix", ""))
-    if not _PREFIX_RE.match(prefix) or isinstance(item.get("prefix"), int):
+    if not _PREFIX_RE.fullmatch(prefix) or isinstance(item.get("prefix"), int):
         errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {item.get("prefix")!r}')
     connect = _price(errs, f"{path}.connect_fee", item.get("connect_fee", "0"))
     has_simple = "increments" in item or "per_minute" in item
@@ -286,7 +286,7 @@ def _validate(data: Any, source: str) -> Catalog:
     if not isinstance(version, str) or not version:
         errs.add("version", f'expected a non-empty string like "2026-11-01", got {version!r}')
     currency = data.get("currency")
-    if not isinstance(currency, str) or not re.match(r"^[A-Z]{3}$", currency or ""):
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency or ""):
         errs.add("currency", f"expected an ISO 4217 code like USD, got {currency!r}")
 
     # destinations
@@ -303,10 +303,10 @@ def _validate(data: Any, source: str) -> Catalog:
         _unknown_keys(errs, path, item, _DEST_KEYS)
         prefix, country, cls = item.get("prefix"), item.get("country"), item.get("class")
         ok = True
-        if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
             errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {prefix!r}')
             ok = False
-        if not isinstance(country, str) or not _COUNTRY_RE.match(country):
+        if not isinstance(country, str) or not _COUNTRY_RE.fullmatch(country):
             errs.add(f"{path}.country", f"expected an ISO 3166 alpha-2 code like GB, got {country!r}")
             ok = False
         if cls not in DEST_CLASSES:
@@ -322,7 +322,7 @@ def _validate(data: Any, source: str) -> Catalog:
     zones: dict[str, frozenset[str]] = {}
     for name, members in _mapping(errs, "zones", data.get("zones"), required=False).items():
         path = f"zones.{name}"
-        if not isinstance(members, list) or not all(isinstance(c, str) and _COUNTRY_RE.match(c) for c in members):
+        if not isinstance(members, list) or not all(isinstance(c, str) and _COUNTRY_RE.fullmatch(c) for c in members):
             errs.add(path, f"expected a list of ISO alpha-2 country codes, got {members!r}")
             continue
         zones[str(name)] = frozenset(members)
@@ -365,7 +365,7 @@ def _validate(data: Any, source: str) -> Catalog:
                     if c[5:] not in zones:
                         errs.add(f"{path}.countries[{j}]", f"unknown zone {c[5:]!r}")
                     countries |= zones.get(c[5:], frozenset())
-                elif isinstance(c, str) and _COUNTRY_RE.match(c):
+                elif isinstance(c, str) and _COUNTRY_RE.fullmatch(c):
                     countries.add(c)
                 else:
                     errs.add(f"{path}.countries[{j}]", f"expected an ISO alpha-2 code or zone:NAME, got {c!r}")
@@ -454,7 +454,7 @@ def _validate(data: Any, source: str) -> Catalog:
             allow_premium=bool(allow_premium),
         )
     for name in (*zones, *raw_rates, *packages, *plans):
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             errs.add(str(name), "names may use letters, digits and _ . : - (1..64 chars)")
     if errs.items:
         raise CatalogError(source, errs.items)

@@ -57,6 +57,7 @@ _NO_DEST = Destination("", "", "")
 _NO_RATE = Rate("", (), 0)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+_E164_FIELDS = frozenset({"to", "from"})
 
 # One output row per input event, in this column order (RatedRecord has the same fields).
 ROW_FIELDS = (
@@ -126,6 +127,8 @@ def _validation_rejection(message: str) -> Rejection:
         return Rejection("unknown_kind", f"kind: {text.removeprefix('Invalid value ')} is not call, sms or meter")
     if not field:
         return Rejection("invalid_field", f"(event): {text}")
+    if field in _E164_FIELDS and "matching regex" in text:
+        return Rejection("invalid_field", f"{field}: expected E.164, + then 1 to 15 digits")
     return Rejection("invalid_field", f"{field}: {text}")
 
 
@@ -155,6 +158,7 @@ class Pricer:
 
     def __init__(self, catalog: Catalog, accounts: Mapping[str, Account]) -> None:
         self._decoder = msgspec.json.Decoder(UsageEvent)
+        self._encoder = msgspec.json.Encoder()
         self.accounts = accounts
         self.max_bytes = MAX_EVENT_BYTES
         self.set_catalog(catalog)
@@ -300,6 +304,10 @@ class Pricer:
         routes = self._routes
         heads_get = self._heads.get
         crc = zlib.crc32
+        # The conflict fingerprint is taken over the decoded event re-encoded (fixed key order,
+        # no whitespace, normalised numbers and times): a resend with other formatting is the
+        # same content, one with another duration or number is not (SPEC rule 9).
+        canon = self._encoder.encode
         periods = self._periods
         version = self.catalog.version
         max_bytes = self.max_bytes
@@ -360,7 +368,7 @@ class Pricer:
                             (route.pkg_home if account.home_country == route.country else route.pkg_away),
                             False, amount, None, direction, ev.from_, to, ev.started_at, period[0],
                             plan.plan_id, version, None, None, ev.reservation_id, source,
-                            crc(raw), d, route.table, route.prefix, period[1]))
+                            crc(canon(ev)), d, route.table, route.prefix, period[1]))
                 elif t is _SmsEvent:
                     ts = ev.sent_at
                     if ts > limit_ts:
@@ -381,7 +389,7 @@ class Pricer:
                     append((ev.event_id, ev.account_id, "priced", "sms", None, None, False,
                             route.country, route.dest_class, 0, 0, 0, None, False, amount, None,
                             ev.direction, ev.from_, to, ev.sent_at, period[0], plan.plan_id,
-                            version, None, _SEGMENTS.get(ev.segments) or Decimal(ev.segments), None, source, crc(raw), 0, None,
+                            version, None, _SEGMENTS.get(ev.segments) or Decimal(ev.segments), None, source, crc(canon(ev)), 0, None,
                             None, period[1]))
                 else:
                     ts = ev.at
@@ -395,7 +403,7 @@ class Pricer:
                     append((ev.event_id, ev.account_id, "priced", "meter", None, None, False, None,
                             None, 0, 0, 0, None, False, amount, None, None, None, None, ev.at,
                             period[0], plan.plan_id, version, ev.meter, ev.quantity, None, source,
-                            crc(raw), 0, None, None, period[1]))
+                            crc(canon(ev)), 0, None, None, period[1]))
             except msgspec.ValidationError as exc:
                 append(rejected_row(raw, source, _validation_rejection(str(exc))))
             except msgspec.DecodeError as exc:

@@ -13,7 +13,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[0-9]{1,15}$")]
+# msgspec matches patterns with re.search, where a bare `$` also matches before a final "\n"
+# ("+4420\n" would pass); `(?!\n)$` closes that and reads the same in JSON Schema (ECMA-262).
+E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[0-9]{1,15}(?!\n)$")]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]

@@ -200,7 +200,7 @@ def test_bad_input_is_400(env: Env) -> None:
     async def body(client: Client) -> None:
         base = "/v1/accounts/acc-1"
         for query in ("", "?to=", "?to=abc", "?to=%2B", "?to=447700900123", "?to=%2B1234567890123456",
-                      "?to=%2B44%2020", "?to=%2B44&to=%2B44", "?to=%ff"):
+                      "?to=%2B44%2020", "?to=%2B44&to=%2B44", "?to=%ff", "?to=%2B447700900123%0A"):
             resp = await client.get(f"{base}/authorize{query}")
             doc = await resp.json()
             assert resp.status == 400, query

@@ -59,6 +59,8 @@ def test_every_error_is_listed_with_path_and_hint() -> None:
         (lambda d: d["rate_tables"]["standard"].__setitem__(0, {"prefix": "1", "per_minute": 0.01, "increments": [60, 60]}), "rate_tables.standard[0].per_minute"),
         (lambda d: d["destinations"].append({"prefix": 44, "country": "GB", "class": "fixed"}), "destinations[10].prefix"),
         (lambda d: d["destinations"].append({"prefix": "33", "country": "France", "class": "fixed"}), "destinations[10].country"),
+        (lambda d: d["destinations"].append({"prefix": "33\n", "country": "FR", "class": "fixed"}), "destinations[10].prefix"),
+        (lambda d: d["destinations"].append({"prefix": "33", "country": "FR\n", "class": "fixed"}), "destinations[10].country"),
         (lambda d: d["destinations"].append({"prefix": "33", "country": "FR", "class": "satellite"}), "destinations[10].class"),
         (lambda d: d["destinations"].append({"prefix": "44", "country": "GB", "class": "fixed"}), "destinations[10].prefix"),
         (lambda d: d["rate_tables"]["standard"][7]["intervals"][1].__setitem__("from_s", 90), "rate_tables.standard[7].intervals[0]"),
@@ -102,13 +104,14 @@ def test_accounts_file_errors_name_account_and_field() -> None:
     with pytest.raises(AccountsError) as info:
         parse_accounts({"accounts": [
             account(plan="gold"), account("acc-2", balance=1.5), account("acc-3", period_anchor_day=31),
-            account("acc-4", balance="0.0000001"),
+            account("acc-4", balance="0.0000001"), account("acc-5", home_country="GB\n"),
         ]}, cat)
     text = "\n".join(info.value.errors)
     assert "accounts[0] (acc-1).plan: unknown plan 'gold'" in text
     assert "accounts[1] (acc-2).balance: money must be a quoted decimal string" in text
     assert "accounts[2] (acc-3).period_anchor_day: expected an integer 1..28, got 31" in text
     assert "accounts[3] (acc-4).balance: at most 6 decimal places" in text
+    assert "accounts[4] (acc-5).home_country: expected an ISO alpha-2 code, got 'GB\\n'" in text
 
 
 def test_cli_refuses_a_bad_catalog_with_exit_2(tmp_path: Path) -> None:

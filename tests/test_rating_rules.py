@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import pytest
@@ -158,6 +159,10 @@ def test_sms_and_meters() -> None:
         (call("x", "+4420", -1), "invalid_field", "duration_s"),
         (call("x", "+4420", 86_401), "invalid_field", "duration_s"),
         (call("x", "4420123", 5), "invalid_field", "to"),
+        # a bare `$` in a regex also matches before a final newline: these must not pass
+        (call("x", "+442071234567\n", 5), "invalid_field", "to"),
+        (call("x", "+442071234567", 5, **{"from": "+1555\n"}), "invalid_field", "from"),
+        (sms("x", "+442071234567\n"), "invalid_field", "to"),
         (call("x", "+4420", 5, started_at="2026-11-10T10:00:00"), "invalid_field", "started_at"),
         (call("x", "+4420", 5, direction="sideways"), "invalid_field", "direction"),
         (sms("x", "+4420", 0), "invalid_field", "segments"),
@@ -206,6 +211,22 @@ def test_duplicates_are_never_charged_and_conflicts_are_flagged() -> None:
     again = one(r, call("e1", "+442071234567", 61))
     assert again.status == "duplicate" and not again.conflict
     assert r.store.wallet("acc-1").balance == 100_000_000 - 40_000  # type: ignore[attr-defined]
+
+
+def test_conflict_compares_content_not_bytes() -> None:
+    r = make_rater([account(plan="payg")])
+    doc = {"kind": "call", "event_id": "e1", "account_id": "acc-1", "direction": "outbound",
+           "from": "+15550001111", "to": "+442071234567", "started_at": "2026-11-10T10:00:00Z",
+           "duration_s": 61}
+    first = json.dumps(doc).encode()  # ", " and ": " separators
+    reordered = json.dumps(dict(reversed(list(doc.items()))), separators=(",", ":")).encode()
+    same_instant = json.dumps({**doc, "started_at": "2026-11-10T10:00:00.000+00:00"}).encode()
+    longer = json.dumps({**doc, "duration_s": 62}).encode()
+    other_to = json.dumps({**doc, "to": "+442071234568"}).encode()
+    rows = records(r, first, reordered, same_instant, longer, other_to)
+    assert [(x.status, x.conflict) for x in rows] == [
+        ("rated", False), ("duplicate", False), ("duplicate", False), ("duplicate", True), ("duplicate", True),
+    ]
 
 
 def test_a_redelivered_message_re_emits_its_original_row() -> None:

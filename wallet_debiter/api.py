@@ -108,7 +108,7 @@ def _short(value: Any) -> str:
 def _check_to(value: Any) -> str:
     if value is None:
         raise bad_request("to", "to: missing (an E.164 number, + then 1..15 digits)")
-    if not isinstance(value, str) or not E164_RE.match(value):
+    if not isinstance(value, str) or not E164_RE.fullmatch(value):
         raise bad_request("to", f"to: expected an E.164 number (+ then 1..15 digits), got {_short(value)}")
     return value
 
@@ -249,7 +249,7 @@ async def create_reservation(request: web.Request) -> web.Response:
     ):
         raise bad_request("max_duration_s", f"max_duration_s: expected an integer 1..{MAX_CALL_S}, got {_short(duration)}")
     rid = doc.get("reservation_id")
-    if rid is not None and (not isinstance(rid, str) or not _RID_RE.match(rid)):
+    if rid is not None and (not isinstance(rid, str) or not _RID_RE.fullmatch(rid)):
         raise bad_request("reservation_id", "reservation_id: expected 1..128 of A-Z a-z 0-9 . _ : -, "
                                             f"got {_short(rid)}")
     auth = st.authorizer_or_503()
@@ -290,7 +290,7 @@ async def release_reservation(request: web.Request) -> web.Response:
     st = request.app[STATE]
     account_id = _account_id(request)
     rid = request.match_info["rid"]
-    if not _RID_RE.match(rid):
+    if not _RID_RE.fullmatch(rid):
         raise bad_request("reservation_id", f"reservation_id: not a valid id {_short(rid)}")
     if await st.store.release(account_id, rid):
         request[REASON] = "released"

@@ -250,7 +250,7 @@ class Authorizer:
         `held_money`: sum of active holds (micros); `held_s` / `used_s`: package seconds held
         by active holds / used so far, per package id, in the current billing period.
         """
-        if not E164_RE.match(to):
+        if not E164_RE.fullmatch(to):
             raise ValueError(f"to: expected E.164 (+ then 1..15 digits), got {to!r}")
         wallet = WalletView.of(account)
         plan: Plan | None = self.catalog.plans.get(wallet.plan_id)

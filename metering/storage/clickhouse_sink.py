@@ -298,7 +298,7 @@ class ClickHouseSink:
     def __init__(
         self, dsn: str, database: str = DEFAULT_DATABASE, *, schema_dir: Path | None = None
     ) -> None:
-        if not _IDENTIFIER.match(database):
+        if not _IDENTIFIER.fullmatch(database):
             raise ValueError(f"database name must match {_IDENTIFIER.pattern}, got {database!r}")
         self.dsn = dsn
         self.database = database
