@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from metering import kafka_io  # noqa: E402
 from metering.config import Settings  # noqa: E402
-from schemas.events import UsageEvent  # noqa: E402
+from schemas.events import event_decoder  # noqa: E402
 
 
 class Result(msgspec.Struct):
@@ -53,7 +53,7 @@ class Result(msgspec.Struct):
 
 
 def bench_confluent(settings: Settings, topic: str, count: int, batch: int) -> Result:
-    decoder = msgspec.json.Decoder(UsageEvent)
+    decoder = event_decoder()
     began = time.perf_counter()
     consumer = kafka_io.make_consumer(settings, f"bench-ck-{uuid.uuid4().hex[:8]}", [topic])
     n = errors = 0
@@ -82,7 +82,7 @@ def bench_aiokafka(settings: Settings, topic: str, count: int, batch: int) -> Re
 
     from aiokafka import AIOKafkaConsumer  # type: ignore[import-untyped]
 
-    decoder = msgspec.json.Decoder(UsageEvent)
+    decoder = event_decoder()
 
     async def run() -> Result:
         began = time.perf_counter()
@@ -119,7 +119,7 @@ def bench_faust(settings: Settings, topic: str, count: int, batch: int, take: bo
     from metering.workers.alerts import broker_urls
 
     began = time.perf_counter()
-    decoder = msgspec.json.Decoder(UsageEvent)
+    decoder = event_decoder()
     app = faust.App(f"bench-faust-{uuid.uuid4().hex[:8]}", broker=broker_urls(settings.kafka_bootstrap),
                     datadir=f"/tmp/bench-faust-{os.getpid()}", web_enabled=False,
                     topic_partitions=settings.partitions, consumer_auto_offset_reset="earliest")

@@ -64,7 +64,7 @@ from metering.traffic import generate_labeled_events, load_accounts_list, load_c
 from metering.workers.pipeline import Pipeline, Progress  # noqa: E402
 from rating.accounts import parse_accounts  # noqa: E402
 from rating.catalog import load_catalog  # noqa: E402
-from schemas.events import UsageEvent  # noqa: E402
+from schemas.events import event_decoder  # noqa: E402
 from wallet_debiter.redis_store import RedisWalletStore, connect  # noqa: E402
 
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -152,7 +152,7 @@ def produce_all(settings: Settings, events: list[tuple[str, bytes, str]]) -> flo
 def bare_consume(settings: Settings, total: int, batch: int) -> dict[str, Any]:
     """confluent-kafka consume(batch) + msgspec decode of the whole topic (a throwaway group)."""
     consumer = kafka_io.make_consumer(settings, f"bare-{uuid.uuid4().hex[:8]}", [settings.topics.events])
-    decoder = msgspec.json.Decoder(UsageEvent)
+    decoder = event_decoder()
     started = time.perf_counter()
     first_at = last_at = 0.0
     first_n = n = bad = 0

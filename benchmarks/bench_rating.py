@@ -21,7 +21,7 @@ from rating.accounts import parse_accounts
 from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
-from schemas.events import UsageEvent
+from schemas.events import event_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def main() -> None:
                                             malformed_rate=0.005, now=now)]
     print(f"generated {len(values):,} events in {time.perf_counter() - t:.1f} s")
 
-    decoder = msgspec.json.Decoder(UsageEvent)
+    decoder = event_decoder()
     t = time.perf_counter()
     for v in values:
         try:  # noqa: SIM105 (contextlib.suppress would add a context manager per event to the baseline)

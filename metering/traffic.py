@@ -752,8 +752,7 @@ def generate_labeled_events(
             elif kind == "sms":
                 ev["segments"] = [ev["segments"]]
             else:
-                # not str(quantity): the schema's Decimal would accept "3824"
-                ev["quantity"] = None if rand() < 0.5 else "n/a"
+                ev["quantity"] = (None, "n/a", str(ev["quantity"]))[int(rand() * 3)]
         elif defect == "bad_e164":
             field = "to" if rand() < 0.7 else "from"
             digits = ev[field][1:]

@@ -38,7 +38,7 @@ from rating.wallet import (
     StaleSnapshot,
     WalletStore,
 )
-from schemas.events import CallEvent, MeterEvent, SmsEvent, UsageEvent
+from schemas.events import CallEvent, MeterEvent, SmsEvent, event_decoder
 from schemas.records import RatedRecord, WalletEvent
 
 FUTURE_SLACK = timedelta(hours=24)
@@ -157,7 +157,7 @@ class Pricer:
     accounts, so it scales out freely (`metering worker rating`)."""
 
     def __init__(self, catalog: Catalog, accounts: Mapping[str, Account]) -> None:
-        self._decoder = msgspec.json.Decoder(UsageEvent)
+        self._decoder: msgspec.json.Decoder[Any] = event_decoder()  # narrowed by type() below
         self._encoder = msgspec.json.Encoder()
         self.accounts = accounts
         self.max_bytes = MAX_EVENT_BYTES
@@ -395,14 +395,15 @@ class Pricer:
                     ts = ev.at
                     if ts > limit_ts:
                         raise Rejection("future_timestamp", f"at: {ts.isoformat()} is more than 24 h ahead")
-                    amount = self._meter_amount(plan, ev)
+                    quantity = _quantity(ev.quantity)
+                    amount = self._meter_amount(plan, ev, quantity)
                     if ts.tzinfo is not _UTC:
                         ts = ts.astimezone(_UTC)
                     anchor = account.period_anchor_day
                     period = periods[anchor].get(ts.date()) or self._period(ts, anchor)
                     append((ev.event_id, ev.account_id, "priced", "meter", None, None, False, None,
                             None, 0, 0, 0, None, False, amount, None, None, None, None, ev.at,
-                            period[0], plan.plan_id, version, ev.meter, ev.quantity, None, source,
+                            period[0], plan.plan_id, version, ev.meter, quantity, None, source,
                             crc(canon(ev)), 0, None, None, period[1]))
             except msgspec.ValidationError as exc:
                 append(rejected_row(raw, source, _validation_rejection(str(exc))))
@@ -418,11 +419,10 @@ class Pricer:
         return out
 
     @staticmethod
-    def _meter_amount(plan: Plan, ev: MeterEvent) -> int:
+    def _meter_amount(plan: Plan, ev: MeterEvent, q: Decimal) -> int:
         price = plan.meters_pico.get(ev.meter)
         if price is None:
             raise Rejection("unknown_meter", f"meter: {ev.meter!r} has no price in plan {plan.plan_id!r}")
-        q = ev.quantity
         if not q.is_finite() or q < 0 or q > MAX_METER_QUANTITY:
             raise Rejection("invalid_field", f"quantity: must be a number from 0 to 1e12, got {q}")
         t = q.as_tuple()
@@ -434,6 +434,17 @@ class Pricer:
             return (2 * num * price + den) // (2 * den)
         exact = _EXACT.divide(_EXACT.multiply(q, Decimal(price)), Decimal(PICO_PER_MICRO))
         return int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
+
+
+def _quantity(value: object) -> Decimal:
+    """A meter quantity as decoded (int, or Decimal for a number with a fraction) as Decimal."""
+    t = type(value)
+    if t is Decimal:
+        return value  # type: ignore[return-value]
+    if t is int:
+        return Decimal(value)  # type: ignore[arg-type]
+    shown = "a string" if t is str else "true/false" if t is bool else "null" if value is None else f"a {t.__name__}"
+    raise Rejection("invalid_field", f"quantity: expected a number, got {shown}")
 
 
 class Settler:

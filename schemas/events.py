@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,6 +20,10 @@ EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Direction = Literal["outbound", "inbound"]
+# A JSON number (SPEC). Typed `Any` because a `Decimal` field would also take "1.5" as a string;
+# `event_decoder()` turns fractional numbers into exact Decimals (never binary floats) and the
+# engine refuses anything but int or Decimal, and values outside 0..1e12.
+Quantity = Annotated[Any, msgspec.Meta(extra_json_schema={"type": "number", "minimum": 0})]
 MAX_CALL_SECONDS = 86_400
 
 
@@ -49,10 +53,14 @@ class MeterEvent(msgspec.Struct, tag_field="kind", tag="meter", frozen=True, kw_
     event_id: EventId
     account_id: AccountId
     meter: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    # Decimal straight from the JSON number text: quantities are never binary floats.
-    quantity: Decimal  # >= 0 is checked by the engine (msgspec has no bound for Decimal)
+    quantity: Quantity
     at: Timestamp
 
 
 UsageEvent = CallEvent | SmsEvent | MeterEvent
 EVENT_KINDS = ("call", "sms", "meter")
+
+
+def event_decoder() -> msgspec.json.Decoder[UsageEvent]:
+    """The decoder every reader of `usage.events` uses (numbers with a fraction -> Decimal)."""
+    return msgspec.json.Decoder(UsageEvent, float_hook=Decimal)

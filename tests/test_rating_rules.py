@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import date
+from decimal import Decimal
 
 import pytest
 
@@ -144,6 +145,9 @@ def test_sms_and_meters() -> None:
     assert one(r, meter("m2", "12.5")).charge == 25
     assert one(r, meter("m3", "0.25")).charge == 1  # 0.5 micro -> half-up
     assert one(r, meter("m4", "0.24")).charge == 0
+    # exact whatever the spelling of the number: 1.25e3 = 1250 tokens, 2500 micro-units...
+    assert one(r, meter("m5", "1.25e3")).charge == one(r, meter("m6", "1250")).charge == 2_500
+    assert one(r, meter("m7", "0.1")).quantity == Decimal("0.1")  # not the binary float 0.1000000000000000055...
 
 
 @pytest.mark.parametrize(
@@ -167,6 +171,11 @@ def test_sms_and_meters() -> None:
         (call("x", "+4420", 5, direction="sideways"), "invalid_field", "direction"),
         (sms("x", "+4420", 0), "invalid_field", "segments"),
         (meter("x", -1), "invalid_field", "quantity"),
+        (meter("x", b'"1.5"'), "invalid_field", "quantity"),  # SPEC: a number, not a string
+        (meter("x", b"true"), "invalid_field", "quantity"),
+        (meter("x", b"null"), "invalid_field", "quantity"),
+        (meter("x", b"[1]"), "invalid_field", "quantity"),
+        (meter("x", b"1e13"), "invalid_field", "quantity"),
         (b'{"kind":"fax","event_id":"x","account_id":"acc-1"}', "unknown_kind", "kind"),
         (call("x", "+4420", 5, account_id="nobody"), "unknown_account", "account_id"),
         (call("x", "+99912345", 5), "unknown_destination", "to"),
