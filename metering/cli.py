@@ -269,8 +269,8 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     import msgspec
 
     from metering import kafka_io
-    from metering.workers.common import MovementOut, WalletEventOut
     from rating.money import MoneyError, format_micros, parse_micros
+    from schemas.messages import MovementOut, WalletEventOut
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings()

@@ -14,41 +14,11 @@ import msgspec
 
 from rating.engine import ROW_FIELDS, Rater, Row
 from rating.money import format_micros
+from schemas.messages import OfflineLine, OfflineWalletEvent
 from schemas.records import WalletEvent
 
 BATCH_LINES = 4096
 assert ROW_FIELDS[15] == "balance_after" and ROW_FIELDS[14] == "charge"
-
-
-class OfflineLine(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """The SPEC offline line; `reason`/`detail` (rejected) and `conflict` (duplicate) appear
-    only then."""
-
-    event_id: str | None
-    account_id: str | None
-    status: str
-    reason: str | None = None
-    detail: str | None = None
-    conflict: bool = False
-    kind: str | None
-    country: str | None
-    dest_class: str | None
-    billable_s: int
-    covered_s: int
-    charged_s: int
-    package_id: str | None
-    fair_use_exceeded: bool
-    charge: str
-    balance_after: str | None
-
-
-class OfflineWalletEvent(msgspec.Struct, omit_defaults=True):
-    type: str
-    account_id: str
-    event_id: str | None
-    balance: str
-    package_id: str | None = None
-    percent: int | None = None
 
 
 def offline_line(r: Row) -> OfflineLine:

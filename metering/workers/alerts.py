@@ -40,7 +40,7 @@ import msgspec
 from metering.config import Settings
 from metering.local_services import state_dir
 from metering.logs import log
-from metering.workers.common import WalletEventOut
+from schemas.messages import Notification, WalletEventOut
 
 LOG = logging.getLogger("metering.alerts")
 NOTIFICATIONS = "notifications"
@@ -48,20 +48,6 @@ TABLE = "alerts-sent"
 
 _decode_event = msgspec.json.Decoder(WalletEventOut).decode
 _encode = msgspec.json.Encoder().encode
-
-
-class Notification(msgspec.Struct, omit_defaults=True):
-    """One customer notification on `notifications` (JSON, key = account_id)."""
-
-    notification_id: str  # stable: a hash of the alert key
-    account_id: str
-    type: str
-    text: str
-    balance: str
-    at: str  # when the cause happened (ISO 8601, from the wallet event)
-    event_id: str | None = None
-    package_id: str | None = None
-    percent: int | None = None
 
 
 def alert_key(e: WalletEventOut) -> str:

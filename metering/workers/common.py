@@ -25,6 +25,7 @@ from metering.logs import log
 from rating.catalog import Catalog, CatalogError, load_catalog
 from rating.engine import COL, Row
 from rating.money import format_micros, parse_micros
+from schemas.messages import MovementOut, WalletEventOut
 from schemas.records import Movement, WalletEvent
 from wallet_debiter.redis_store import PositionsLost
 
@@ -253,30 +254,6 @@ class PositionGuard:
 
 
 # ---------------------------------------------------------------------- outputs
-
-
-class WalletEventOut(msgspec.Struct, omit_defaults=True):
-    """A wallet event on `wallet.events` (JSON): SPEC fields plus when its cause happened."""
-
-    type: str
-    account_id: str
-    event_id: str | None
-    balance: str
-    at: datetime
-    package_id: str | None = None
-    percent: int | None = None
-
-
-class MovementOut(msgspec.Struct):
-    """A credit / top-up / adjustment on `wallet.movements` (JSON), written by operators."""
-
-    movement_id: str
-    account_id: str
-    at: datetime
-    type: str
-    amount: str
-    balance_after: str
-    reference: str
 
 
 _json = msgspec.json.Encoder()

@@ -33,7 +33,6 @@ from metering.workers.common import (
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
-    WalletEventOut,
     count_rows,
     crash_point,
     debit_movements,
@@ -46,6 +45,7 @@ from metering.workers.common import (
 from metering.workers.pipeline import CH_TRANSIENT, package_allowances
 from rating.engine import Pricer, Settler
 from rating.money import parse_micros
+from schemas.messages import WalletEventOut
 from schemas.records import WalletEvent
 from schemas.wire import decode_priced, decode_row, encode_priced, encode_row
 from wallet_debiter.redis_store import RedisWalletStore, connect
