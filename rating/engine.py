@@ -305,8 +305,8 @@ class Pricer:
         heads_get = self._heads.get
         crc = zlib.crc32
         # The conflict fingerprint is taken over the decoded event re-encoded (fixed key order,
-        # no whitespace, normalised numbers and times): a resend with other formatting is the
-        # same content, one with another duration or number is not (SPEC rule 9).
+        # no whitespace, unknown fields dropped, timestamps re-spelled): a resend with other
+        # formatting is the same content, one with another duration or number is not (rule 9).
         canon = self._encoder.encode
         periods = self._periods
         version = self.catalog.version
