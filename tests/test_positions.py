@@ -159,3 +159,42 @@ def test_guard_replays_a_partition_whose_position_redis_lost_and_then_moves_on(c
     again = [_Msg(0, 0), _Msg(0, 1), _Msg(1, 22)]
     assert guard.settle(_Seeks(), again, lambda: "replayed", "debit") == "replayed"
     assert store.positions(TOPIC) == {0: 2, 1: 23} and guard.written == {0: 2, 1: 23}
+
+
+def test_guard_on_the_cluster_converges_after_one_master_lost_its_copy() -> None:
+    """Cluster: each master holds its own copy of the positions. One master goes back (its
+    copy reads 2 while the others read 4); the guard re-reads from there until every copy
+    agrees again, in a bounded number of deduped re-reads, and then moves on."""
+    from metering.workers.common import PositionGuard
+
+    c = connect(ensure_started(("redis-cluster",)).redis_cluster_url)
+    c.flushall()
+    try:
+        store = RedisWalletStore(c)
+        guard = PositionGuard(store, TOPIC)
+        assert guard.settle(_Seeks(), [_Msg(0, o) for o in range(4)], lambda: "ok", "debit") == "ok"
+        keys = store._position_keys(TOPIC)
+        assert len(keys) == 3 and all(c.hget(k, "0") == b"4" for k in keys)
+        c.hset(keys[1], "0", 2)  # that master failed over to a replica a second behind
+
+        # A consumer that re-reads from where the guard seeks it, up to offset 6.
+        offset, rounds, settled = 4, 0, []
+        while rounds < 10:
+            rounds += 1
+            seeks = _Seeks()
+            msgs = [_Msg(0, o) for o in range(offset, 6)]
+            if guard.settle(seeks, msgs, lambda m=msgs: settled.append(len(m)) or "ok", "debit") == "ok":
+                break
+            offset = seeks.to[0]
+        # round 1 notices the lagging copy (back to 2); round 2 re-reads 2..5 and brings it to 6,
+        # while the two others already at 6 make it read once more; round 3 agrees everywhere
+        assert rounds == 3, rounds
+        assert settled == [2, 4, 4]
+        assert [c.hget(k, "0") for k in keys] == [b"6"] * 3
+        assert store.positions(TOPIC) == {0: 6} and guard.written == {0: 6}
+        # and the next batch goes straight through
+        assert guard.settle(_Seeks(), [_Msg(0, 6)], lambda: "next", "debit") == "next"
+        assert store.positions(TOPIC) == {0: 7}
+    finally:
+        c.flushall()
+        c.close()
