@@ -58,6 +58,7 @@ _NO_RATE = Rate("", (), 0)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 _E164_FIELDS = frozenset({"to", "from"})
+_TIME_FIELD: dict[type, str] = {CallEvent: "started_at", SmsEvent: "sent_at", MeterEvent: "at"}
 
 # One output row per input event, in this column order (RatedRecord has the same fields).
 ROW_FIELDS = (
@@ -313,6 +314,7 @@ class Pricer:
         max_bytes = self.max_bytes
         _CallEvent, _SmsEvent, _UTC = CallEvent, SmsEvent, UTC
         for raw, source in items:
+            ev = None
             try:
                 if len(raw) > max_bytes:
                     raise Rejection("invalid_json", f"(event): oversize, {len(raw)} bytes > {max_bytes}")
@@ -415,7 +417,10 @@ class Pricer:
             except Rejection as rej:
                 append(rejected_row(raw, source, rej))
             except (ValueError, OverflowError, ArithmeticError) as exc:  # never stop the stream
-                append(rejected_row(raw, source, Rejection("invalid_field", f"(event): {exc}")))
+                # in practice a timestamp near year 1 that a UTC shift or the period start
+                # takes out of datetime's range
+                field = _TIME_FIELD.get(type(ev), "(event)")
+                append(rejected_row(raw, source, Rejection("invalid_field", f"{field}: {exc}")))
         return out
 
     @staticmethod

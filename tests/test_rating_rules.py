@@ -169,6 +169,8 @@ def test_sms_and_meters() -> None:
         (sms("x", "+442071234567\n"), "invalid_field", "to"),
         (call("x", "+4420", 5, started_at="2026-11-10T10:00:00"), "invalid_field", "started_at"),
         (call("x", "+4420", 5, direction="sideways"), "invalid_field", "direction"),
+        # shifted to UTC it falls before year 1: datetime cannot hold it, the detail still names the field
+        (call("x", "+4420", 5, started_at="0001-01-01T00:00:00+05:00"), "invalid_field", "started_at"),
         (sms("x", "+4420", 0), "invalid_field", "segments"),
         (meter("x", -1), "invalid_field", "quantity"),
         (meter("x", b'"1.5"'), "invalid_field", "quantity"),  # SPEC: a number, not a string
