@@ -159,3 +159,22 @@ def test_charge_matches_an_independent_fraction_oracle(prefix: str, duration: in
     micros = total * 1_000_000
     expected = int(micros) + (1 if micros - int(micros) >= Fraction(1, 2) else 0)
     assert call_charge(rate, duration, covered) == expected
+
+
+@given(
+    fp=st.integers(0, 2**32 - 1),
+    source=st.text(min_size=1, max_size=40),
+    covered=st.integers(0, 10**7),
+    charge=st.integers(0, 2**70),
+    fue=st.integers(0, 1),
+    thresholds=st.integers(0, 7),
+    balance=st.integers(-(2**70), 2**70),
+    bits=st.integers(0, 15),
+)
+def test_a_dedupe_entry_comes_back_exactly_as_stored(fp: int, source: str, covered: int, charge: int, fue: int,
+                                                     thresholds: int, balance: int, bits: int) -> None:
+    """The memory store packs its entries into bytes; any value (beyond 64 bits too) round-trips."""
+    from rating.wallet import Prior, _pack_prior, _unpack_prior
+
+    outcome = (covered, charge, fue, thresholds)
+    assert _unpack_prior(_pack_prior(fp, source, outcome, balance, bits)) == Prior(fp, source, outcome, balance, bits)
