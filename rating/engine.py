@@ -159,7 +159,7 @@ class Pricer:
 
     def __init__(self, catalog: Catalog, accounts: Mapping[str, Account]) -> None:
         self._decoder: msgspec.json.Decoder[Any] = event_decoder()  # narrowed by type() below
-        self._encoder = msgspec.json.Encoder()
+        self._encoder = msgspec.msgpack.Encoder()  # times as UTC instants: one spelling each
         self.accounts = accounts
         self.max_bytes = MAX_EVENT_BYTES
         self.set_catalog(catalog)
@@ -305,9 +305,9 @@ class Pricer:
         routes = self._routes
         heads_get = self._heads.get
         crc = zlib.crc32
-        # The conflict fingerprint is taken over the decoded event re-encoded (fixed key order,
-        # no whitespace, unknown fields dropped, timestamps re-spelled): a resend with other
-        # formatting is the same content, one with another duration or number is not (rule 9).
+        # The conflict fingerprint is taken over the decoded event re-encoded as msgpack (fixed
+        # key order, unknown fields dropped, each timestamp as its UTC instant): a resend with
+        # other formatting is the same content, one with another duration or number is not.
         canon = self._encoder.encode
         periods = self._periods
         version = self.catalog.version

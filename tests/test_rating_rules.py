@@ -231,7 +231,7 @@ def test_conflict_compares_content_not_bytes() -> None:
            "duration_s": 61}
     first = json.dumps(doc).encode()  # ", " and ": " separators
     reordered = json.dumps(dict(reversed(list(doc.items()))), separators=(",", ":")).encode()
-    same_instant = json.dumps({**doc, "started_at": "2026-11-10T10:00:00.000+00:00"}).encode()
+    same_instant = json.dumps({**doc, "started_at": "2026-11-10T15:30:00+05:30"}).encode()
     longer = json.dumps({**doc, "duration_s": 62}).encode()
     other_to = json.dumps({**doc, "to": "+442071234568"}).encode()
     rows = records(r, first, reordered, same_instant, longer, other_to)
