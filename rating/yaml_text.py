@@ -1,7 +1,8 @@
 """YAML text to plain data with the safe loader, on libyaml's C parser when PyYAML has it.
 
-The pure-Python parser took 5.9 s for a 10 000-account file here (C parser: about 0.5 s), and
-`metering rate`, `accounts import` and every worker start load that file.
+Loading a 10 000-account file took 5.9 s with the pure-Python parser and 1.9 s with this one
+(each a `python -c` run, interpreter start-up included), and `metering rate`, `accounts
+import` and every worker start load that file.
 """
 
 from __future__ import annotations
