@@ -28,7 +28,7 @@ LOG = logging.getLogger("metering.kafka")
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the pipeline topics if missing; returns the names created."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "enable.metrics.push": False})
     t = settings.topics
     wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, t.movements]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
@@ -58,6 +58,7 @@ def make_producer(settings: Settings, **extra: Any) -> Producer:
         "batch.num.messages": 10000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 500000,
+        "enable.metrics.push": False,  # no KIP-714 client telemetry (and no log line about it)
     }
     conf.update(extra)
     return Producer(conf)
@@ -78,6 +79,7 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         "session.timeout.ms": 10000,  # a killed owner's partitions move on within ~10 s
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
+        "enable.metrics.push": False,
     }
     if settings.instance_id:
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
@@ -222,7 +224,7 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Log-end offset per partition of `topic` (for progress and tests)."""
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "metering-probe",
-                  "enable.auto.commit": False})
+                  "enable.auto.commit": False, "enable.metrics.push": False})
     try:
         md = c.list_topics(topic, timeout=10)
         out = {}

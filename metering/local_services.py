@@ -10,6 +10,9 @@ Environment overrides (read by :func:`endpoints`):
   METERING_REDIS_CLUSTER_URL (redis+cluster://127.0.0.1:17001/), METERING_REDIS_CLUSTER_PORTS
     ("17001 17002 17003"): the optional 3-master Redis Cluster, service "redis-cluster". It is
     started only when asked for (``ensure_started(("redis-cluster",))``), never by default.
+  METERING_KFAKE_BOOTSTRAP (127.0.0.1:19192), METERING_KFAKE_PORT: service "kfake", a second,
+    independent Kafka-protocol broker (franz-go's kfake, built with Go) that the tests run the
+    pipeline on as well; also started only when asked for.
   METERING_SERVICES_SCRIPT: path to services.sh when the package is not run from a checkout.
 """
 
@@ -35,12 +38,13 @@ __all__ = [
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_SERVER_SERVICES = ("kafka", "redis", "redis-cluster")
+_SERVER_SERVICES = ("kafka", "redis", "redis-cluster", "kfake")
 _KNOWN_SERVICES = (*_SERVER_SERVICES, "clickhouse")
 _OVERRIDE_VARS = {
     "kafka": "METERING_KAFKA_BOOTSTRAP",
     "redis": "METERING_REDIS_URL",
     "redis-cluster": "METERING_REDIS_CLUSTER_URL",
+    "kfake": "METERING_KFAKE_BOOTSTRAP",
     "clickhouse": "METERING_CLICKHOUSE_DSN",
 }
 _DEFAULT_CLUSTER_PORTS = "17001 17002 17003"
@@ -57,6 +61,8 @@ class Endpoints:
     clickhouse_dsn: str
     # the optional local Redis Cluster (a worker uses it when METERING_REDIS_URL is set to it)
     redis_cluster_url: str = "redis+cluster://127.0.0.1:17001/"
+    # the optional second Kafka-protocol broker (a worker uses it through METERING_KAFKA_BOOTSTRAP)
+    kfake_bootstrap: str = "127.0.0.1:19192"
 
     def as_env(self) -> dict[str, str]:
         """The endpoints as the METERING_* variables the workers read (the cluster URL is not
@@ -85,6 +91,8 @@ def endpoints(env: Mapping[str, str] | None = None) -> Endpoints:
         clickhouse_dsn=env.get("METERING_CLICKHOUSE_DSN")
         or f"chdb://{state_dir(env) / 'clickhouse'}",
         redis_cluster_url=env.get("METERING_REDIS_CLUSTER_URL") or f"redis+cluster://127.0.0.1:{cluster_port}/",
+        kfake_bootstrap=env.get("METERING_KFAKE_BOOTSTRAP")
+        or f"127.0.0.1:{env.get('METERING_KFAKE_PORT') or '19192'}",
     )
 
 

@@ -41,10 +41,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def live(tmp_path: Path):  # noqa: ANN201
-    ep = ensure_started()
+def live(tmp_path: Path, request: pytest.FixtureRequest):  # noqa: ANN201
+    """Isolated topics, Redis database and chDB folder, accounts imported. Apache Kafka unless
+    a test asks for "kfake" (indirect parametrization): franz-go's Kafka implementation, a
+    second broker that shares no code with Apache Kafka."""
+    broker = getattr(request, "param", "kafka")
+    ep = ensure_started(("kafka", "redis") if broker == "kafka" else ("redis", "kfake"))
+    broker_env = {"METERING_KAFKA_BOOTSTRAP": ep.kfake_bootstrap} if broker == "kfake" else {}
     db = 1 + uuid.uuid4().int % 14
-    env = {**os.environ, **ep.as_env(), "METERING_REDIS_URL": f"{ep.redis_url.rsplit('/', 1)[0]}/{db}",
+    env = {**os.environ, **ep.as_env(), **broker_env, "METERING_REDIS_URL": f"{ep.redis_url.rsplit('/', 1)[0]}/{db}",
            "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch", "METERING_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}.",
            "METERING_GROUP_PREFIX": f"g{uuid.uuid4().hex[:8]}", "METERING_CATALOG": str(CATALOG),
            "METERING_ACCOUNTS": str(ACCOUNTS), "METERING_METRICS_PORT": "0", "METERING_BATCH_SIZE": "2000"}
@@ -55,6 +60,7 @@ def live(tmp_path: Path):  # noqa: ANN201
 
 
 RUN = [sys.executable, "-m", "metering.cli", "run", "--until-idle"]
+BROKERS = pytest.mark.parametrize("live", ["kafka", "kfake"], indirect=True)
 
 
 def _run_logged(env: dict[str, str], **extra: str) -> tuple[int, str]:
@@ -165,6 +171,7 @@ def _check_equal(env: dict[str, str], rater: Rater, rows: list, *,  # noqa: ANN0
     assert live_bal == offline_bal
 
 
+@BROKERS
 def test_live_pipeline_matches_offline_rating_then_a_rewind_changes_nothing(live: dict[str, str]) -> None:
     """100 k seeded events (5 % re-produced duplicates, 1 % poison) through the live pipeline:
     every row, balance and reject equals `metering rate`'s; then the consumer group is rewound
@@ -211,7 +218,8 @@ def _on_cluster(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("redis_kind", ["standalone", "cluster"])
+@pytest.mark.parametrize(("live", "redis_kind"), [("kafka", "standalone"), ("kafka", "cluster"),
+                                                 ("kfake", "standalone")], indirect=["live"])
 def test_kill_9_at_24_seeded_points_then_restart_changes_nothing(live: dict[str, str], redis_kind: str) -> None:
     seed = int(os.environ.get("METERING_CRASH_SEED", "2026"))
     now = datetime.now(UTC).replace(microsecond=0)
@@ -279,6 +287,7 @@ def test_redis_losing_its_last_writes_after_kafka_committed_is_replayed(live: di
     _check_equal(live, rater, rows)
 
 
+@BROKERS
 def test_split_workers_rating_debit_sink_match_offline(live: dict[str, str]) -> None:
     """`metering worker rating|debit|sink` as separate processes (the scale-out mode) give the
     same rows, balances and rejects as `metering rate`."""
@@ -356,6 +365,7 @@ def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, 
     assert by_version["2026-11-01"] > 1_500 and by_version["2026-11-23-reloaded"] > 1_500
 
 
+@BROKERS
 def test_poison_and_every_reject_reason_land_on_usage_rejected_byte_for_byte(live: dict[str, str]) -> None:
     """Broker-level poison (empty, oversize, invalid UTF-8) and each SPEC reject reason go to
     usage.rejected with the original bytes, the reason and the source offset in headers; the

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Local Kafka (KRaft, single node) and Redis for development, tests and the demo.
 #
-#   deploy/local/services.sh start|stop|status|restart [kafka|redis|redis-cluster|all]
-#     (`all`, the default, is kafka + redis; the Redis Cluster starts only when named)
+#   deploy/local/services.sh start|stop|status|restart [kafka|redis|redis-cluster|kfake|all]
+#     (`all`, the default, is kafka + redis; the Redis Cluster and kfake start only when named.
+#     kfake is a second, independent Kafka-protocol broker (franz-go's, in Go) that the tests
+#     run the pipeline on too; it is built from deploy/local/kfake with `go build` once.)
 #   deploy/local/services.sh wipe-redis-cluster   # stop the cluster and delete its state
 #   deploy/local/services.sh fetch      # download the Kafka jars once (no server)
 #   deploy/local/services.sh env        # print export lines for the endpoints
@@ -14,6 +16,7 @@
 #   METERING_KAFKA_PORT  broker port          (default 19092)
 #   METERING_KAFKA_CONTROLLER_PORT            (default 19093)
 #   METERING_REDIS_PORT  redis port           (default 16379)
+#   METERING_KFAKE_PORT  kfake broker port    (default 19192)
 #   METERING_REDIS_CLUSTER_PORTS  the cluster's masters (default "17001 17002 17003"; each
 #                        also uses port+10000 for the cluster bus)
 #   METERING_KAFKA_VERSION                    (default 4.1.1)
@@ -33,6 +36,7 @@ DEP_PLUGIN_VERSION=3.8.1
 KAFKA_PORT="${METERING_KAFKA_PORT:-19092}"
 CONTROLLER_PORT="${METERING_KAFKA_CONTROLLER_PORT:-19093}"
 REDIS_PORT="${METERING_REDIS_PORT:-16379}"
+KFAKE_PORT="${METERING_KFAKE_PORT:-19192}"
 read -r -a CLUSTER_PORTS <<<"${METERING_REDIS_CLUSTER_PORTS:-17001 17002 17003}"
 KAFKA_HEAP="${METERING_KAFKA_HEAP:--Xms256m -Xmx1g}"
 START_TIMEOUT="${METERING_START_TIMEOUT:-90}"
@@ -46,6 +50,9 @@ LOG_DIR="$STATE_DIR/logs"
 KAFKA_PID="$KAFKA_STATE/kafka.pid"
 REDIS_PID="$REDIS_STATE/redis.pid"
 CLUSTER_STATE="$STATE_DIR/redis-cluster"
+KFAKE_SRC="$REPO_ROOT/deploy/local/kfake"
+KFAKE_STATE="$STATE_DIR/kfake"
+KFAKE_PID="$KFAKE_STATE/kfake.pid"
 
 if [[ -n "${JAVA_HOME:-}" && -x "${JAVA_HOME}/bin/java" ]]; then JAVA="$JAVA_HOME/bin/java"; else JAVA=java; fi
 PYTHON="${METERING_PYTHON:-$(command -v python3 || command -v python || true)}"
@@ -68,6 +75,7 @@ live_pid() {
 }
 kafka_pid() { live_pid "$KAFKA_PID" "-Dmetering.state=$STATE_DIR"; }
 redis_pid() { live_pid "$REDIS_PID" "redis-server"; }
+kfake_pid() { live_pid "$KFAKE_PID" "kfake-broker -port $KFAKE_PORT"; }
 cluster_node_pid() { live_pid "$CLUSTER_STATE/$1/redis.pid" "redis-server $HOST:$1"; }
 
 # --- Kafka jars ---------------------------------------------------------------
@@ -189,9 +197,9 @@ new_cluster_id() {
 
 # Waits until a metadata request succeeds. Exit: 0 ok, 2 process died, 3 timeout, 4 no client.
 kafka_health() {
-  local pid=$1
+  local pid=$1 port=${2:-$KAFKA_PORT}
   [[ -n "$PYTHON" ]] || return 4
-  "$PYTHON" - "$HOST:$KAFKA_PORT" "$pid" "$START_TIMEOUT" <<'EOF'
+  "$PYTHON" - "$HOST:$port" "$pid" "$START_TIMEOUT" <<'EOF'
 import logging, os, sys, time
 try:
     from confluent_kafka.admin import AdminClient
@@ -442,6 +450,64 @@ wipe_redis_cluster() {
   log "redis-cluster: state deleted ($CLUSTER_STATE)"
 }
 
+# --- kfake: a second Kafka-protocol broker (franz-go's kfake, Go), only when named ----------
+# Built once per source version into the cache (the Go module proxy serves its modules).
+build_kfake() {
+  local version bin
+  command -v go >/dev/null || die "go not found: kfake is built with the Go toolchain (apt-get install -y golang)"
+  version="$(cat "$KFAKE_SRC/go.mod" "$KFAKE_SRC/go.sum" "$KFAKE_SRC/main.go" | sha256sum | cut -c1-12)"
+  bin="$CACHE_DIR/kfake-$version/kfake-broker"
+  if [[ ! -x "$bin" ]]; then
+    log "kfake: building $KFAKE_SRC with $(go version | cut -d' ' -f3) (one time) into $(dirname "$bin")" >&2
+    mkdir -p "$(dirname "$bin")"
+    (cd "$KFAKE_SRC" && go build -o "$bin.tmp" .) >&2 || die "kfake build failed"
+    mv "$bin.tmp" "$bin"
+  fi
+  echo "$bin"
+}
+
+start_kfake() {
+  local t0 pid bin rc=0
+  t0="$(now)"
+  if pid="$(kfake_pid)"; then
+    log "kfake: already running (pid $pid, bootstrap $HOST:$KFAKE_PORT)"
+    return 0
+  fi
+  rm -f "$KFAKE_PID"
+  port_open "$KFAKE_PORT" && die "port $KFAKE_PORT is in use by another process (set METERING_KFAKE_PORT)"
+  bin="$(build_kfake)"
+  mkdir -p "$KFAKE_STATE/data" "$LOG_DIR"
+  log "kfake: starting on $HOST:$KFAKE_PORT"
+  setsid "$bin" -port "$KFAKE_PORT" -data-dir "$KFAKE_STATE/data" -partitions 4 \
+    </dev/null >"$LOG_DIR/kfake.log" 2>&1 9>&- &
+  pid=$!
+  echo "$pid" >"$KFAKE_PID"
+  kafka_health "$pid" "$KFAKE_PORT" || rc=$?
+  case $rc in
+    0) log "kfake: up in $(elapsed "$t0") s (pid $pid); logs: $LOG_DIR/kfake.log" ;;
+    *)
+      tail -n 20 "$LOG_DIR/kfake.log" >&2 2>/dev/null || true
+      die "kfake not healthy (health check exit $rc; logs: $LOG_DIR/kfake.log)"
+      ;;
+  esac
+}
+
+stop_kfake() {
+  local pid
+  if pid="$(kfake_pid)"; then stop_pid kfake "$pid" 30; else log "kfake: not running"; fi
+  rm -f "$KFAKE_PID"
+}
+
+status_kfake() {
+  local pid
+  if pid="$(kfake_pid)"; then
+    echo "kfake: up (pid $pid, bootstrap $HOST:$KFAKE_PORT, logs $LOG_DIR/kfake.log)"
+  else
+    echo "kfake: down"
+    return 3
+  fi
+}
+
 # --- stop / status --------------------------------------------------------------
 stop_pid() {
   local name=$1 pid=$2 grace=$3 i
@@ -492,9 +558,10 @@ wipe() {
   stop_kafka
   stop_redis
   stop_redis_cluster
+  stop_kfake
   # Only the folders this project owns, never the state root itself (it may be user-chosen).
   local d
-  for d in kafka redis redis-cluster logs clickhouse; do
+  for d in kafka redis redis-cluster kfake logs clickhouse; do
     if [[ -e "$STATE_DIR/$d" ]]; then rm -rf "${STATE_DIR:?}/$d"; fi
   done
   rm -f "$STATE_DIR/.services.lock"
@@ -503,7 +570,7 @@ wipe() {
 }
 
 usage() {
-  echo "usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|all] | fetch | env | wipe | wipe-redis-cluster" >&2
+  echo "usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all] | fetch | env | wipe | wipe-redis-cluster" >&2
   exit 1
 }
 
@@ -513,6 +580,7 @@ main() {
     all) services=(kafka redis) ;;
     kafka | redis) services=("$target") ;;
     redis-cluster) services=(redis_cluster) ;;
+    kfake) services=(kfake) ;;
     *) usage ;;
   esac
   case $cmd in
@@ -534,6 +602,7 @@ main() {
       echo "export METERING_REDIS_URL=redis://$HOST:$REDIS_PORT/0"
       echo "export METERING_CLICKHOUSE_DSN=chdb://$STATE_DIR/clickhouse"
       echo "export METERING_REDIS_CLUSTER_URL=redis+cluster://$HOST:${CLUSTER_PORTS[0]}/"
+      echo "# kfake (only when started by name): METERING_KAFKA_BOOTSTRAP=$HOST:$KFAKE_PORT"
       ;;
     wipe) wipe ;;
     wipe-redis-cluster) wipe_redis_cluster ;;

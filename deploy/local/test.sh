@@ -6,8 +6,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 bash deploy/local/install.sh
 bash deploy/local/services.sh start
-# tests/test_redis_cluster.py starts the 3-master Redis Cluster itself; stopped here too
-trap 'bash deploy/local/services.sh stop >/dev/null 2>&1 || true; bash deploy/local/services.sh stop redis-cluster >/dev/null 2>&1 || true' EXIT
+# tests start the 3-master Redis Cluster and the second broker (kfake) themselves; stopped here too
+trap 'for s in all redis-cluster kfake; do bash deploy/local/services.sh stop "$s" >/dev/null 2>&1 || true; done' EXIT
 set +e
 python3 -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?
