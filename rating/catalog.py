@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rating.money import MoneyError, parse_price_pico
+from rating.money import MAX_CHARGE_MICROS, PICO_PER_MICRO, MoneyError, format_micros, parse_price_pico
+from schemas.events import MAX_CALL_SECONDS, MAX_SMS_SEGMENTS
 from rating.yaml_text import YAMLError, parse_yaml
 
 DEST_CLASSES = ("fixed", "mobile", "premium", "tollfree")
@@ -274,6 +275,12 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             return None
         first, nxt = inc_raw
         intervals = [Interval(0, first, pm, first), Interval(first, None, pm, nxt)]
+    # The longest call, rounded up by at most one increment, at the dearest stretch's price.
+    worst_s = MAX_CALL_SECONDS + max(iv.increment_s for iv in intervals)
+    worst = connect + worst_s * max(iv.per_minute_pico for iv in intervals) // 60
+    if worst > MAX_CHARGE_MICROS * PICO_PER_MICRO:
+        errs.add(path, f"a {MAX_CALL_SECONDS} s call would cost more than the per-event maximum "
+                       f"{format_micros(MAX_CHARGE_MICROS)}: prices too high")
     return Rate(prefix, tuple(intervals), connect)
 
 
@@ -433,6 +440,10 @@ def _validate(data: Any, source: str) -> Catalog:
         _unknown_keys(errs, f"{path}.sms", sms, {"outbound", "inbound"})
         sms_out = _price(errs, f"{path}.sms.outbound", sms.get("outbound", "0"))
         sms_in = _price(errs, f"{path}.sms.inbound", sms.get("inbound", "0"))
+        for direction, price in (("outbound", sms_out), ("inbound", sms_in)):
+            if price * MAX_SMS_SEGMENTS > MAX_CHARGE_MICROS * PICO_PER_MICRO:
+                errs.add(f"{path}.sms.{direction}", f"{MAX_SMS_SEGMENTS} segments would cost more than the "
+                                                    f"per-event maximum {format_micros(MAX_CHARGE_MICROS)}")
         meters = {
             str(m): _price(errs, f"{path}.meters.{m}", v)
             for m, v in _mapping(errs, f"{path}.meters", spec.get("meters"), required=False).items()

@@ -25,7 +25,7 @@ import msgspec
 
 from rating.accounts import Account
 from rating.catalog import Catalog, Destination, Package, Plan, Rate
-from rating.money import PICO_PER_MICRO
+from rating.money import MAX_CHARGE_MICROS, PICO_PER_MICRO, format_micros
 from rating.periods import period_start
 from rating.pricing import billed_parts, charge_micros
 from rating.wallet import (
@@ -43,7 +43,8 @@ from schemas.records import RatedRecord, WalletEvent
 
 FUTURE_SLACK = timedelta(hours=24)
 MAX_EVENT_BYTES = 64 * 1024  # a CDR is ~200 bytes; anything this big is poison
-MAX_METER_QUANTITY = Decimal(10) ** 12
+# Quantities are stored as ClickHouse Decimal(18, 6): below 1e12 once rounded to 6 places.
+MAX_METER_QUANTITY = Decimal(10) ** 12 - Decimal("0.0000005")
 USAGE_THRESHOLDS = (50, 80, 100)
 _EXACT = Context(prec=80)
 _ONE = Decimal(1)
@@ -428,17 +429,22 @@ class Pricer:
         price = plan.meters_pico.get(ev.meter)
         if price is None:
             raise Rejection("unknown_meter", f"meter: {ev.meter!r} has no price in plan {plan.plan_id!r}")
-        if not q.is_finite() or q < 0 or q > MAX_METER_QUANTITY:
-            raise Rejection("invalid_field", f"quantity: must be a number from 0 to 1e12, got {q}")
+        if not q.is_finite() or q < 0 or q >= MAX_METER_QUANTITY:
+            raise Rejection("invalid_field", f"quantity: must be a number from 0 to below 1e12, got {q}")
         t = q.as_tuple()
         if type(t.exponent) is int and t.exponent >= -12 and len(t.digits) <= 30 and price < _PRICE_FAST_MAX:
             # At most 30 + 30 digits: the 80-digit Decimal path below is exact here, so this is
             # the same half-up rounding done on the exact ratio in integers.
             num, den = q.as_integer_ratio()
             den *= PICO_PER_MICRO
-            return (2 * num * price + den) // (2 * den)
-        exact = _EXACT.divide(_EXACT.multiply(q, Decimal(price)), Decimal(PICO_PER_MICRO))
-        return int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
+            amount = (2 * num * price + den) // (2 * den)
+        else:
+            exact = _EXACT.divide(_EXACT.multiply(q, Decimal(price)), Decimal(PICO_PER_MICRO))
+            amount = int(exact.quantize(_ONE, rounding=ROUND_HALF_UP, context=_EXACT))
+        if amount > MAX_CHARGE_MICROS:
+            raise Rejection("invalid_field", f"quantity: {q} {ev.meter} would cost {format_micros(amount)}, more "
+                                             f"than the per-event maximum {format_micros(MAX_CHARGE_MICROS)}")
+        return amount
 
 
 def _quantity(value: object) -> Decimal:

@@ -13,6 +13,11 @@ MICROS = 1_000_000
 PICO = 1_000_000_000_000
 PICO_PER_MICRO = PICO // MICROS
 PRICE_DECIMALS = 12
+# The most one event may be charged: 1 000 000 000.000000 of the currency. Beyond it the
+# other stores are no longer exact: Redis scripts compute in doubles (integers exact below
+# 2**53 micros, ~9.0e9 units) and ClickHouse holds Decimal(18, 6) (below 1e12 units). The
+# catalog is refused when a call or SMS could cost more; a meter event that would is rejected.
+MAX_CHARGE_MICROS = 10**15
 
 
 class MoneyError(ValueError):

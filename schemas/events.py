@@ -25,6 +25,7 @@ Direction = Literal["outbound", "inbound"]
 # engine refuses anything but int or Decimal, and values outside 0..1e12.
 Quantity = Annotated[Any, msgspec.Meta(extra_json_schema={"type": "number", "minimum": 0})]
 MAX_CALL_SECONDS = 86_400
+MAX_SMS_SEGMENTS = 255  # a concatenated SMS has at most 255 parts (GSM 03.40 UDH)
 
 
 class CallEvent(msgspec.Struct, tag_field="kind", tag="call", frozen=True, kw_only=True):
@@ -46,7 +47,7 @@ class SmsEvent(msgspec.Struct, tag_field="kind", tag="sms", frozen=True, kw_only
     from_: E164 = msgspec.field(name="from")
     to: E164
     sent_at: Timestamp
-    segments: Annotated[int, msgspec.Meta(ge=1)]
+    segments: Annotated[int, msgspec.Meta(ge=1, le=MAX_SMS_SEGMENTS)]
 
 
 class MeterEvent(msgspec.Struct, tag_field="kind", tag="meter", frozen=True, kw_only=True):

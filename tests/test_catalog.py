@@ -126,3 +126,18 @@ def test_cli_refuses_a_bad_catalog_with_exit_2(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(ROOT / "tests/data/spec_catalog.yaml")],
                         capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "package europe: 1000 min, international" in ok.stdout
+
+
+def test_prices_that_could_charge_one_event_beyond_the_maximum_are_refused() -> None:
+    """A 24 h call or a 255-segment SMS must fit the per-event maximum (1e9 units), or the
+    Redis scripts (doubles) and ClickHouse (Decimal(18, 6)) could not hold the charge exactly."""
+    data = catalog_dict()
+    data["rate_tables"]["standard"][0]["per_minute"] = "694444"  # 1441 min * 694444 > 1e9
+    data["plans"]["payg"]["sms"]["outbound"] = "4000000"  # 255 * 4e6 > 1e9
+    errors = _errors(data)
+    assert any(e.startswith("rate_tables.standard[0]: a 86400 s call would cost more than the per-event "
+                            "maximum 1000000000.000000") for e in errors), errors
+    assert any(e.startswith("plans.payg.sms.outbound: 255 segments would cost more than") for e in errors), errors
+    data = catalog_dict()
+    data["rate_tables"]["standard"][0]["per_minute"] = "693000"  # 1441 min * 693000 < 1e9: fine
+    parse_catalog(data, "test.yaml")

@@ -178,6 +178,10 @@ def test_sms_and_meters() -> None:
         (meter("x", b"null"), "invalid_field", "quantity"),
         (meter("x", b"[1]"), "invalid_field", "quantity"),
         (meter("x", b"1e13"), "invalid_field", "quantity"),
+        # Decimal(18, 6) in ClickHouse: below 1e12 once rounded half-up to 6 places
+        (meter("x", b"1000000000000"), "invalid_field", "quantity"),
+        (meter("x", b"999999999999.9999995"), "invalid_field", "quantity"),
+        (sms("x", "+15550002222", 256), "invalid_field", "segments"),
         (b'{"kind":"fax","event_id":"x","account_id":"acc-1"}', "unknown_kind", "kind"),
         (call("x", "+4420", 5, account_id="nobody"), "unknown_account", "account_id"),
         (call("x", "+99912345", 5), "unknown_destination", "to"),
@@ -195,6 +199,24 @@ def test_each_reject_reason_names_the_field(raw: bytes, reason: str, field: str 
     if field is not None:
         assert rec.detail.startswith(f"{field}:"), rec.detail
     assert rec.charge == 0 and rec.balance_after is None
+
+
+def test_quantity_and_charge_limits() -> None:
+    """The largest storable quantity is rated; a meter event costing more than the per-event
+    maximum (1e9 units: Redis scripts are exact below 2**53 micros) is rejected, not charged."""
+    cat = catalog_dict()
+    cat["plans"]["starter"]["meters"] = {"llm_tokens": "0.000002", "gpu_hours": "0.01"}
+    r = make_rater([account()], cat)
+    rec = one(r, meter("q1", b"999999999999.9999994"))
+    assert rec.status == "rated" and rec.charge == 2_000_000_000_000  # 1999999.9999999999988 half-up
+    assert one(r, meter("q2", 255, name="gpu_hours")).charge == 2_550_000
+    assert one(r, sms("q3", "+15550002222", 255)).charge == 1_912_500  # 255 * 0.0075
+    rec = one(r, meter("q4", b"100000000000", name="gpu_hours"))  # 1e11 * 0.01 = 1e9: the maximum
+    assert rec.status == "rated" and rec.charge == 10**15
+    rec = one(r, meter("q5", b"100000000000.0001", name="gpu_hours"))
+    assert (rec.status, rec.reason) == ("rejected", "invalid_field")
+    assert rec.detail == ("quantity: 100000000000.0001 gpu_hours would cost 1000000000.000001, "
+                          "more than the per-event maximum 1000000000.000000")
 
 
 def test_future_timestamp_limit_is_24_hours() -> None:
