@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rating.money import MAX_CHARGE_MICROS, PICO_PER_MICRO, MoneyError, format_micros, parse_price_pico
-from schemas.events import MAX_CALL_SECONDS, MAX_SMS_SEGMENTS
+from rating.money import (
+    MAX_CHARGE_MICROS,
+    PICO_PER_MICRO,
+    MoneyError,
+    format_micros,
+    parse_price_pico,
+)
 from rating.yaml_text import YAMLError, parse_yaml
+from schemas.events import MAX_CALL_SECONDS, MAX_SMS_SEGMENTS
 
 DEST_CLASSES = ("fixed", "mobile", "premium", "tollfree")
 NEVER_COVERED = frozenset({"premium", "tollfree"})
