@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -287,9 +288,12 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
         _fail(f"error: amount: {exc}")
     if kind != "adjustment" and micros <= 0:
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
-    at = datetime.now(UTC)
     balance, bits, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
-                                           settles_topup=kind == "topup", at=at)
+                                           settles_topup=kind == "topup", at=datetime.now(UTC))
+    # The time Redis recorded when the credit was first applied, on the first run and on every
+    # replay: a replay re-sends the same movement and wallet event (`at` is in wallet_events'
+    # key, and the partition of both tables), so ClickHouse replaces instead of adding rows.
+    at = _credit_time(store, account_id, reference)
     producer = kafka_io.make_producer(settings)
     enc = msgspec.json.Encoder()
     movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=at,
@@ -305,6 +309,17 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     kafka_io.flush(producer)
     note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
     click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
+
+
+def _credit_time(store: Any, account_id: str, reference: str) -> datetime:
+    """When the credit `reference` was applied: the `at_ms` of `c:{account}[reference]`
+    ("balance|bits|at_ms", written by credit.lua), to the millisecond like ClickHouse's `at`."""
+    raw = store.client.hget(f"c:{{{account_id}}}", reference)
+    text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+    at_ms = text.split("|")[2] if text.count("|") == 2 else ""
+    if not at_ms.lstrip("-").isdigit():  # written just now by the same script: cannot happen
+        _fail(f"error: credit {reference!r} of {account_id!r}: Redis holds {text!r}, not balance|bits|at_ms", 1)
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(at_ms))
 
 
 @main.command("serve-api")
@@ -327,6 +342,107 @@ def report() -> None:
 
     settings = _settings()
     print_report(settings.clickhouse_dsn, settings.clickhouse_database, click.echo)
+
+
+@main.group()
+def movements() -> None:
+    """Wallet movements (debit, credit, topup, adjustment) from ClickHouse."""
+
+
+def _bound(ctx: click.Context, param: click.Parameter, value: str) -> datetime:  # noqa: ARG001
+    from metering.storage.movements_csv import parse_bound
+
+    try:
+        return parse_bound(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@movements.command("export")
+@click.argument("account_id")
+@click.option("--from", "start", required=True, callback=_bound, metavar="DATE|TIMESTAMP",
+              help="Start, inclusive: a date (00:00 UTC) or an ISO 8601 timestamp with offset.")
+@click.option("--to", "end", required=True, callback=_bound, metavar="DATE|TIMESTAMP",
+              help="End, exclusive: a date (00:00 UTC) or an ISO 8601 timestamp with offset.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write the CSV here (replaced whole, only once complete); default: stdout.")
+def movements_export(account_id: str, start: datetime, end: datetime, out_path: str | None) -> None:
+    """Export ACCOUNT_ID's wallet movements with `at` in [--from, --to) as CSV.
+
+    \b
+    Columns: movement_id, account_id, at, type, amount, balance_after, reference.
+    `at` is ISO 8601 UTC with milliseconds; money is a 6-place decimal string
+    (amount signed: debits negative). Read from wallet_movements FINAL, so a replayed
+    movement is one line. Rows are ordered by `at`, then movement_id.
+    --from is inclusive and --to exclusive: --from 2026-11-01 --to 2026-12-01 is all of
+    November (UTC). A debit's `at` is its usage event's own time, a credit's the time it was
+    applied, so a CDR that arrived late sits before credits applied earlier and balance_after
+    is not monotone in this order (it is the balance right after that movement).
+    An unknown account or an empty range gives the header line only (exit 0).
+    ClickHouse: METERING_CLICKHOUSE_DSN and METERING_CLICKHOUSE_DATABASE. On chDB the data
+    directory must not be held by another process (stop `metering run` / `worker sink`).
+    Errors (bad option, ClickHouse unreachable) exit with code 2; a failure mid-stream can
+    leave part of the CSV on stdout, while --out writes all or nothing. CSV is RFC 4180
+    (UTF-8, CRLF, quoted fields where needed); the row count goes to stderr.
+    """
+    import tempfile
+
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from metering.storage.clickhouse_sink import ClickHouseSink
+    from metering.storage.movements_csv import export_movements
+
+    if end < start:
+        raise click.BadParameter(f"{end.isoformat()} is before --from ({start.isoformat()})", param_hint="'--to'")
+    settings = _settings()
+    where = f"clickhouse {settings.clickhouse_dsn} (METERING_CLICKHOUSE_DSN), database {settings.clickhouse_database}"
+    try:
+        sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+    except ValueError as exc:  # a database name that is not an identifier
+        _fail(f"error: METERING_CLICKHOUSE_DATABASE: {exc}")
+    except (ClickHouseError, OSError) as exc:
+        _fail(f"error: {where}: cannot connect: {exc}")
+    tmp_path: str | None = None
+    try:
+        if out_path is None:
+            stdout = sys.stdout.buffer
+            count = export_movements(sink.client, settings.clickhouse_database, account_id, start, end,
+                                     _Utf8Writer(stdout))
+            stdout.flush()
+        else:  # a temporary file next to it, renamed over it once complete: never half a file
+            fd, tmp_path = tempfile.mkstemp(prefix=".movements-", suffix=".tmp",
+                                            dir=os.path.dirname(os.path.abspath(out_path)))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; an ordinary file instead
+            with open(fd, "w", encoding="utf-8", newline="") as out:
+                count = export_movements(sink.client, settings.clickhouse_database, account_id, start, end, out)
+            os.replace(tmp_path, out_path)
+            tmp_path = None
+    except ClickHouseError as exc:
+        _fail(f"error: {where}: export query failed: {exc}")
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:
+        _fail(f"error: --out {out_path}: {exc}" if out_path else f"error: stdout: {exc}")
+    finally:
+        sink.close()
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+    click.echo(f"{account_id}: {count} movements from {start.isoformat()} to {end.isoformat()} (exclusive)",
+               err=True)
+
+
+class _Utf8Writer:
+    """What csv.writer needs (write) over a binary stream: UTF-8, line ends untouched."""
+
+    def __init__(self, binary: IO[bytes]) -> None:
+        self._binary = binary
+
+    def write(self, text: str) -> int:
+        return self._binary.write(text.encode("utf-8"))
 
 
 @main.command("demo")

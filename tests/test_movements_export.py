@@ -1,0 +1,310 @@
+"""`metering movements export`: one account's wallet movements over a time range as CSV, read
+from a real chDB (`wallet_movements FINAL`); and `metering accounts credit` replayed re-sends
+its movement and wallet event with the original `at`, so ClickHouse counts them once."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+from click.testing import CliRunner, Result
+from confluent_kafka import Consumer, Message
+
+from metering.cli import main
+from metering.config import Settings
+from metering.local_services import ensure_started
+from metering.storage.clickhouse_sink import ClickHouseSink
+from metering.storage.movements_csv import format_at, parse_bound, to_ms
+from schemas.records import Movement
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOG = ROOT / "deploy/examples/catalog.yaml"
+HEADER = ["movement_id", "account_id", "at", "type", "amount", "balance_after", "reference"]
+
+ODD = 'acc,"odd"\nline;é'  # comma, quotes, line break, non-ASCII
+OTHER = "acc-other"
+
+
+def _t(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _mv(mid: str, at: str, kind: str, amount: int, balance: int, ref: str, account: str = ODD) -> Movement:
+    return Movement(movement_id=mid, account_id=account, at=_t(at), type=kind, amount=amount,
+                    balance_after=balance, reference=ref)
+
+
+# Inserted in this order (not the export order). The late debit `d-late` has an earlier `at`
+# than the credit applied before it arrived, so its balance_after is out of sequence.
+MOVES = [
+    _mv("c-oct", "2026-10-31T23:59:59.999+00:00", "credit", 1_000_000, 1_000_000, "before the range"),
+    _mv("t-first", "2026-11-01T00:00:00.000+00:00", "topup", 25_000_000, 26_000_000, 'pay,"1"\r\nx'),
+    _mv("d-b", "2026-11-15T10:00:00.500+00:00", "debit", -1, 20_999_999, "ev-b"),
+    _mv("d-a", "2026-11-15T10:00:00.500+00:00", "debit", -5_000_000, 21_000_000, "ev-a"),
+    _mv("c-mid", "2026-11-20T08:00:00.000+00:00", "credit", 999_999_999_999_999_999, 999_999_999_999_999_999, "max"),
+    _mv("d-late", "2026-11-19T23:00:00.000+01:00", "debit", -10, -999_999_999_999_999_999, "late cdr"),
+    _mv("a-zero", "2026-11-30T23:59:59.999+00:00", "adjustment", 0, 0, "fee:2026-11-01:starter"),
+    _mv("c-dec", "2026-12-01T00:00:00.000+00:00", "credit", 1, 1, "after the range"),
+    _mv("c-other", "2026-11-10T00:00:00.000+00:00", "credit", 7, 7, "someone else", account=OTHER),
+]
+NOVEMBER = [  # --from 2026-11-01 --to 2026-12-01, exactly as the CSV holds it
+    ["t-first", ODD, "2026-11-01T00:00:00.000Z", "topup", "25.000000", "26.000000", 'pay,"1"\r\nx'],
+    ["d-a", ODD, "2026-11-15T10:00:00.500Z", "debit", "-5.000000", "21.000000", "ev-a"],
+    ["d-b", ODD, "2026-11-15T10:00:00.500Z", "debit", "-0.000001", "20.999999", "ev-b"],
+    ["d-late", ODD, "2026-11-19T22:00:00.000Z", "debit", "-0.000010", "-999999999999.999999", "late cdr"],
+    ["c-mid", ODD, "2026-11-20T08:00:00.000Z", "credit", "999999999999.999999", "999999999999.999999", "max"],
+    ["a-zero", ODD, "2026-11-30T23:59:59.999Z", "adjustment", "0.000000", "0.000000", "fee:2026-11-01:starter"],
+]
+
+
+@pytest.fixture()
+def chdb_env(tmp_path: Path) -> Iterator[tuple[ClickHouseSink, dict[str, str]]]:
+    """A chDB folder with the schema and MOVES inserted twice (a replay), and the environment
+    that points the CLI at it. The sink stays open: in-process CLI runs share its engine."""
+    dsn = f"chdb://{tmp_path / 'ch'}"
+    sink = ClickHouseSink(dsn)
+    sink.ensure_schema()
+    try:
+        sink.insert_movements(MOVES)
+        sink.insert_movements(MOVES)  # replayed: FINAL keeps one row per movement_id
+        yield sink, {"METERING_CLICKHOUSE_DSN": dsn, "METERING_CLICKHOUSE_DATABASE": "metering"}
+    finally:
+        sink.close()  # chDB: one engine per process; free it for the next test's folder
+
+
+def _export(env: dict[str, str], *args: str) -> Result:
+    return CliRunner().invoke(main, ["movements", "export", *args], env=env, catch_exceptions=False)
+
+
+def _rows(result: Result) -> list[list[str]]:
+    assert result.exit_code == 0, result.output
+    text = result.stdout_bytes.decode("utf-8")
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_bounds_dates_are_utc_midnight_and_timestamps_need_an_offset() -> None:
+    assert parse_bound("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_bound("2026-11-01T13:00:00.250+01:00") == datetime(2026, 11, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    assert parse_bound("2026-11-01T12:00:00Z") == datetime(2026, 11, 1, 12, tzinfo=UTC)
+    for bad in ("2026-13-01", "2026-11-31", "yesterday", "", "2026-11-01T12:00:00", "01/11/2026"):
+        with pytest.raises(ValueError):
+            parse_bound(bad)
+    # `at` is whole milliseconds: a sub-millisecond bound rounds up (same rows for >= and <)
+    assert to_ms(datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == 1
+    assert to_ms(datetime(1970, 1, 1, 0, 0, 1, tzinfo=timezone(timedelta(hours=1)))) == -3_599_000
+    assert format_at(to_ms(parse_bound("2026-11-15T10:00:00.5Z"))) == "2026-11-15T10:00:00.500Z"
+    assert format_at(0) == "1970-01-01T00:00:00.000Z"
+
+
+# --------------------------------------------------------------------------- on chDB
+
+
+def test_export_is_exact_ordered_deduplicated_and_bounded(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
+    sink, env = chdb_env
+    stored = sink.client.query("SELECT count() FROM metering.wallet_movements").result_rows[0][0]
+    assert stored in (len(MOVES), 2 * len(MOVES))  # both inserts landed (unless merged already)
+    result = _export(env, ODD, "--from", "2026-11-01", "--to", "2026-12-01")
+    raw = result.stdout_bytes
+    assert raw.startswith(b"movement_id,account_id,at,type,amount,balance_after,reference\r\n")
+    assert '"acc,""odd""\nline;é"'.encode() in raw  # RFC 4180 quoting, UTF-8
+    rows = _rows(result)
+    assert rows[0] == HEADER
+    assert rows[1:] == NOVEMBER  # once each, in (at, movement_id) order, money exact
+    assert f"{ODD}: 6 movements" in result.stderr
+
+
+def test_range_boundaries_inclusive_from_exclusive_to(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
+    _, env = chdb_env
+
+    def ids(start: str, end: str) -> list[str]:
+        return [r[0] for r in _rows(_export(env, ODD, "--from", start, "--to", end))[1:]]
+
+    assert ids("2026-10-31T23:59:59.999Z", "2026-11-01T00:00:00.000Z") == ["c-oct"]
+    assert ids("2026-10-31T23:59:59.999Z", "2026-11-01T00:00:00.001Z") == ["c-oct", "t-first"]
+    assert ids("2026-11-15T10:00:00.500Z", "2026-11-15T10:00:00.501Z") == ["d-a", "d-b"]
+    assert ids("2026-11-15T11:00:00.500+01:00", "2026-11-15T11:00:00.500+01:00") == []  # empty range
+    assert ids("2026-11-30T23:59:59.999Z", "2026-12-01") == ["a-zero"]
+    assert ids("2026-12-01", "2026-12-02") == ["c-dec"]
+    assert ids("2026-01-01", "2027-01-01") == ["c-oct", *(r[0] for r in NOVEMBER), "c-dec"]
+
+
+def test_unknown_account_or_empty_range_is_the_header_only(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
+    _, env = chdb_env
+    for args in (["nobody", "--from", "2026-01-01", "--to", "2027-01-01"],
+                 [ODD, "--from", "2025-01-01", "--to", "2025-02-01"],
+                 ["acc", "--from", "2026-01-01", "--to", "2027-01-01"]):  # a prefix is not a match
+        result = _export(env, *args)
+        assert result.exit_code == 0
+        assert result.stdout_bytes == b"movement_id,account_id,at,type,amount,balance_after,reference\r\n"
+    other = _rows(_export(env, OTHER, "--from", "2026-11-01", "--to", "2026-12-01"))
+    assert other == [HEADER, ["c-other", OTHER, "2026-11-10T00:00:00.000Z", "credit", "0.000007", "0.000007",
+                              "someone else"]]
+
+
+def test_out_file_is_the_same_csv_written_whole(chdb_env: tuple[ClickHouseSink, dict[str, str]],
+                                                tmp_path: Path) -> None:
+    _, env = chdb_env
+    target = tmp_path / "out" / "moves.csv"
+    target.parent.mkdir()
+    target.write_text("old content\n")
+    to_stdout = _export(env, ODD, "--from", "2026-11-01", "--to", "2026-12-01").stdout_bytes
+    result = _export(env, ODD, "--from", "2026-11-01", "--to", "2026-12-01", "--out", str(target))
+    assert result.exit_code == 0 and result.stdout_bytes == b""
+    assert target.read_bytes() == to_stdout
+    assert os.listdir(target.parent) == ["moves.csv"]  # no temporary file left
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_bad_options_name_the_field_and_exit_2(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
+    _, env = chdb_env
+    cases = [
+        (["--from", "2026-13-01", "--to", "2026-12-01"], "--from"),
+        (["--from", "2026-11-01", "--to", "next week"], "--to"),
+        (["--from", "2026-11-01T00:00:00", "--to", "2026-12-01"], "--from"),  # no offset
+        (["--from", "2026-12-01", "--to", "2026-11-01"], "--to"),  # before --from
+    ]
+    for args, field in cases:
+        result = CliRunner().invoke(main, ["movements", "export", ODD, *args], env=env)
+        assert result.exit_code == 2, (args, result.output)
+        assert field in result.stderr, (args, result.stderr)
+        assert result.stdout_bytes == b""
+
+
+def test_clickhouse_unreachable_exits_2_with_a_clear_message() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    env = {"METERING_CLICKHOUSE_DSN": f"http://127.0.0.1:{port}"}
+    result = CliRunner().invoke(main, ["movements", "export", "a", "--from", "2026-11-01", "--to", "2026-12-01"],
+                                env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stdout_bytes == b""
+    assert "METERING_CLICKHOUSE_DSN" in result.stderr and f"127.0.0.1:{port}" in result.stderr
+
+
+def test_as_a_process_chdb_held_elsewhere_missing_schema_then_success(
+        chdb_env: tuple[ClickHouseSink, dict[str, str]], tmp_path: Path) -> None:
+    """The real command in its own process: while this process holds the chDB folder it
+    cannot open it (exit 2, says why); a folder without the schema is an error too; once the
+    folder is free it writes the same bytes as the in-process run."""
+    sink, env = chdb_env
+    args = [sys.executable, "-m", "metering.cli", "movements", "export", ODD, "--from", "2026-11-01",
+            "--to", "2026-12-01"]
+    expected = _export(env, *args[5:]).stdout_bytes
+
+    def run(extra: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(args, env={**os.environ, **extra}, cwd=ROOT, capture_output=True, timeout=120)
+
+    held = run(env)
+    assert held.returncode == 2 and held.stdout == b""
+    assert b"METERING_CLICKHOUSE_DSN" in held.stderr, held.stderr
+    empty = run({"METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'empty'}"})
+    assert empty.returncode == 2 and empty.stdout == b""
+    assert b"export query failed" in empty.stderr, empty.stderr
+    sink.close()  # free the folder for the other process
+    done = run(env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected
+
+
+# ------------------------------------------------------- accounts credit replayed: same `at`
+
+
+def _read(bootstrap: str, topic: str, done: Callable[[list[Message]], bool], timeout_s: float = 60) -> list[Message]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done(got) and time.monotonic() < deadline:
+            got += [m for m in c.consume(100, 1.0) if m.error() is None]
+    finally:
+        c.close()
+    return got
+
+
+@pytest.mark.integration
+def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_once(tmp_path: Path) -> None:
+    ep = ensure_started(("kafka", "redis"))
+    db = 1 + uuid.uuid4().int % 14  # no FLUSHDB: the account id is unique to this run
+    account = f"acc-replay-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **ep.as_env(), "METERING_REDIS_URL": f"{ep.redis_url.rsplit('/', 1)[0]}/{db}",
+           "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch", "METERING_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}.",
+           "METERING_GROUP_PREFIX": f"g{uuid.uuid4().hex[:8]}", "METERING_CATALOG": str(CATALOG),
+           "METERING_METRICS_PORT": "0"}
+    accounts = tmp_path / "accounts.yaml"
+    accounts.write_text(  # imported at a balance <= 0: starts blocked, so the credit unblocks it
+        f'accounts:\n  - {{id: "{account}", plan: "starter", home_country: "US", billing: "prepaid", '
+        'balance: "-1.00", period_anchor_day: 1, auto_topup: null, low_balance_alert: null, credit_limit: null}\n')
+    cli = [sys.executable, "-m", "metering.cli"]
+
+    def metering(*args: str) -> str:
+        out = subprocess.run([*cli, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    metering("setup")
+    metering("accounts", "import", str(accounts))
+    first = metering("accounts", "credit", account, "5.00", "--reference", "pay-1")
+    assert "balance 4.000000" in first and "already applied" not in first
+    time.sleep(0.05)  # the wall clock moves on: a replay must not take the new time
+    assert "already applied" in metering("accounts", "credit", account, "5.00", "--reference", "pay-1")
+
+    settings = Settings.from_env(env)
+    moves = [json.loads(m.value() or b"") for m in _read(ep.kafka_bootstrap, settings.topics.movements,
+                                                         lambda ms: len(ms) >= 2)]
+    events = [json.loads(m.value() or b"") for m in _read(ep.kafka_bootstrap, settings.topics.wallet_events,
+                                                          lambda ms: len(ms) >= 2)]
+    assert len(moves) == 2 and len(events) == 2
+    assert moves[0] == moves[1]  # the replay re-sent the very same movement, `at` included
+    assert events[0] == events[1] and events[0]["type"] == "unblocked"
+    assert events[0]["at"] == moves[0]["at"]
+    at = datetime.fromisoformat(moves[0]["at"])
+    assert at.microsecond % 1000 == 0  # whole milliseconds, like ClickHouse's DateTime64(3)
+    assert abs((datetime.now(UTC) - at).total_seconds()) < 120
+
+    # the sink worker writes both messages of each; FINAL counts one row
+    proc = subprocess.run([*cli, "worker", "sink", "--until-idle", "3"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+    try:
+        ev = client.query("SELECT type, event_id, toUnixTimestamp64Milli(at) FROM metering.wallet_events FINAL "
+                          "WHERE account_id = {a:String}", parameters={"a": account}).result_rows
+        mv = client.query("SELECT movement_id, toUnixTimestamp64Milli(at), toInt64(amount * 1000000) "
+                          "FROM metering.wallet_movements FINAL WHERE account_id = {a:String}",
+                          parameters={"a": account}).result_rows
+    finally:
+        client.close()
+    at_ms = to_ms(at)
+    assert ev == [("unblocked", f"credit:{account}:pay-1", at_ms)]
+    assert mv == [(f"credit:{account}:pay-1", at_ms, 5_000_000)]
+
+    # and the export shows it once
+    day = at.date().isoformat()
+    csv_text = metering("movements", "export", account, "--from", day, "--to", (at.date() + timedelta(days=1)).isoformat())
+    assert list(csv.reader(io.StringIO(csv_text, newline=""))) == [
+        HEADER, [f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
