@@ -222,14 +222,33 @@ def accounts() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--catalog", "catalog_path", help="Catalog to check plans against (default METERING_CATALOG).")
 def accounts_import(file: str, catalog_path: str | None) -> None:
-    """Create or update wallets from an accounts YAML; live balances are never reset."""
+    """Create or update wallets from an accounts YAML; live balances are never reset. An
+    existing wallet's block flag follows its new billing / credit_limit (then `blocked` or
+    `unblocked` goes to wallet.events)."""
+    import msgspec
+
+    from metering import kafka_io
+    from rating.money import format_micros
+    from schemas.messages import WalletEventOut
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings(catalog_path=catalog_path)
     _, accs = _load(settings.catalog_path, file)
     store = RedisWalletStore(connect(settings.redis_url))
-    new, updated = store.import_accounts(accs.values())
-    click.echo(f"accounts: {new} created, {updated} updated (balances of existing wallets kept)")
+    result = store.import_wallets(accs.values())
+    if result.block_changes:  # new billing / credit_limit moved an existing wallet's block flag
+        at = datetime.now(UTC)
+        producer = kafka_io.make_producer(settings)
+        enc = msgspec.json.Encoder()
+        for change in result.block_changes:
+            producer.produce(settings.topics.wallet_events, key=change.account_id.encode(), value=enc.encode(
+                WalletEventOut(type=change.kind, account_id=change.account_id,
+                               event_id=f"import:{change.account_id}:{at.isoformat()}",
+                               balance=format_micros(change.balance), at=at)))
+        kafka_io.flush(producer)
+    changed = "".join(f", {c.account_id} {c.kind}" for c in result.block_changes)
+    click.echo(f"accounts: {result.new} created, {result.updated} updated (balances of existing wallets "
+               f"kept){changed}")
 
 
 @accounts.command("show")
@@ -265,8 +284,6 @@ def accounts_show(account_id: str) -> None:
 @click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money).")
 def accounts_credit(account_id: str, amount: str, kind: str, reference: str, topup_failed: bool) -> None:
     """Credit (or with a negative adjustment, debit) a wallet; a top-up settles the open request."""
-    from datetime import UTC, datetime
-
     import msgspec
 
     from metering import kafka_io

@@ -5,6 +5,7 @@ says otherwise) and flushes only that one."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from wallet_debiter.api import make_app
 from wallet_debiter.authorize import Authorizer
 from wallet_debiter.redis_store import RedisWalletStore, connect
 from wallet_debiter.reservations import (
+    Hold,
     ReservationContention,
     ReservationStore,
     Snapshot,
@@ -241,6 +243,39 @@ def test_bad_input_is_400(env: Env) -> None:
     env.run(body)
 
 
+def test_unreadable_bodies_are_400_json(env: Env) -> None:
+    """Bodies msgspec or aiohttp cannot read are client errors: 400 with the usual JSON error
+    naming the problem (they were 503s: UnicodeDecodeError, RecursionError, RequestPayloadError)."""
+    env.accounts(account(plan="payg", balance="1.00"))
+    url = "/v1/accounts/acc-1/reservations"
+    json_ct = {"Content-Type": "application/json"}
+    cases: list[tuple[bytes, dict[str, str], str]] = [
+        (b'{"to": "+1\xff"}', {}, "not valid UTF-8"),
+        (b'{"\xff": 1}', {}, "not valid UTF-8"),
+        (b"[" * 1000 + b"]" * 1000, {}, "nested too deeply"),
+        (b'{"to": ' * 1000 + b"1" + b"}" * 1000, {}, "nested too deeply"),
+        (b'{"to": "+12025550123"}', {"Content-Encoding": "gzip"}, "content-encoding: gzip"),
+        (b'{"to": "+12025550123"}', {"Content-Encoding": "deflate"}, "content-encoding: deflate"),
+    ]
+
+    async def body(client: Client) -> None:
+        for data, headers, problem in cases:
+            resp = await client.post(url, data=data, headers={**json_ct, **headers})
+            doc = await resp.json()
+            assert resp.status == 400, (data[:40], headers, doc)
+            assert resp.content_type == "application/json"
+            assert set(doc) == {"error", "field"} and doc["field"] is None, doc
+            assert doc["error"].startswith("body: ") and problem in doc["error"], doc
+        # a well-formed compressed body is still read; the server keeps answering
+        resp = await client.post(url, data=gzip.compress(b'{"to": "+12025550123", "max_duration_s": 60}'),
+                                 headers={**json_ct, "Content-Encoding": "gzip"})
+        assert resp.status == 201, await resp.text()
+        assert (await _get(client, "acc-1", US_FIXED))[0] == 200
+
+    env.run(body)
+    assert len(env.holds("acc-1")) == 1
+
+
 def test_unknown_account_is_404_with_spec_body(env: Env) -> None:
     env.accounts(account(plan="payg"))
 
@@ -339,6 +374,80 @@ def test_reservation_id_is_idempotent(env: Env) -> None:
     assert list(env.holds("acc-1")) == ["call-1"]
 
 
+def test_retry_returns_the_hold_after_the_money_is_fully_held(env: Env) -> None:
+    # 0.10 buys 600 s to the US; the first hold takes all of it; the starter account's hold
+    # takes all of its europe allowance (600 s) and money buys nothing more.
+    env.accounts(account(plan="payg", balance="0.10"), account("s", plan="starter", balance="0.000001"))
+
+    async def body(clients: list[Client]) -> None:
+        first = await _reserve(clients[0], "acc-1", to=US_FIXED, reservation_id="call-1")
+        assert first[0] == 201 and (first[1]["max_duration_s"], first[1]["held_amount"]) == (600, "0.100000")
+        assert (await _get(clients[0], "acc-1", US_FIXED))[1]["reason"] == "insufficient_balance"
+        for client in clients:  # any replica, with or without the duration asked first
+            assert await _reserve(client, "acc-1", to=US_FIXED, reservation_id="call-1") == (200, first[1])
+            assert await _reserve(client, "acc-1", to=US_FIXED, reservation_id="call-1",
+                                  max_duration_s=60) == (200, first[1])
+        # another id is refused: the money is held
+        status, doc = await _reserve(clients[1], "acc-1", to=US_FIXED, reservation_id="call-2")
+        assert (status, doc["reason"]) == (409, "insufficient_balance")
+        # the same id to another number is still a conflict, not a second hold
+        status, doc = await _reserve(clients[1], "acc-1", to=GB_MOBILE, reservation_id="call-1")
+        assert (status, doc["field"]) == (409, "reservation_id")
+
+        allowance = await _reserve(clients[0], "s", to=GB_FIXED, reservation_id="pkg-1")
+        assert allowance[0] == 201 and allowance[1]["held_seconds"] == 600
+        assert (await _get(clients[0], "s", GB_FIXED))[1]["reason"] == "insufficient_balance"
+        assert await _reserve(clients[1], "s", to=GB_FIXED, reservation_id="pkg-1") == (200, allowance[1])
+
+    env.run_many(2, body)
+    assert list(env.holds("acc-1")) == ["call-1"] and list(env.holds("s")) == ["pkg-1"]
+    # a retry still gets its hold when the wallet has since been blocked
+    store = RedisWalletStore(env.client)
+    store.credit("acc-1", -100_000, kind="adjustment", reference="adj-1")
+    assert store.wallet("acc-1")["blocked"] == "1"  # type: ignore[index]
+
+    async def blocked(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, reservation_id="call-1")
+        assert (status, doc["reservation_id"], doc["held_amount"]) == (200, "call-1", "0.100000")
+        assert (await _reserve(client, "acc-1", to=US_FIXED, reservation_id="call-3"))[1]["reason"] == "blocked"
+
+    env.run(blocked)
+
+
+def test_concurrent_retries_of_one_reservation_hold_once(env: Env) -> None:
+    # 5 POSTs with one id at once on 3 replicas -> one 201, four 200 with the same hold, the
+    # money (or allowance) held once. Started together and staggered, so that some requests
+    # read the wallet before the hold is written and some after.
+    staggers = (0.0, 0.001, 0.003, 0.006)
+    env.accounts(*(account(f"c{n}", plan="payg", balance="0.10") for n in range(len(staggers))),
+                 account("s", plan="starter", balance="0.000001"))
+
+    async def one(client: Client, delay: float, account_id: str, to: str, rid: str) -> tuple[int, Any]:
+        await asyncio.sleep(delay)
+        return await _reserve(client, account_id, to=to, reservation_id=rid)
+
+    async def body(clients: list[Client]) -> None:
+        rounds = [(f"c{n}", US_FIXED, f"r-{n}", stagger) for n, stagger in enumerate(staggers)]
+        rounds.append(("s", GB_FIXED, "r-s", 0.002))
+        for account_id, to, rid, stagger in rounds:
+            results = await asyncio.gather(*(
+                one(clients[i % len(clients)], i * stagger, account_id, to, rid) for i in range(5)))
+            assert sorted(status for status, _ in results) == [200, 200, 200, 200, 201], results
+            docs = [doc for _, doc in results]
+            assert all(doc == docs[0] for doc in docs), docs
+            assert docs[0]["reservation_id"] == rid
+            if account_id == "s":
+                assert (docs[0]["held_seconds"], docs[0]["held_amount"]) == (600, "0.000000")
+            else:
+                assert (docs[0]["max_duration_s"], docs[0]["held_amount"]) == (600, "0.100000")
+
+    env.run_many(3, body)
+    for n in range(len(staggers)):
+        holds = env.holds(f"c{n}")
+        assert list(holds) == [f"r-{n}"] and b'"amount":100000,' in holds[f"r-{n}"]  # held once
+    assert list(env.holds("s")) == ["r-s"]
+
+
 def test_release(env: Env) -> None:
     env.accounts(account(plan="payg", balance="0.10"))
 
@@ -357,16 +466,17 @@ def test_release(env: Env) -> None:
 
 
 def test_holds_expire(env: Env) -> None:
+    # A hold lasts for the call it allows plus the TTL (the grace): 66 s + 60 s here.
     env.accounts(account(plan="payg", balance="0.10"))
     clock = FakeClock()
 
     async def body(client: Client) -> None:
         status, doc = await _reserve(client, "acc-1", to=GB_MOBILE, reservation_id="old")
-        assert status == 201
+        assert (status, doc["max_duration_s"]) == (201, 66)
         expires = datetime.fromisoformat(doc["expires_at"].replace("Z", "+00:00"))
-        assert abs(expires.timestamp() - (clock.t + 60)) < 0.002
+        assert abs(expires.timestamp() - (clock.t + 66 + 60)) < 0.002
         assert (await _get(client, "acc-1", GB_MOBILE))[1]["reason"] == "insufficient_balance"
-        clock.t += 59.9
+        clock.t += 125.9
         assert (await _get(client, "acc-1", GB_MOBILE))[1]["reason"] == "insufficient_balance"
         clock.t += 0.2  # past expires_at: ignored by reads...
         assert (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == 66
@@ -374,12 +484,49 @@ def test_holds_expire(env: Env) -> None:
         status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=60, reservation_id="new")
         assert status == 201  # ...and deleted by the next reservation
         assert set(env.holds("acc-1")) == {"new"}
-        # the same id again after expiry is a new hold
-        clock.t += 61
-        assert (await _reserve(client, "acc-1", to=US_FIXED, reservation_id="new"))[0] == 201
+        # the same id again after expiry (60 s call + 60 s grace) is a new hold
+        clock.t += 119.9
+        assert (await _reserve(client, "acc-1", to=US_FIXED, reservation_id="new"))[0] == 200
+        clock.t += 0.2
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, reservation_id="new")
+        assert (status, doc["max_duration_s"]) == (201, 600)
 
     env.run(body, hold_ttl_s=60, clock=clock)
-    assert 0 < env.client.pttl("h:{acc-1}") <= 60_000  # the hash never outlives its holds for long
+    # the hash never outlives its longest-lived hold (600 s + 60 s) for long
+    assert 600_000 < env.client.pttl("h:{acc-1}") <= 660_000
+
+
+def test_hold_lasts_for_the_call_it_allows(env: Env) -> None:
+    """The hold must outlive the call it allows: 14.40 buys 86 400 s to the US at 0.01/min,
+    so the hold lasts 86 400 s + the TTL (7200 s by default, the grace), not just the TTL."""
+    env.accounts(account(plan="payg", balance="14.40"),
+                 account("open", plan="business", billing="postpaid", balance="0.00"))
+    clock = FakeClock()
+    start = clock.t
+
+    def expires_in(doc: dict[str, Any]) -> float:
+        return datetime.fromisoformat(doc["expires_at"].replace("Z", "+00:00")).timestamp() - start
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, reservation_id="long")
+        assert (status, doc["max_duration_s"], doc["held_amount"]) == (201, 86_400, "14.400000")
+        assert abs(expires_in(doc) - (86_400 + 7_200)) < 0.002
+        # an unlimited hold (nothing to hold) counts the longest call the pipeline rates
+        status, doc = await _reserve(client, "open", to=JP_FIXED)
+        assert (status, doc["max_duration_s"]) == (201, None)
+        assert abs(expires_in(doc) - (86_400 + 7_200)) < 0.002
+        for later in (7_201, 50_000, 86_400 + 7_199.9):  # the call may still run: money still held
+            clock.t = start + later
+            assert (await _get(client, "acc-1", US_FIXED))[1]["reason"] == "insufficient_balance"
+            status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=60)
+            assert (status, doc["reason"]) == (409, "insufficient_balance")
+        clock.t = start + 86_400 + 7_200.1  # call and grace over: the hold has expired
+        assert (await _get(client, "acc-1", US_FIXED))[1]["max_duration_s"] == 86_400
+        # a short hold lasts its call plus the grace
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=120)
+        assert status == 201 and abs(expires_in(doc) - (86_400 + 7_200.1 + 120 + 7_200)) < 0.002
+
+    env.run(body, clock=clock)
 
 
 def test_rated_cdr_releases_its_hold(env: Env) -> None:
@@ -427,6 +574,53 @@ def test_free_and_unlimited_calls_hold_nothing(env: Env) -> None:
         assert (status, doc["max_duration_s"], doc["held_amount"]) == (201, 120, "0.120000")
 
     env.run(body)
+
+
+# ----------------------------------------------------------------- accounts import
+
+
+def test_reimport_recomputes_the_block_flag(env: Env) -> None:
+    """Re-importing keeps the live balance and recomputes `blocked` from it and the new
+    billing / credit_limit (SPEC: postpaid blocks only past a set credit_limit, prepaid at
+    balance <= 0), so the dialer follows the new terms at once."""
+    cat = parse_catalog(env.catalog)
+    store = RedisWalletStore(env.client)
+
+    def load(*accs: dict[str, Any]) -> list[tuple[str, str, int]]:
+        result = store.import_wallets(parse_accounts({"accounts": list(accs)}, cat).values())
+        return [(c.account_id, c.kind, c.balance) for c in result.block_changes]
+
+    def pp(**kw: Any) -> dict[str, Any]:
+        return account("pp", plan="business", billing="postpaid", **kw)
+
+    def pre(**kw: Any) -> dict[str, Any]:
+        return account("pre", plan="payg", **kw)
+
+    def run(expected: dict[str, str]) -> None:  # what authorize answers now, per account
+        async def body(client: Client) -> None:
+            got = {a: (await _get(client, a, US_FIXED))[1]["reason"] for a in expected}
+            assert got == expected
+        env.run(body)
+
+    assert load(pp(balance="-1.50", credit_limit="1.00"), pre(balance="0")) == []  # new wallets
+    run({"pp": "blocked", "pre": "blocked"})
+    # the file's balance is ignored for existing wallets: the live one decides
+    assert load(pp(balance="100.00", credit_limit="5.00"), pre(billing="postpaid", balance="9.00")) == [
+        ("pp", "unblocked", -1_500_000), ("pre", "unblocked", 0)]
+    run({"pp": "ok", "pre": "ok"})
+    assert store.balances(["pp", "pre"]) == {"pp": -1_500_000, "pre": 0}
+    assert load(pp(balance="0", credit_limit="1.00"), pre(balance="9.00")) == [
+        ("pp", "blocked", -1_500_000), ("pre", "blocked", 0)]  # back to prepaid at 0: blocked
+    run({"pp": "blocked", "pre": "blocked"})
+    assert load(pp(balance="0", credit_limit=None)) == [("pp", "unblocked", -1_500_000)]  # no limit
+    run({"pp": "ok"})
+    assert load(pp(balance="0", credit_limit=None)) == []  # unchanged: nothing to report
+    assert load(pp(balance="0", credit_limit="1.50")) == []  # exactly at the limit: not passed
+    run({"pp": "insufficient_balance"})  # not blocked, but nothing left to spend
+    assert store.import_accounts(parse_accounts({"accounts": [pp(credit_limit="1.49"), pre()]}, cat).values()) == (0, 2)
+    assert store.wallet("pp")["blocked"] == "1"  # type: ignore[index]
+    # a credit afterwards still works on the re-imported record
+    assert store.credit("pp", 1_000_000, kind="credit", reference="c-1")[:2] == (-500_000, 2)
 
 
 # ------------------------------------------------------------------- operations
@@ -577,13 +771,13 @@ def test_stale_view_is_resized_in_redis_never_overspent(env: Env) -> None:
         try:
             for attempts in (32, 1):
                 store = ReservationStore(client, max_attempts=attempts)
-                real = store.snapshot
+                real = store._snapshot_or_hold
 
-                async def stale(*args: Any, real: Any = real) -> Snapshot | None:
+                async def stale(*args: Any, real: Any = real) -> Snapshot | Hold | None:
                     snap = await real(*args)
-                    return None if snap is None else replace(snap, balance=1_000_000)
+                    return replace(snap, balance=1_000_000) if isinstance(snap, Snapshot) else snap
 
-                store.snapshot = stale  # type: ignore[method-assign,assignment]
+                store._snapshot_or_hold = stale  # type: ignore[method-assign,assignment]
                 if attempts == 1:
                     with pytest.raises(ReservationContention):
                         await store.reserve(auth, "acc-1", US_FIXED, max_duration_s=600)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
+import yaml
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from metering import kafka_io
@@ -546,3 +547,31 @@ def test_a_wiped_redis_stops_the_pipeline_instead_of_charging_from_nothing(live:
     assert store.positions(settings.topics.events) == {}  # nothing charged on the empty store
     assert store.client.dbsize() == 0  # not a single write on top of the empty store
     assert 0 < committed_at_exit < 20_000
+
+
+def test_reimport_that_lifts_a_block_emits_unblocked(live: dict[str, str], tmp_path: Path) -> None:
+    """A prepaid wallet at 0 is blocked; re-imported as postpaid without a credit limit, its
+    block is lifted at once (the dialer reads the flag) and `unblocked` goes to wallet.events;
+    as postpaid with a limit its debt passes, it is blocked again."""
+    settings = Settings.from_env(live)
+    base = load_accounts_list(ACCOUNTS)[0]
+    path = tmp_path / "accounts.yaml"
+
+    def reimport(**changes: object) -> str:
+        acc = {**base, "id": "reimport-1", **changes}
+        path.write_text(yaml.safe_dump({"accounts": [acc]}), encoding="utf-8")
+        return subprocess.run([sys.executable, "-m", "metering.cli", "accounts", "import", str(path)], env=live,
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    store = RedisWalletStore(connect(live["METERING_REDIS_URL"]))
+    assert "1 created" in reimport(billing="prepaid", balance="0", credit_limit=None, auto_topup=None)
+    assert store.wallet("reimport-1")["blocked"] == "1"  # type: ignore[index]
+    assert "reimport-1 unblocked" in reimport(billing="postpaid", credit_limit=None, auto_topup=None)
+    assert store.wallet("reimport-1")["blocked"] == "0"  # type: ignore[index]
+    store.client.hset("w:{reimport-1}", "balance", "-2000000")  # owes 2.00
+    assert "reimport-1 blocked" in reimport(billing="postpaid", credit_limit="1.00", auto_topup=None)
+    assert store.wallet("reimport-1")["blocked"] == "1"  # type: ignore[index]
+    msgs = _read(settings, settings.topics.wallet_events, lambda ms: len(ms) >= 2)
+    events = [json.loads(m.value()) for m in msgs]
+    assert [(e["type"], e["account_id"], e["balance"]) for e in events] == [
+        ("unblocked", "reimport-1", "0.000000"), ("blocked", "reimport-1", "-2.000000")]

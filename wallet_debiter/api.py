@@ -6,6 +6,8 @@ Routes
   POST   /v1/accounts/{id}/reservations   {"to", "max_duration_s"?, "reservation_id"?}
          201 {"reservation_id", "max_duration_s", "held_amount", "held_seconds", "expires_at"}
          200 the same body when a live hold with that reservation_id and number exists
+             (whatever the balance now: a retry, concurrent or late, never holds twice)
+         expires_at = created + max_duration_s (null: 86 400) + the hold TTL (a grace)
          409 refused: {"error": reason, "allowed": false, "reason", "max_duration_s", "balance"}
              or {"error", "field": "reservation_id"} when the id holds a call to another number
   DELETE /v1/accounts/{id}/reservations/{rid}   204 released; 404 no such hold
@@ -85,11 +87,12 @@ _encode = msgspec.json.Encoder().encode
 class ApiError(Exception):
     """An answer other than the handler's normal one (client errors, not ready...)."""
 
-    def __init__(self, status: int, doc: dict[str, Any], reason: str) -> None:
+    def __init__(self, status: int, doc: dict[str, Any], reason: str, *, close: bool = False) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.doc = doc
         self.reason = reason
+        self.close = close  # answer with Connection: close (the request stream is unusable)
 
 
 def bad_request(field: str | None, message: str) -> ApiError:
@@ -225,11 +228,23 @@ def _hold_doc(rid: str, hold: Hold) -> dict[str, Any]:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    """The request body as a JSON object; anything else is a 400 naming the problem (413
+    for a body over the size limit, raised by aiohttp and answered by `_observe`)."""
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not
+        # the stream is broken past this point: answer, then close the connection
+        cause = getattr(exc.__cause__, "message", None) or str(exc)
+        raise ApiError(400, {"error": f"body: cannot be read: {cause}", "field": None}, "bad_request",
+                       close=True) from None
     try:
         doc = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        raise bad_request(None, "body: expected a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(None, f"body: expected a JSON object ({exc})") from None
+    except UnicodeDecodeError:  # msgspec decodes string contents as UTF-8 and lets this through
+        raise bad_request(None, "body: not valid UTF-8") from None
+    except RecursionError:  # msgspec's own depth guard
+        raise bad_request(None, "body: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise bad_request(None, "body: expected a JSON object")
     for key in doc:
@@ -341,6 +356,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         reason = request.get(REASON, "-")
     except ApiError as exc:
         resp, reason = _json(exc.status, exc.doc), exc.reason
+        if exc.close:
+            resp.force_close()
     except web.HTTPException as exc:  # unknown route (404), wrong method (405), body too large (413)
         resp = _json(exc.status, {"error": exc.reason, "field": None})
         reason = "http_error"

@@ -22,6 +22,7 @@ slots, which the per-wallet dedupe entries make safe (see `RedisWalletStore.appl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -131,6 +132,26 @@ def connect_async(url: str, **options: Any) -> aioredis.Redis | aioredis.RedisCl
 
 def is_cluster(client: Any) -> bool:
     return isinstance(client, (RedisCluster, aioredis.RedisCluster))
+
+
+_IMPORT_CHUNK = 500  # wallets per import script call (keeps each script short)
+
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockChange:
+    """An existing wallet whose block flag an import changed (`kind`: blocked | unblocked)."""
+
+    account_id: str
+    kind: str
+    balance: int  # micros, the kept live balance
+
+
+@dataclasses.dataclass(slots=True)
+class ImportResult:
+    new: int = 0
+    updated: int = 0
+    block_changes: list[BlockChange] = dataclasses.field(default_factory=list)
 
 
 class RedisWalletStore:
@@ -411,33 +432,60 @@ class RedisWalletStore:
     # ------------------------------------------------------------------ operators
 
     def import_accounts(self, accounts: Iterable[Account]) -> tuple[int, int]:
-        """Create or update wallets. A new wallet opens with the file's balance; an existing
-        one keeps its live balance (re-importing never resets money). Returns (new, updated)."""
-        new = updated = 0
-        pipe = self.client.pipeline(transaction=False)
+        """Create or update wallets (see `import_wallets`). Returns (new, updated)."""
+        result = self.import_wallets(accounts)
+        return result.new, result.updated
+
+    def import_wallets(self, accounts: Iterable[Account]) -> ImportResult:
+        """Create or update wallets. A new wallet opens with the file's balance and the block
+        flag that balance implies; an existing one keeps its live balance (re-importing never
+        resets money) and gets its block flag recomputed from that balance and the imported
+        billing and credit_limit (prepaid: blocked at balance <= 0; postpaid: blocked only with
+        a credit_limit that the debt passes), in the same atomic script as the rest of its
+        record (`lua/import.lua`), so a debit or credit in between cannot be lost or misjudged.
+        Returns the counts and every existing wallet whose block state changed."""
+        script = self.client.register_script(_lua("import.lua"))
         accs = list(accounts)
-        for a in accs:
-            pipe.exists(wallet_key(a.account_id))
-        exists = pipe.execute()
-        pipe = self.client.pipeline(transaction=False)
-        for a, present in zip(accs, exists, strict=True):
-            config = {
-                "billing": a.billing, "topup_threshold": _opt(a.topup_threshold),
-                "topup_amount": _opt(a.topup_amount), "low_balance_alert": _opt(a.low_balance_alert),
-                "credit_limit": _opt(a.credit_limit), "plan": a.plan_id,
-                "home_country": a.home_country, "period_anchor_day": str(a.period_anchor_day),
-            }
-            if not present:
+        groups: dict[int, list[Account]] = {}
+        for a in accs:  # Cluster: one script call per slot (standalone: all one group)
+            groups.setdefault(self._slot(a.account_id) if self.cluster else 0, []).append(a)
+        chunks: list[list[Account]] = []
+        for group in groups.values():
+            chunks += [group[i:i + _IMPORT_CHUNK] for i in range(0, len(group), _IMPORT_CHUNK)]
+        calls: list[tuple[list[str], bytes]] = []
+        for chunk in chunks:
+            rows: list[list[Any]] = []
+            for a in chunk:
+                config = [
+                    "billing", a.billing, "topup_threshold", _opt(a.topup_threshold),
+                    "topup_amount", _opt(a.topup_amount), "low_balance_alert", _opt(a.low_balance_alert),
+                    "credit_limit", _opt(a.credit_limit), "plan", a.plan_id,
+                    "home_country", a.home_country, "period_anchor_day", str(a.period_anchor_day),
+                ]
                 opening = WalletState.opening(a)
-                config.update(balance=str(a.balance), blocked="1" if opening.blocked else "0", topup_pending="0")
-                new += 1
-            else:
-                updated += 1
-            pipe.hset(wallet_key(a.account_id), mapping=cast(Any, config))
+                rows.append([config, str(a.balance), "1" if opening.blocked else "0",
+                             a.billing, _opt(a.credit_limit)])
+            calls.append(([wallet_key(a.account_id) for a in chunk], self._pack(rows)))
+        if self.cluster:
+            replies = self._per_slot(script, calls) if calls else []
+        else:
+            replies = [script(keys=keys, args=[arg]) for keys, arg in calls]
+        result = ImportResult()
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for a, (is_new, bits, balance) in zip(chunk, self._unpack(reply), strict=True):
+                if is_new:
+                    result.new += 1
+                    continue
+                result.updated += 1
+                if bits:
+                    result.block_changes.append(
+                        BlockChange(a.account_id, "unblocked" if bits & 2 else "blocked", int(balance)))
+        pipe = self.client.pipeline(transaction=False)
+        for a in accs:
             pipe.sadd(ACCOUNT_SET, a.account_id)
         pipe.incr(ACCOUNTS_VERSION)
         pipe.execute()
-        return new, updated
+        return result
 
     def accounts_version(self) -> int:
         """Changes whenever accounts are imported: one GET instead of reloading every wallet."""

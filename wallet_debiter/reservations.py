@@ -8,6 +8,8 @@ Redis keys (see `wallet_debiter.redis_store`): `w:{A}` wallet hash, `u:{A}` allo
   packages that could cover the destination, for the account's current billing period. One
   EVALSHA per authorize request; the calls made by concurrent requests during one event-loop
   tick travel together as one pipeline (one write, one read on one connection).
+  Given a reservation_id (what `reserve` does first), a live hold with that id is answered
+  instead of the state, in the same atomic step.
 * `reserve`: re-checks, atomically against the live wallet and holds, that the hold sized here
   still fits (money available >= hold amount; package seconds used + held + this hold within
   the limit, with exactly the coverage the amount was priced with); deletes expired holds;
@@ -16,10 +18,23 @@ Redis keys (see `wallet_debiter.redis_store`): `w:{A}` wallet hash, `u:{A}` allo
   requested duration) or refused, and tried again. Concurrent reservations therefore never
   hold more than the wallet has, on any number of API replicas.
 
-A hold expires `hold_ttl_s` after it was taken (`expires_at_ms` in its JSON; expired holds are
-ignored by reads and deleted by the next reservation; the whole `h:{A}` hash carries a Redis
-TTL at least as long as its newest hold). The rating engine deletes a hold when the CDR that
-carries its reservation_id is applied (`lua/apply.lua`), in the same atomic step as the debit.
+Idempotent retries: a reservation with the `reservation_id` of a live hold returns that hold
+(status `existing`), whatever the wallet says now: the first read (`peek` with the id) and the
+write (`reserve`) both look for the id before any money check, so concurrent and late retries
+all get the one hold and the money is held once. A decision is only ever made on a state in
+which no live hold had that id.
+
+Hold lifetime (`hold_expiry_ms`): a hold lasts for the call it allows plus a grace,
+`expires_at = created_at + max_duration_s + hold_ttl_s` (`hold_ttl_s`, METERING_HOLD_TTL_S,
+default 2 h, is the grace: ringing before the call starts, the CDR's way through the
+pipeline, the dialer's DELETE). A hold without a duration limit (`max_duration_s` null: it
+holds no money) counts MAX_CALL_S, the longest call the pipeline rates. So the money of a call
+is never free again while the call it was held for may still run; an abandoned hold locks its
+money for at most MAX_CALL_S + hold_ttl_s (dialers should DELETE holds of unanswered calls).
+Expired holds are ignored by reads and deleted by the next reservation; the whole `h:{A}`
+hash carries a Redis TTL at least as long as its longest-lived hold. The rating engine
+deletes a hold when the CDR that carries its reservation_id is applied (`lua/apply.lua`), in
+the same atomic step as the debit.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from wallet_debiter.authorize import (
+    MAX_CALL_S,
     UNKNOWN_ACCOUNT,
     Authorizer,
     Decision,
@@ -237,6 +253,22 @@ class ReservationStore:
             return None
         return _parse_state(reply, candidates)
 
+    async def _snapshot_or_hold(self, account_id: str, rid: str, candidates: Sequence[str],
+                                now: datetime, now_ms: int) -> Snapshot | Hold | None:
+        """`snapshot`, or the live hold `rid` when there is one (one atomic read)."""
+        reply = await self._call(account_id, "peek", now, now_ms, candidates, rid.encode())
+        if len(reply) == 1:  # ['unknown']
+            return None
+        if reply[0] == "exists":
+            return _decode_hold(reply[1])
+        return _parse_state(reply, candidates)
+
+    def hold_expiry_ms(self, created_at_ms: int, duration_s: int | None) -> int:
+        """When a hold taken at `created_at_ms` for a call of up to `duration_s` expires:
+        after the longest call it allows (None: MAX_CALL_S) plus the `hold_ttl_s` grace."""
+        call_s = MAX_CALL_S if duration_s is None else duration_s
+        return created_at_ms + (call_s + self.hold_ttl_s) * 1000
+
     async def reserve(
         self,
         authorizer: Authorizer,
@@ -247,12 +279,16 @@ class ReservationStore:
         reservation_id: str | None = None,
     ) -> ReserveResult:
         """Hold money and package seconds for a call to `to` of up to `max_duration_s`
-        (default: the longest the wallet affords)."""
+        (default: the longest the wallet affords). A live hold with `reservation_id` is
+        returned as it is (status `existing`, whatever the wallet and the request say now;
+        the caller compares its number)."""
         rid = reservation_id or uuid.uuid4().hex
         now, now_ms = self.now()
         candidates = authorizer.candidate_packages(to)
-        snap = await self.snapshot(account_id, candidates, now, now_ms)
-        expires_ms = now_ms + self.hold_ttl_s * 1000
+        found = await self._snapshot_or_hold(account_id, rid, candidates, now, now_ms)
+        if isinstance(found, Hold):
+            return ReserveResult("existing", rid, None, found)
+        snap = found
         for retries in range(self.max_attempts):
             if snap is None:
                 return ReserveResult(UNKNOWN_ACCOUNT, rid, retries=retries)
@@ -263,6 +299,7 @@ class ReservationStore:
             duration = longest if max_duration_s is None else (
                 max_duration_s if longest is None else min(max_duration_s, longest))
             quote = decision.quote(duration or 0)
+            expires_ms = self.hold_expiry_ms(now_ms, duration)
             hold = Hold(
                 to=to, amount=quote.charge, seconds=quote.held_s, field=decision.allowance_field,
                 duration_s=duration, created_at_ms=now_ms, expires_at_ms=expires_ms,
@@ -270,7 +307,7 @@ class ReservationStore:
             payload = _pack([
                 rid, _encode_hold(hold).decode(), quote.charge, decision.package_id or "",
                 decision.period or "", -1 if decision.limit_s is None else decision.limit_s,
-                quote.billable_s, quote.held_s, self.hold_ttl_s * 1000,
+                quote.billable_s, quote.held_s, expires_ms - now_ms,
             ])
             reply = await self._call(account_id, "reserve", now, now_ms, candidates, payload)
             status = reply[0]

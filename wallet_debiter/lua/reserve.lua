@@ -4,13 +4,17 @@
 -- ARGV[2]   now_ms (the API's clock; a hold is active while now_ms < expires_at_ms)
 -- ARGV[3-5] today's UTC year, month, day (for the billing period of the account's anchor day)
 -- ARGV[6]   reserve: msgpack {reservation_id, hold_json, amount_micros, package_id|'',
---           period, limit_s (-1: none), billable_s, held_s, ttl_ms}; peek: ''
+--           period, limit_s (-1: none), billable_s, held_s, life_ms (the hold's
+--           expires_at_ms - now_ms)}; peek: '' or a reservation_id (see Replies)
 -- ARGV[7..] candidate package ids (packages that could cover the destination)
 --
 -- State = {wallet {balance, billing, blocked, credit_limit, plan, home_country,
 --          period_anchor_day}, held_money, period, used_s {per candidate}, held_s {per candidate}}
--- Replies: peek -> state | {'unknown'}
+-- Replies: peek -> state | {'unknown'} | {'exists', hold_json} (only with a reservation_id:
+--                   a live hold with that id, checked in the same atomic step as the state)
 --          reserve -> {'ok'} | {'exists', hold_json} | {'unknown'} | {'stale', state}
+-- A live hold with the reservation_id always wins over the money checks: a retry of a hold
+-- returns it, whatever the balance (the state would count the hold against itself).
 -- 'stale': the hold the caller sized is no longer right for the live state (money short,
 -- allowance moved, period rolled, wallet blocked); nothing was written and the fresh state
 -- comes back so the caller re-decides without another read.
@@ -64,12 +68,15 @@ if ncand > 0 then
   end
 end
 local state = {w, held_money, period, used, held}
-if mode == 'peek' then return cmsgpack.pack(state) end
+if mode == 'peek' then
+  if ARGV[6] ~= '' and active[ARGV[6]] then return cmsgpack.pack({'exists', active[ARGV[6]]}) end
+  return cmsgpack.pack(state)
+end
 
 -- reserve
 local r = cmsgpack.unpack(ARGV[6])
 local rid, hold_json, amount, pkg, hperiod = r[1], r[2], r[3], r[4], r[5]
-local limit, billable, seconds, ttl = r[6], r[7], r[8], r[9]
+local limit, billable, seconds, life = r[6], r[7], r[8], r[9]
 for s = 1, #expired, 1000 do
   redis.call('HDEL', KEYS[3], unpack(expired, s, math.min(s + 999, #expired)))
 end
@@ -100,6 +107,6 @@ if amount > 0 then
   if avail and amount > avail then return stale end
 end
 redis.call('HSET', KEYS[3], rid, hold_json)
--- The whole hash outlives its newest hold, so abandoned holds never leak.
-if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+-- The whole hash outlives its longest-lived hold, so abandoned holds never leak.
+if redis.call('PTTL', KEYS[3]) < life then redis.call('PEXPIRE', KEYS[3], life) end
 return cmsgpack.pack({'ok'})
