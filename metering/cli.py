@@ -284,11 +284,8 @@ def accounts_show(account_id: str) -> None:
 @click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money).")
 def accounts_credit(account_id: str, amount: str, kind: str, reference: str, topup_failed: bool) -> None:
     """Credit (or with a negative adjustment, debit) a wallet; a top-up settles the open request."""
-    import msgspec
-
     from metering import kafka_io
     from rating.money import MoneyError, format_micros, parse_micros
-    from schemas.messages import MovementOut, WalletEventOut
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings()
@@ -305,27 +302,40 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
         _fail(f"error: amount: {exc}")
     if kind != "adjustment" and micros <= 0:
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
+    producer = kafka_io.make_producer(settings)
+    balance, replayed = _apply_credit(settings, store, producer, account_id, micros, kind, reference)
+    kafka_io.flush(producer)
+    note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
+    click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
+
+
+def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str, micros: int, kind: str,
+                  reference: str) -> tuple[int, bool]:
+    """Apply a credit / top-up / adjustment once per reference (Redis), then produce its
+    movement and the block change it caused. A replay re-sends both (the first run may have
+    died before producing them) with the same ids and the original time, so consumers drop
+    them and ClickHouse replaces the rows. Returns (balance after, replayed)."""
+    import msgspec
+
+    from rating.money import format_micros
+    from schemas.messages import MovementOut, WalletEventOut
+
     balance, bits, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
                                            settles_topup=kind == "topup", at=datetime.now(UTC))
     # The time Redis recorded when the credit was first applied, on the first run and on every
-    # replay: a replay re-sends the same movement and wallet event (`at` is in wallet_events'
-    # key, and the partition of both tables), so ClickHouse replaces instead of adding rows.
+    # replay (`at` is in wallet_events' key and the partition of both tables).
     at = _credit_time(store, account_id, reference)
-    producer = kafka_io.make_producer(settings)
     enc = msgspec.json.Encoder()
     movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=at,
                            type=kind, amount=format_micros(micros), balance_after=format_micros(balance),
                            reference=reference)
     producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
-    if bits:  # also re-sent on a replay (the first run may have died before producing it);
-        # event_id = the movement id, so consumers drop the repeat
+    if bits:  # event_id = the movement id
         name = "unblocked" if bits & 2 else "blocked"
         producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
             WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
                            balance=format_micros(balance), at=at)))
-    kafka_io.flush(producer)
-    note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
-    click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
+    return balance, replayed
 
 
 def _credit_time(store: Any, account_id: str, reference: str) -> datetime:
@@ -337,6 +347,70 @@ def _credit_time(store: Any, account_id: str, reference: str) -> datetime:
     if not at_ms.lstrip("-").isdigit():  # written just now by the same script: cannot happen
         _fail(f"error: credit {reference!r} of {account_id!r}: Redis holds {text!r}, not balance|bits|at_ms", 1)
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(at_ms))
+
+
+@main.group()
+def fees() -> None:
+    """Recurring charges: each plan's monthly_fee."""
+
+
+@fees.command("charge")
+@click.option("--on", "on", callback=lambda ctx, param, v: _day(v), metavar="YYYY-MM-DD",
+              help="Charge the billing period holding this UTC day (default: today).")
+@click.option("--catalog", "catalog_path", help="Catalog YAML (default METERING_CATALOG).")
+def fees_charge(on: datetime, catalog_path: str | None) -> None:
+    """Charge every imported account its plan's monthly_fee for the billing period holding
+    --on (each account's own period, from its anchor day), once: the reference
+    `fee:<period start>:<plan>` makes a second run in the same period change nothing. The fee
+    is an `adjustment` movement (negative), which the analyst views count as *recurring*; a
+    prepaid wallet it takes to <= 0 (a postpaid one past its credit_limit) is blocked and
+    `blocked` goes to wallet.events. Plans without a fee are skipped."""
+    from metering import kafka_io
+    from rating.money import PICO_PER_MICRO, div_half_up, format_micros
+    from rating.periods import period_start
+    from wallet_debiter.redis_store import RedisWalletStore, connect
+
+    settings = _settings(catalog_path=catalog_path)
+    try:
+        catalog = load_catalog(settings.catalog_path)
+    except CatalogError as exc:
+        _fail(f"error: {exc}")
+    store = RedisWalletStore(connect(settings.redis_url))
+    producer = kafka_io.make_producer(settings)
+    charged = replayed_n = skipped = 0
+    total = 0
+    for account_id, account in sorted(store.load_accounts().items()):
+        plan = catalog.plans.get(account.plan_id)
+        if plan is None:
+            click.echo(f"warning: {account_id}: plan {account.plan_id!r} is not in catalog {catalog.version}; "
+                       "not charged", err=True)
+            skipped += 1
+            continue
+        fee = div_half_up(plan.monthly_fee_pico, PICO_PER_MICRO)
+        if fee <= 0:
+            skipped += 1
+            continue
+        period = period_start(on, account.period_anchor_day).isoformat()
+        _, replayed = _apply_credit(settings, store, producer, account_id, -fee, "adjustment",
+                                    f"fee:{period}:{plan.plan_id}")
+        if replayed:
+            replayed_n += 1
+        else:
+            charged += 1
+            total += fee
+    kafka_io.flush(producer)
+    click.echo(f"fees: {charged} accounts charged {format_micros(total)} in all, {replayed_n} already "
+               f"charged for their period, {skipped} without a fee")
+
+
+def _day(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        day = datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise click.BadParameter(f"expected a date YYYY-MM-DD, got {value!r}", param_hint="'--on'") from None
+    return day.replace(tzinfo=UTC)
 
 
 @main.command("serve-api")

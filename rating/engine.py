@@ -498,7 +498,7 @@ class Settler:
             dict.fromkeys([(p[1], p[12], p[31]) for p in prows if p[12] in limited and p[9]])
         )
         # Store round trip 1: dedupe priors and allowance used so far.
-        priors, used_list = self.store.lookup(dedupe_keys, allowance_keys)
+        priors, used_list, held = self.store.lookup(dedupe_keys, allowance_keys)
         used = dict(zip(allowance_keys, used_list, strict=True))
 
         # Sequential part: duplicates, allowances and the final charge of each new event.
@@ -538,7 +538,16 @@ class Settler:
             else:
                 allowance_key = (dkey[0], pid, p[31])
                 before = used[allowance_key]
-                covered = billable if before + billable <= limit else max(0, limit - before)
+                room = limit - before
+                holds = held.get(allowance_key) if held else None
+                if holds:
+                    # Seconds the dialer holds for *other* calls are not this call's to cover
+                    # (else a reserved call settled later would find them gone and be charged
+                    # beyond the money held); this call's own hold goes with its debit.
+                    if p[25] is not None:
+                        holds.pop(p[25], None)
+                    room -= sum(holds.values())
+                covered = billable if billable <= room else max(0, room)
                 used[allowance_key] = before + covered
                 if pkg.allowance_s is not None:
                     # = _threshold_bits(before, before + covered, limit) for USAGE_THRESHOLDS

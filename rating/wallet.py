@@ -3,7 +3,8 @@
 The engine rates a batch in two store round trips:
 
 1. `lookup` — for every event: what the store remembers of an earlier delivery (dedupe), and
-   the allowance already used for every (account, package, period) the batch touches.
+   the allowance already used for every (account, package, period) the batch touches, with
+   the seconds of it that the dialer's live reservations hold (Redis; none offline).
 2. `apply` — one atomic step for the whole batch: balances move, allowances grow, dedupe
    entries are written, and the balance-driven wallet events are decided *where the balance
    lives* (an operator credit may land between two batches).
@@ -38,6 +39,8 @@ BALANCE_EVENTS = (
 
 AllowanceKey = tuple[str, str, str]  # (account_id, package_id, period_start ISO date)
 DedupeKey = tuple[str, str]  # (account_id, event_id)
+# Package seconds the dialer's live reservations hold, per allowance and reservation_id.
+Held = dict[AllowanceKey, dict[str, int]]
 
 
 # A newly rated event to apply, as a plain tuple (one per event on the hot path):
@@ -82,8 +85,11 @@ class StaleSnapshot(RuntimeError):
 class WalletStore(Protocol):
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
-    ) -> tuple[list[Prior | None], list[int]]:
-        """The prior (or None) per dedupe key, and used seconds per allowance key."""
+    ) -> tuple[list[Prior | None], list[int], Held]:
+        """The prior (or None) per dedupe key, used seconds per allowance key, and the
+        seconds of those allowances that live reservations hold (a store without a dialer:
+        none). A call covers only what the other calls' holds leave, so reserved calls can
+        never be left without the minutes they were promised."""
         ...
 
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
@@ -190,7 +196,7 @@ class MemoryWalletStore:
 
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
-    ) -> tuple[list[Prior | None], list[int]]:
+    ) -> tuple[list[Prior | None], list[int], Held]:
         seen = self.dedupe.get
         used = self.allowance_used.get
         found = [seen(k) for k in dedupe]
@@ -198,7 +204,7 @@ class MemoryWalletStore:
             priors: list[Prior | None] = [None if t is None else _unpack_prior(t) for t in found]
         else:
             priors = cast("list[Prior | None]", found)  # all None
-        return priors, [used(k, 0) for k in allowances]
+        return priors, [used(k, 0) for k in allowances], {}  # offline: no dialer, no holds
 
     def apply(self, debits: Sequence[Debit]) -> list[Applied]:
         out: list[Applied] = []

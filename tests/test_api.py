@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import os
 import time
@@ -549,6 +550,87 @@ def test_rated_cdr_releases_its_hold(env: Env) -> None:
         assert resp.status == 404
 
     env.run(body)
+
+
+def test_reserved_calls_settled_in_any_order_never_overspend(env: Env) -> None:
+    """SPEC: a reservation holds allowance and money so concurrent calls cannot overspend.
+    Starter (home US, europe package 600 s), balance 0.20. X holds the 600 package seconds
+    for a GB mobile call, then Y holds the 0.20 for a GB fixed call (10 min at 0.02): all is
+    held. Both calls take their full 600 s and Y's CDR is settled first. Y may not cover
+    itself with the seconds X holds: it pays its 0.20, X is covered, the balance ends at 0."""
+    env.accounts(account(plan="starter", home_country="US", balance="0.20"))
+
+    async def body(client: Client) -> None:
+        status, x = await _reserve(client, "acc-1", to=GB_MOBILE, max_duration_s=600, reservation_id="X")
+        assert (status, x["held_seconds"], x["held_amount"]) == (201, 600, "0.000000")
+        status, y = await _reserve(client, "acc-1", to=GB_FIXED, max_duration_s=600, reservation_id="Y")
+        assert (status, y["held_seconds"], y["held_amount"]) == (201, 0, "0.200000")
+        assert (await _get(client, "acc-1", GB_FIXED))[1]["reason"] == "insufficient_balance"
+        cat = parse_catalog(env.catalog)
+        store = RedisWalletStore(env.client)
+        rater = Rater(cat, store.load_accounts(), store)
+        now = datetime.now(UTC).replace(microsecond=0)  # this period: the holds' period
+        at = now.isoformat().replace("+00:00", "Z")
+        rows = rater.rate_batch([(call("y", GB_FIXED, 600, reservation_id="Y", started_at=at), "p0:1")], now).records()
+        assert (rows[0].covered_s, rows[0].charge, rows[0].balance_after) == (0, 200_000, 0)
+        rows = rater.rate_batch([(call("x", GB_MOBILE, 600, reservation_id="X", started_at=at), "p0:2")], now).records()
+        assert (rows[0].covered_s, rows[0].charge, rows[0].balance_after) == (600, 0, 0)
+        assert env.holds("acc-1") == {}
+
+    env.run(body)
+
+
+def test_an_unreserved_call_leaves_the_held_seconds_alone(env: Env) -> None:
+    """A call without a reservation (and one whose hold holds no seconds) covers only the
+    package seconds no live hold keeps; once the hold is released they are free again."""
+    env.accounts(account(plan="starter", home_country="US", balance="5.00"))
+
+    async def body(client: Client) -> None:
+        status, held = await _reserve(client, "acc-1", to=GB_MOBILE, max_duration_s=420, reservation_id="H")
+        assert (status, held["held_seconds"]) == (201, 420)
+        cat = parse_catalog(env.catalog)
+        store = RedisWalletStore(env.client)
+        rater = Rater(cat, store.load_accounts(), store)
+        now = datetime.now(UTC).replace(microsecond=0)
+        at = now.isoformat().replace("+00:00", "Z")
+        # 600 s package, 420 s held: an unreserved 300 s call covers 180 s and pays 120 s
+        row = rater.rate_batch([(call("u1", GB_FIXED, 300, started_at=at), "p0:1")], now).records()[0]
+        assert (row.covered_s, row.charged_s, row.charge) == (180, 120, 40_000)
+        resp = await client.delete("/v1/accounts/acc-1/reservations/H")
+        assert resp.status == 204
+        row = rater.rate_batch([(call("u2", GB_FIXED, 600, started_at=at), "p0:2")], now).records()[0]
+        assert (row.covered_s, row.charged_s) == (420, 180)
+
+    env.run(body)
+
+
+def test_a_hold_taken_between_lookup_and_apply_sends_the_batch_round_again(env: Env) -> None:
+    """The dialer reserves package seconds while a batch is being settled (after its lookup,
+    before its apply): the apply script sees the holds changed, writes nothing, and the
+    batch is settled again on the new holds."""
+    env.accounts(account(plan="starter", home_country="US", balance="5.00"))
+    period = datetime.now(UTC).strftime("%Y-%m-01")
+    hold = json.dumps({"to": GB_MOBILE, "amount": 0, "seconds": 500, "field": f"europe|{period}",
+                       "duration_s": 500, "created_at_ms": 0, "expires_at_ms": int(time.time() * 1000) + 60_000})
+
+    class RacingStore(RedisWalletStore):
+        lookups = 0
+
+        def lookup(self, *args: Any) -> Any:
+            found = super().lookup(*args)
+            RacingStore.lookups += 1
+            if RacingStore.lookups == 1:
+                env.client.hset("h:{acc-1}", "late", hold)
+            return found
+
+    cat = parse_catalog(env.catalog)
+    store = RacingStore(env.client)
+    rater = Rater(cat, store.load_accounts(), store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    at = now.isoformat().replace("+00:00", "Z")
+    row = rater.rate_batch([(call("c1", GB_FIXED, 300, started_at=at), "p0:1")], now).records()[0]
+    assert RacingStore.lookups == 2  # stale once, settled on the second round
+    assert (row.covered_s, row.charged_s) == (100, 200)  # 600 - 500 held
 
 
 def test_reservation_refusals(env: Env) -> None:

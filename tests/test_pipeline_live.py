@@ -575,3 +575,37 @@ def test_reimport_that_lifts_a_block_emits_unblocked(live: dict[str, str], tmp_p
     events = [json.loads(m.value()) for m in msgs]
     assert [(e["type"], e["account_id"], e["balance"]) for e in events] == [
         ("unblocked", "reimport-1", "0.000000"), ("blocked", "reimport-1", "-2.000000")]
+
+
+def test_monthly_fees_charged_once_per_period_and_counted_as_recurring(live: dict[str, str]) -> None:
+    """`metering fees charge --on DAY` debits each account its plan's monthly_fee for its own
+    billing period, once (a second run changes nothing); the movements reach ClickHouse and
+    `v_usage_by_category` shows them as *recurring* in that period."""
+    store = RedisWalletStore(connect(live["METERING_REDIS_URL"]))
+    accounts = store.load_accounts()
+    before = store.balances(accounts)
+    fees = {"starter": 19_000_000, "pro": 49_000_000, "business": 99_000_000, "developer": 0, "voice-ai": 29_000_000}
+
+    def charge() -> str:
+        return subprocess.run([sys.executable, "-m", "metering.cli", "fees", "charge", "--on", "2026-11-20"],
+                              env=live, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    out = charge()
+    charged = sum(1 for a in accounts.values() if fees[a.plan_id])
+    assert f"fees: {charged} accounts charged" in out
+    after = store.balances(accounts)
+    assert all(after[a] == before[a] - fees[acc.plan_id] for a, acc in accounts.items())
+    assert f"fees: 0 accounts charged 0.000000 in all, {charged} already charged" in charge()
+    assert store.balances(accounts) == after
+    assert _run(live) == 0  # the sink takes the movements from wallet.movements
+    anchor28 = next(a for a, acc in accounts.items() if acc.period_anchor_day == 28 and fees[acc.plan_id])
+    client = clickhouse_connect.get_client(dsn=live["METERING_CLICKHOUSE_DSN"])
+    try:
+        rows = client.query("SELECT account_id, toString(period_start), events, toInt64(charge * 1000000) "
+                            "FROM metering.v_usage_by_category WHERE category = 'recurring'").result_rows
+    finally:
+        client.close()
+    assert len(rows) == charged
+    got = {a: (p, n, c) for a, p, n, c in rows}
+    # 2026-11-20 is in the period that began on the 28th of October for an anchor-28 account
+    assert got[anchor28] == ("2026-10-28", 1, fees[accounts[anchor28].plan_id])

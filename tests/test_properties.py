@@ -181,5 +181,5 @@ def test_a_dedupe_entry_comes_back_exactly_as_stored(fp: int, source: str, cover
     outcome = (covered, charge, fue, thresholds)
     [(balance, bits)] = store.apply([("a", "e1", charge, None, 0, fp, source, outcome, None)])
     assert balance == opening - charge
-    priors, _ = store.lookup([("a", "e1"), ("a", "e2")], [])
+    priors, _, _ = store.lookup([("a", "e1"), ("a", "e2")], [])
     assert priors == [Prior(fp, source, outcome, balance, bits), None]

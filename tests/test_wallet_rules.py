@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from rating.wallet import EV_UNBLOCKED
-from tests.helpers import account, call, make_rater, rate
+from collections.abc import Mapping, Sequence
+
+from rating.accounts import Account
+from rating.engine import Rater
+from rating.wallet import EV_UNBLOCKED, AllowanceKey, DedupeKey, Held, MemoryWalletStore, Prior
+from tests.helpers import NOW, account, call, make_rater, rate
 
 GB_2MIN = ("+442071234567", 61)  # payg: 0.04 per call
 
@@ -97,3 +101,31 @@ def test_prepaid_account_opening_at_zero_is_blocked_without_an_event() -> None:
     r = make_rater([account(plan="payg", balance="0")])
     assert r.store.wallet("acc-1").blocked  # type: ignore[attr-defined]
     assert _types(rate(r, call("e1", *GB_2MIN))) == []
+
+
+class _HoldingStore(MemoryWalletStore):
+    """The memory store with a dialer: live holds of package seconds per reservation."""
+
+    def __init__(self, accounts: Mapping[str, Account], held: Held) -> None:
+        super().__init__(accounts)
+        self.held = held
+
+    def lookup(self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
+               ) -> tuple[list[Prior | None], list[int], Held]:
+        priors, used, _ = super().lookup(dedupe, allowances)
+        return priors, used, {k: dict(v) for k, v in self.held.items() if k in allowances}
+
+
+def test_calls_cover_only_what_other_calls_holds_leave() -> None:
+    """starter's europe package: 600 s in November (anchor 1). Reservation R holds 420 s.
+    An unreserved 300 s call covers 180 s (what R leaves); R's own 500 s call covers its 420
+    plus nothing more (the 180 s are gone); in the same batch, a later unreserved call no
+    longer sees R's hold (settled with its debit) but nothing is left to cover."""
+    base = make_rater([account(plan="starter", home_country="US", balance="5.00")])
+    store = _HoldingStore(base.accounts, {("acc-1", "europe", "2026-11-01"): {"R": 420}})
+    r = Rater(base.catalog, base.accounts, store)
+    rows = r.rate_batch([(call("u1", "+442071234567", 300), "p:1"),
+                         (call("r1", "+442071234567", 500, reservation_id="R"), "p:2"),
+                         (call("u2", "+442071234567", 60), "p:3")], NOW).rows
+    assert [(row[0], row[10], row[11]) for row in rows] == [("u1", 180, 120), ("r1", 420, 120), ("u2", 0, 60)]
+    assert store.allowance_used[("acc-1", "europe", "2026-11-01")] == 600

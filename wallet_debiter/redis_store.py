@@ -42,6 +42,7 @@ from rating.wallet import (
     Applied,
     Debit,
     DedupeKey,
+    Held,
     Prior,
     StaleSnapshot,
     WalletState,
@@ -173,6 +174,7 @@ class RedisWalletStore:
         self._unpack = msgspec.msgpack.Decoder().decode
         # used seconds seen by the last lookup, re-checked by apply (optimistic concurrency)
         self._seen_used: dict[AllowanceKey, int] = {}
+        self._seen_held: dict[AllowanceKey, int] = {}  # live holds' seconds seen by lookup
 
     # ------------------------------------------------------------------ positions
 
@@ -238,7 +240,7 @@ class RedisWalletStore:
 
     def lookup(
         self, dedupe: Sequence[DedupeKey], allowances: Sequence[AllowanceKey]
-    ) -> tuple[list[Prior | None], list[int]]:
+    ) -> tuple[list[Prior | None], list[int], Held]:
         order: dict[str, int] = {}
         groups: list[tuple[list[str], list[str]]] = []
         where_d: list[tuple[int, int]] = []
@@ -265,7 +267,7 @@ class RedisWalletStore:
             keys: list[str] = []
             for account_id in order:
                 tag = f"{{{account_id}}}"
-                keys += (f"d:{tag}", f"u:{tag}")
+                keys += (f"d:{tag}", f"u:{tag}", f"h:{tag}")
             result = self._unpack(self._lookup(keys=keys, args=[self._pack(groups)]))
         priors: list[Prior | None] = []
         for g, n in where_d:
@@ -273,7 +275,14 @@ class RedisWalletStore:
             priors.append(decode_prior(raw) if raw else None)
         used = [int(result[g][1][n] or 0) for g, n in where_a]
         self._seen_used = dict(zip(allowances, used, strict=True))
-        return priors, used
+        held: Held = {}
+        for account_id, g in order.items():
+            flat = result[g][2]
+            for j in range(0, len(flat), 3):  # rid, "package|period", seconds
+                package_id, _, period = flat[j + 1].partition("|")
+                held.setdefault((account_id, package_id, period), {})[flat[j]] = int(flat[j + 2])
+        self._seen_held = {key: sum(by_rid.values()) for key, by_rid in held.items()}
+        return priors, used, held
 
     def _pack_debit(self, g: int, debit: Debit, expected: list[list[Any]],
                     expected_seen: set[AllowanceKey]) -> list[Any]:
@@ -285,7 +294,7 @@ class RedisWalletStore:
             field = f"{akey[1]}|{akey[2]}"
             if akey not in expected_seen:
                 expected_seen.add(akey)
-                expected.append([g, field, self._seen_used.get(akey, 0)])
+                expected.append([g, field, self._seen_used.get(akey, 0), self._seen_held.get(akey, 0)])
         return [g, event_id, amount, field, covered, str(fp), source, "|".join(map(str, outcome)),
                 reservation or ""]
 
@@ -374,7 +383,7 @@ class RedisWalletStore:
             keys: list[str] = []
             for account_id in accounts:
                 tag = f"{{{account_id}}}"
-                keys += (f"d:{tag}", f"u:{tag}")
+                keys += (f"d:{tag}", f"u:{tag}", f"h:{tag}")
             calls.append((keys, self._pack([groups[order[a]] for a in accounts])))
         result: list[Any] = [None] * len(groups)
         for accounts, reply in zip(by_slot.values(), self._per_slot(self._lookup, calls), strict=True):

@@ -453,14 +453,16 @@ wipe_redis_cluster() {
 # --- kfake: a second Kafka-protocol broker (franz-go's kfake, Go), only when named ----------
 # Built once per source version into the cache (the Go module proxy serves its modules).
 build_kfake() {
-  local version bin
-  command -v go >/dev/null || die "go not found: kfake is built with the Go toolchain (apt-get install -y golang)"
+  local version bin go
+  go="$(command -v go || true)"
+  if [[ -z "$go" && -x /usr/local/go/bin/go ]]; then go=/usr/local/go/bin/go; fi
+  [[ -n "$go" ]] || die "go not found: kfake is built with the Go toolchain (https://go.dev/dl, Go >= 1.26)"
   version="$(cat "$KFAKE_SRC/go.mod" "$KFAKE_SRC/go.sum" "$KFAKE_SRC/main.go" | sha256sum | cut -c1-12)"
   bin="$CACHE_DIR/kfake-$version/kfake-broker"
   if [[ ! -x "$bin" ]]; then
-    log "kfake: building $KFAKE_SRC with $(go version | cut -d' ' -f3) (one time) into $(dirname "$bin")" >&2
+    log "kfake: building $KFAKE_SRC with $("$go" version | cut -d' ' -f3) (one time) into $(dirname "$bin")" >&2
     mkdir -p "$(dirname "$bin")"
-    (cd "$KFAKE_SRC" && go build -o "$bin.tmp" .) >&2 || die "kfake build failed"
+    (cd "$KFAKE_SRC" && "$go" build -o "$bin.tmp" .) >&2 || die "kfake build failed"
     mv "$bin.tmp" "$bin"
   fi
   echo "$bin"

@@ -2,7 +2,8 @@
 -- KEYS: per account i: w:{A} (wallet hash), u:{A} (allowance used), d:{A} (dedupe), h:{A} (holds)
 -- ARGV[1]: msgpack {debits, expected[, positions]}
 --   debit:    {acct, event_id, amount, allowance_field|"", covered, fingerprint, source, outcome, reservation|""}
---   expected: {acct, allowance_field, used_seconds_seen_by_lookup}
+--   expected: {acct, allowance_field, used_seconds_seen_by_lookup, held_seconds_seen_by_lookup}
+--             (held: the seconds the dialer's live holds keep of that allowance)
 --   positions (optional; then the last KEY is pos:{topic}): {partition, expected (-1: none), new}
 -- Positions first: if Redis holds another position than the one this worker wrote last (it lost
 -- writes: a restart losing the AOF's last second, a failover), nothing is written and
@@ -28,9 +29,27 @@ if positions then
   if #lost > 0 then return cmsgpack.pack({'lost', lost}) end
 end
 
+local now = nil
+local function held_seconds(key, field)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local total = 0
+  local raw = redis.call('HGETALL', key)
+  for j = 1, #raw, 2 do
+    local ok, h = pcall(cjson.decode, raw[j + 1])
+    if ok and type(h) == 'table' and h.field == field and (tonumber(h.expires_at_ms) or 0) > now then
+      total = total + math.max(tonumber(h.seconds) or 0, 0)
+    end
+  end
+  return total
+end
 for _, e in ipairs(expected) do
   local used = tonumber(redis.call('HGET', k(e[1], 2), e[2]) or '0')
   if used ~= e[3] then return cmsgpack.pack({'stale', 'allowance ' .. e[2]}) end
+  -- a hold taken (or expired) since the lookup changes what the batch's calls may cover
+  if held_seconds(k(e[1], 4), e[2]) ~= (e[4] or 0) then return cmsgpack.pack({'stale', 'holds ' .. e[2]}) end
 end
 for _, d in ipairs(debits) do
   if redis.call('HEXISTS', k(d[1], 3), d[2]) == 1 then return cmsgpack.pack({'stale', 'dedupe ' .. d[2]}) end
