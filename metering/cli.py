@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -276,13 +276,13 @@ def accounts_show(account_id: str) -> None:
         click.echo(f"package {pkg}, period from {period}: {seconds // 60} min {seconds % 60} s used")
 
 
-@accounts.command("credit")
+@accounts.command("credit", context_settings={"ignore_unknown_options": True})  # "-0.03" is an amount
 @click.argument("account_id")
-@click.argument("amount")
+@click.argument("amount", required=False)
 @click.option("--type", "kind", type=click.Choice(["credit", "topup", "adjustment"]), default="credit")
-@click.option("--reference", required=True, help="Idempotency key: the same reference is applied once.")
-@click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money).")
-def accounts_credit(account_id: str, amount: str, kind: str, reference: str, topup_failed: bool) -> None:
+@click.option("--reference", help="Idempotency key: the same reference is applied once (required with AMOUNT).")
+@click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money, no AMOUNT).")
+def accounts_credit(account_id: str, amount: str | None, kind: str, reference: str | None, topup_failed: bool) -> None:
     """Credit (or with a negative adjustment, debit) a wallet; a top-up settles the open request."""
     from metering import kafka_io
     from rating.money import MoneyError, format_micros, parse_micros
@@ -293,60 +293,67 @@ def accounts_credit(account_id: str, amount: str, kind: str, reference: str, top
     if store.wallet(account_id) is None:
         _fail(f"error: account {account_id!r} is not in Redis", 1)
     if topup_failed:
+        if amount is not None:
+            _fail("error: amount: --topup-failed moves no money; give no AMOUNT")
         store.settle_topup_failed(account_id)
         click.echo(f"{account_id}: open top-up request settled as failed")
         return
+    if amount is None or reference is None:
+        _fail("error: AMOUNT and --reference are required (or --topup-failed)")
+    assert amount is not None and reference is not None
     try:
         micros = parse_micros(amount)
     except MoneyError as exc:
         _fail(f"error: amount: {exc}")
     if kind != "adjustment" and micros <= 0:
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
+    if micros == 0:
+        _fail("error: amount: an adjustment of 0 changes nothing")
     producer = kafka_io.make_producer(settings)
-    balance, replayed = _apply_credit(settings, store, producer, account_id, micros, kind, reference)
+    balance, record_kind, record_micros, replayed = _apply_credit(settings, store, producer, account_id, micros,
+                                                                  kind, reference)
     kafka_io.flush(producer)
-    note = " (already applied earlier with this reference: nothing changed)" if replayed else ""
-    click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}{note}")
+    if not replayed:
+        click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}")
+    elif (record_kind, record_micros) == (kind, micros):
+        click.echo(f"{account_id}: {kind} {format_micros(micros)} already applied earlier with this reference: "
+                   f"nothing changed (balance after it {format_micros(balance)})")
+    else:
+        click.echo(f"warning: {account_id}: reference {reference!r} was already used for a {record_kind} of "
+                   f"{format_micros(record_micros)}: nothing changed (not a {kind} of {format_micros(micros)})",
+                   err=True)
 
 
 def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str, micros: int, kind: str,
-                  reference: str) -> tuple[int, bool]:
+                  reference: str) -> tuple[int, str, int, bool]:
     """Apply a credit / top-up / adjustment once per reference (Redis), then produce its
     movement and the block change it caused. A replay re-sends both (the first run may have
-    died before producing them) with the same ids and the original time, so consumers drop
-    them and ClickHouse replaces the rows. Returns (balance after, replayed)."""
+    died before producing them) as they were first applied — same ids, amount, type and
+    time, from Redis's record — so consumers drop them and ClickHouse replaces the rows.
+    Returns (balance after, type, amount as applied, replayed)."""
     import msgspec
 
     from rating.money import format_micros
     from schemas.messages import MovementOut, WalletEventOut
 
-    balance, bits, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
-                                           settles_topup=kind == "topup", at=datetime.now(UTC))
-    # The time Redis recorded when the credit was first applied, on the first run and on every
-    # replay (`at` is in wallet_events' key and the partition of both tables).
-    at = _credit_time(store, account_id, reference)
+    _, _, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
+                                  settles_topup=kind == "topup", at=datetime.now(UTC))
+    record = store.credit_record(account_id, reference)
+    if record is None:  # written just now by the same script: cannot happen
+        _fail(f"error: credit {reference!r} of {account_id!r} applied but not recorded in Redis", 1)
+    kind = record.kind or kind
+    micros = record.amount if record.amount is not None else micros
     enc = msgspec.json.Encoder()
-    movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=at,
-                           type=kind, amount=format_micros(micros), balance_after=format_micros(balance),
+    movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=record.at,
+                           type=kind, amount=format_micros(micros), balance_after=format_micros(record.balance),
                            reference=reference)
     producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
-    if bits:  # event_id = the movement id
-        name = "unblocked" if bits & 2 else "blocked"
+    if record.bits:  # event_id = the movement id
+        name = "unblocked" if record.bits & 2 else "blocked"
         producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
             WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
-                           balance=format_micros(balance), at=at)))
-    return balance, replayed
-
-
-def _credit_time(store: Any, account_id: str, reference: str) -> datetime:
-    """When the credit `reference` was applied: the `at_ms` of `c:{account}[reference]`
-    ("balance|bits|at_ms", written by credit.lua), to the millisecond like ClickHouse's `at`."""
-    raw = store.client.hget(f"c:{{{account_id}}}", reference)
-    text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
-    at_ms = text.split("|")[2] if text.count("|") == 2 else ""
-    if not at_ms.lstrip("-").isdigit():  # written just now by the same script: cannot happen
-        _fail(f"error: credit {reference!r} of {account_id!r}: Redis holds {text!r}, not balance|bits|at_ms", 1)
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(at_ms))
+                           balance=format_micros(record.balance), at=record.at)))
+    return record.balance, kind, micros, replayed
 
 
 @main.group()
@@ -391,8 +398,8 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
             skipped += 1
             continue
         period = period_start(on, account.period_anchor_day).isoformat()
-        _, replayed = _apply_credit(settings, store, producer, account_id, -fee, "adjustment",
-                                    f"fee:{period}:{plan.plan_id}")
+        *_, replayed = _apply_credit(settings, store, producer, account_id, -fee, "adjustment",
+                                     f"fee:{period}:{plan.plan_id}")
         if replayed:
             replayed_n += 1
         else:

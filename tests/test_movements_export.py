@@ -271,7 +271,12 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     first = metering("accounts", "credit", account, "5.00", "--reference", "pay-1")
     assert "balance 4.000000" in first and "already applied" not in first
     time.sleep(0.05)  # the wall clock moves on: a replay must not take the new time
-    assert "already applied" in metering("accounts", "credit", account, "5.00", "--reference", "pay-1")
+    # replayed with another amount by mistake: nothing applied, a warning, and the re-sent
+    # movement is the one Redis recorded (5.00), not the mistaken 7.00
+    replay = subprocess.run([*cli, "accounts", "credit", account, "7.00", "--reference", "pay-1"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert "reference 'pay-1' was already used for a credit of 5.000000: nothing changed" in replay.stderr
 
     settings = Settings.from_env(env)
     moves = [json.loads(m.value() or b"") for m in _read(ep.kafka_bootstrap, settings.topics.movements,
@@ -308,3 +313,9 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     csv_text = metering("movements", "export", account, "--from", day, "--to", (at.date() + timedelta(days=1)).isoformat())
     assert list(csv.reader(io.StringIO(csv_text, newline=""))) == [
         HEADER, [f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
+    # a negative adjustment needs no `--` before its amount; one of 0 is refused
+    assert "balance 3.500000" in metering("accounts", "credit", account, "-0.50", "--type", "adjustment",
+                                          "--reference", "adj-1")
+    zero = subprocess.run([*cli, "accounts", "credit", account, "0", "--type", "adjustment", "--reference", "adj-2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert zero.returncode == 2 and "an adjustment of 0 changes nothing" in zero.stderr

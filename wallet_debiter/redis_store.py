@@ -9,7 +9,7 @@ Redis Cluster slot and a Lua script may touch them together:
   u:{A}  hash  allowance used: "package|period_start" -> seconds
   d:{A}  hash  dedupe: event_id -> "fingerprint|source|balance_after|bits|covered|charge|fue|thr"
   h:{A}  hash  reservation holds (dialer): reservation_id -> JSON hold
-  c:{A}  hash  credits applied: reference -> "balance|bits|at_ms" (idempotent credits)
+  c:{A}  hash  credits applied: reference -> "balance|bits|at_ms|amount|type" (idempotent credits)
   accounts    set   every imported account id
   pos:{T}     hash  Kafka positions of topic T (standalone: one hash; Cluster: one copy per master)
 
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -146,6 +146,16 @@ class BlockChange:
     account_id: str
     kind: str
     balance: int  # micros, the kept live balance
+
+
+class CreditRecord(NamedTuple):
+    """A credit as applied (`c:{A}`): the balance after it, EV_* bits, when, what."""
+
+    balance: int
+    bits: int
+    at: datetime  # to the millisecond
+    amount: int | None  # micros, signed (None: recorded by an older version)
+    kind: str | None  # credit | topup | adjustment
 
 
 @dataclasses.dataclass(slots=True)
@@ -548,6 +558,18 @@ class RedisWalletStore:
             args=[amount, kind, reference, "1" if settles_topup else "0", int(at.timestamp() * 1000)],
         )
         return int(balance), int(bits), bool(replayed)
+
+    def credit_record(self, account_id: str, reference: str) -> CreditRecord | None:
+        """What `credit` stored for `reference` when it applied it (None: never applied)."""
+        raw = self.client.hget(f"c:{{{account_id}}}", reference)
+        if raw is None:
+            return None
+        parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
+        balance, bits, at_ms = int(parts[0]), int(parts[1]), int(parts[2])
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=at_ms)
+        if len(parts) < 5:  # written before amount and type were recorded
+            return CreditRecord(balance, bits, at, None, None)
+        return CreditRecord(balance, bits, at, int(parts[3]), parts[4])
 
     def settle_topup_failed(self, account_id: str) -> None:
         """A requested top-up failed: allow the next request (no money moves)."""

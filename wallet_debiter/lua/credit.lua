@@ -1,5 +1,5 @@
 -- Credit, top-up or adjustment of one wallet, idempotent on its reference.
--- KEYS: w:{A}, c:{A} (credits applied: reference -> "balance|bits|at_ms")
+-- KEYS: w:{A}, c:{A} (credits applied: reference -> "balance|bits|at_ms|amount|type")
 -- ARGV: amount_micros (signed), type, reference, settles_topup (0/1), at_ms
 -- Returns {balance, bits, replayed(0/1)}; bits: 2 = unblocked, 1 = blocked (negative adjustment).
 local done = redis.call('HGET', KEYS[2], ARGV[3])
@@ -20,5 +20,5 @@ elseif not blocked and should then blocked = true; bits = 1 end
 local fields = {'balance', string.format('%d', balance), 'blocked', blocked and '1' or '0'}
 if ARGV[4] == '1' then table.insert(fields, 'topup_pending'); table.insert(fields, '0') end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HSET', KEYS[2], ARGV[3], string.format('%d|%d|%s', balance, bits, ARGV[5]))
+redis.call('HSET', KEYS[2], ARGV[3], string.format('%d|%d|%s|%s|%s', balance, bits, ARGV[5], ARGV[1], ARGV[2]))
 return {balance, bits, 0}
