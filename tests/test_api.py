@@ -491,10 +491,16 @@ def test_holds_expire(env: Env) -> None:
         clock.t += 0.2
         status, doc = await _reserve(client, "acc-1", to=US_FIXED, reservation_id="new")
         assert (status, doc["max_duration_s"]) == (201, 600)
+        # the hash never outlives its longest-lived hold (600 s + 60 s) for long
+        assert 600_000 < env.client.pttl("h:{acc-1}") <= 660_000
+        # releasing an expired hold: "no such reservation" as for the reads, and it is gone
+        clock.t += 660.1
+        resp = await client.delete("/v1/accounts/acc-1/reservations/new")
+        assert resp.status == 404 and (await resp.json())["field"] == "reservation_id"
+        assert env.holds("acc-1") == {}
 
     env.run(body, hold_ttl_s=60, clock=clock)
-    # the hash never outlives its longest-lived hold (600 s + 60 s) for long
-    assert 600_000 < env.client.pttl("h:{acc-1}") <= 660_000
+    assert env.client.exists("h:{acc-1}") == 0  # (an empty hash is no key)
 
 
 def test_hold_lasts_for_the_call_it_allows(env: Env) -> None:

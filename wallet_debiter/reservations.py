@@ -321,8 +321,21 @@ class ReservationStore:
         raise ReservationContention(f"account {account_id!r}: wallet kept changing, try again")
 
     async def release(self, account_id: str, reservation_id: str) -> bool:
-        """Delete a hold; False when there was none (released, settled or never taken)."""
-        return bool(await self.client.hdel(self.keys(account_id)[2], reservation_id))
+        """Delete a hold; False when there was no live one (released, settled, expired,
+        unreadable or never taken): an expired hold held nothing any more, so releasing it is
+        "not found" as for the reads, and it is deleted all the same."""
+        key = self.keys(account_id)[2]
+        async with self.client.pipeline(transaction=True) as pipe:  # read and delete at once
+            pipe.hget(key, reservation_id)
+            pipe.hdel(key, reservation_id)
+            doc, _ = await pipe.execute()
+        if doc is None:
+            return False
+        try:
+            hold = _decode_hold(doc)
+        except msgspec.DecodeError:
+            return False
+        return hold.expires_at_ms > self.now()[1]
 
     async def holds(self, account_id: str, *, include_expired: bool = False) -> dict[str, Hold]:
         """The account's holds (active ones unless include_expired), for operators and tests."""
