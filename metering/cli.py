@@ -97,7 +97,16 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
         except OSError as exc:
             _fail(f"error: {events_path}: cannot read: {exc.strerror}")
         total = os.fstat(source.fileno()).st_size
-    wallet_out = open(wallet_path, "wb") if wallet_path else None  # noqa: SIM115
+    if sys.stdout is None:
+        _fail("error: stdout is closed: nowhere to write the rated lines")
+    wallet_out = None
+    if wallet_path:
+        if events_path != "-" and os.path.exists(wallet_path) and os.path.samefile(events_path, wallet_path):
+            _fail(f"error: --wallet-events {wallet_path} is the events file: it would be emptied before it is read")
+        try:
+            wallet_out = open(wallet_path, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            _fail(f"error: --wallet-events {wallet_path}: cannot write: {exc.strerror}")
     out = sys.stdout.buffer
     show = sys.stderr.isatty() and total > 0
     try:
@@ -106,8 +115,13 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
                 counts = rate_stream(rater, source, out, wallet_out, now, on_batch=bar.update)
         else:
             counts = rate_stream(rater, source, out, wallet_out, now)
-    finally:
         out.flush()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a closed descriptor...
+        _fail(f"error: writing the output: {exc.strerror or exc}", 1)
+    finally:
         if wallet_out is not None:
             wallet_out.close()
         if source is not sys.stdin.buffer:

@@ -58,6 +58,7 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
         raise AccountsError(source, ["(top): expected a list of accounts (or a mapping with key accounts)"])
     errors: list[str] = []
     accounts: dict[str, Account] = {}
+    seen_ids: set[str] = set()
     for i, item in enumerate(items):
         path = f"accounts[{i}]"
         if not isinstance(item, dict):
@@ -71,8 +72,9 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
             errors.append(f"{path}.id: expected a string of 1..128 chars, got {acc_id!r}")
             continue
         path = f"accounts[{i}] ({acc_id})"
-        if acc_id in accounts:
+        if acc_id in seen_ids:
             errors.append(f"{path}.id: duplicate account id")
+        seen_ids.add(acc_id)
         plan_id = item.get("plan")
         plan = catalog.plans.get(str(plan_id))
         if plan is None:
@@ -93,13 +95,17 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
             if not isinstance(topup, dict) or set(topup) != {"threshold", "amount"}:
                 errors.append(f"{path}.auto_topup: expected {{threshold, amount}} or null, got {topup!r}")
             else:
+                for key in ("threshold", "amount"):
+                    if topup[key] is None:
+                        errors.append(f'{path}.auto_topup.{key}: missing (a decimal string like "10.00"; '
+                                      "no auto top-up: auto_topup: null)")
                 threshold = _money(errors, f"{path}.auto_topup.threshold", topup["threshold"])
                 amount = _money(errors, f"{path}.auto_topup.amount", topup["amount"], allow_negative=False)
                 if amount == 0:
                     errors.append(f"{path}.auto_topup.amount: must be > 0")
         alert = _money(errors, f"{path}.low_balance_alert", item.get("low_balance_alert"))
         limit = _money(errors, f"{path}.credit_limit", item.get("credit_limit"), allow_negative=False)
-        if errors:
+        if errors:  # keep checking the rest: every error is listed
             continue
         accounts[acc_id] = Account(
             account_id=acc_id,
@@ -124,6 +130,8 @@ def load_accounts(path: str | Path, catalog: Catalog) -> dict[str, Account]:
         data = parse_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise AccountsError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise AccountsError(str(p), [f"(file): not UTF-8 text (byte {exc.start})"]) from None
     except YAMLError as exc:
         raise AccountsError(str(p), [f"(yaml): {exc}"]) from None
     return parse_accounts(data, catalog, str(p))

@@ -500,6 +500,8 @@ def load_catalog(path: str | Path) -> Catalog:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(str(p), [f"(file): not UTF-8 text (byte {exc.start})"]) from None
     try:
         data = parse_yaml(text)
     except YAMLError as exc:

@@ -319,6 +319,8 @@ class Pricer:
             try:
                 if len(raw) > max_bytes:
                     raise Rejection("invalid_json", f"(event): oversize, {len(raw)} bytes > {max_bytes}")
+                if not raw.isascii():  # msgspec skips unknown fields unchecked: the whole line must be UTF-8
+                    raw.decode()
                 ev = decode(raw)
                 account = accounts_get(ev.account_id)
                 if account is None:
@@ -415,6 +417,8 @@ class Pricer:
                 append(rejected_row(raw, source, Rejection("invalid_json", detail)))
             except UnicodeDecodeError as exc:
                 append(rejected_row(raw, source, Rejection("invalid_json", f"invalid UTF-8 at byte {exc.start}")))
+            except RecursionError:  # msgspec's depth guard, on JSON nested ~1000 deep
+                append(rejected_row(raw, source, Rejection("invalid_json", "(event): nested too deeply")))
             except Rejection as rej:
                 append(rejected_row(raw, source, rej))
             except (ValueError, OverflowError, ArithmeticError) as exc:  # never stop the stream
@@ -634,7 +638,7 @@ def duplicate_row(p: Row, conflict: bool) -> Row:
 def rejected_row(raw: bytes, source: str, rej: Rejection) -> Row:
     try:
         ids = msgspec.json.decode(raw, type=_Ids)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         ids = _Ids()
     event_id = ids.event_id if isinstance(ids.event_id, str) else None
     account_id = ids.account_id if isinstance(ids.account_id, str) else None

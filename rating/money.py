@@ -7,7 +7,8 @@ computation rounded half-up exactly once, at the end, to micros.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 MICROS = 1_000_000
 PICO = 1_000_000_000_000
@@ -24,16 +25,22 @@ class MoneyError(ValueError):
     pass
 
 
+# Plain decimal text only: no exponent, underscore, spaces or non-ASCII digits (Decimal()
+# would read "1_0" as 10 and "٠.٥" as 0.5: typos and look-alikes must not become prices).
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _decimal(text: object, example: str) -> Decimal:
+    if not isinstance(text, str | int) or isinstance(text, bool):
+        raise MoneyError(f"expected a decimal string like \"{example}\", got {text!r}")
+    if isinstance(text, str) and not _DECIMAL_TEXT.fullmatch(text):
+        raise MoneyError(f"expected a decimal string like \"{example}\", got {text!r}")
+    return Decimal(text)
+
+
 def parse_price_pico(text: object) -> int:
     """Decimal text ("0.0125") -> integer pico-units. Rejects floats, negatives, >12 places."""
-    if not isinstance(text, str | int) or isinstance(text, bool):
-        raise MoneyError(f"expected a decimal string like \"0.0125\", got {text!r}")
-    try:
-        value = Decimal(str(text).strip())
-    except InvalidOperation:
-        raise MoneyError(f"expected a decimal string like \"0.0125\", got {text!r}") from None
-    if not value.is_finite():
-        raise MoneyError(f"expected a finite decimal, got {text!r}")
+    value = _decimal(text, "0.0125")
     if value < 0:
         raise MoneyError(f"price must be >= 0, got {text!r}")
     scaled = value.scaleb(PRICE_DECIMALS)
@@ -44,14 +51,7 @@ def parse_price_pico(text: object) -> int:
 
 def parse_micros(text: object, *, allow_negative: bool = True) -> int:
     """Decimal text ("12.34") -> integer micros; more than 6 places is an error, not a rounding."""
-    if not isinstance(text, str | int) or isinstance(text, bool):
-        raise MoneyError(f"expected a decimal string like \"12.50\", got {text!r}")
-    try:
-        value = Decimal(str(text).strip())
-    except InvalidOperation:
-        raise MoneyError(f"expected a decimal string like \"12.50\", got {text!r}") from None
-    if not value.is_finite():
-        raise MoneyError(f"expected a finite decimal, got {text!r}")
+    value = _decimal(text, "12.50")
     if value < 0 and not allow_negative:
         raise MoneyError(f"must be >= 0, got {text!r}")
     scaled = value.scaleb(6)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from rating.accounts import AccountsError, parse_accounts
+from rating.accounts import AccountsError, load_accounts, parse_accounts
 from rating.catalog import CatalogError, PrefixTable, load_catalog, parse_catalog
 from tests.helpers import account, catalog_dict
 
@@ -141,3 +142,75 @@ def test_prices_that_could_charge_one_event_beyond_the_maximum_are_refused() -> 
     data = catalog_dict()
     data["rate_tables"]["standard"][0]["per_minute"] = "693000"  # 1441 min * 693000 < 1e9: fine
     parse_catalog(data, "test.yaml")
+
+
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys; a doubled per_minute or balance is a typo."""
+    text = (ROOT / "tests/data/spec_catalog.yaml").read_text(encoding="utf-8")
+    doubled = text.replace('per_minute: "0.0100",', 'per_minute: "0.0100", per_minute: "5.00",', 1)
+    assert doubled != text
+    path = tmp_path / "doubled.yaml"
+    path.write_text(doubled, encoding="utf-8")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert "found the key 'per_minute' twice" in str(info.value)
+    accounts = tmp_path / "accounts.yaml"
+    accounts.write_text('accounts:\n  - {id: a1, plan: starter, home_country: US, balance: "100", balance: "-5"}\n',
+                        encoding="utf-8")
+    with pytest.raises(AccountsError) as acc_info:
+        load_accounts(accounts, load_catalog(ROOT / "tests/data/spec_catalog.yaml"))
+    assert "found the key 'balance' twice" in str(acc_info.value)
+
+
+def test_files_that_are_not_utf8_are_refused_with_a_message(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b'version: "v1"\ncurrency: "\xff\xfe"\n')
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert info.value.errors == ["(file): not UTF-8 text (byte 25)"]
+    with pytest.raises(AccountsError) as acc_info:
+        load_accounts(path, load_catalog(ROOT / "tests/data/spec_catalog.yaml"))
+    assert acc_info.value.errors == ["(file): not UTF-8 text (byte 25)"]
+
+
+@pytest.mark.parametrize("price", ["1_0", "\u0661.\u0665", " 1e-2 ", "1e2", "+1", ".5", "0x10", "Infinity", "NaN"])
+def test_prices_are_plain_decimal_text(price: str) -> None:
+    """Decimal() reads "1_0" as 10 and Arabic-Indic digits as digits: a typo or a look-alike
+    must not become a price."""
+    data = catalog_dict()
+    data["rate_tables"]["standard"][0]["per_minute"] = price
+    assert any(e.startswith("rate_tables.standard[0].per_minute: expected a decimal string") for e in _errors(data))
+
+
+def test_every_accounts_error_is_listed_and_auto_topup_needs_both_values() -> None:
+    cat = parse_catalog(catalog_dict())
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [
+            account("a0", plan="gold"), account("a1"), account("a1"), account("a0"),
+            account("a2", auto_topup={"threshold": None, "amount": "10.00"}),
+            account("a3", auto_topup={"threshold": "5.00", "amount": None}),
+        ]}, cat)
+    errors = info.value.errors
+    assert "accounts[2] (a1).id: duplicate account id" in errors
+    assert "accounts[3] (a0).id: duplicate account id" in errors  # a0 had an error already
+    assert any(e.startswith("accounts[4] (a2).auto_topup.threshold: missing") for e in errors), errors
+    assert any(e.startswith("accounts[5] (a3).auto_topup.amount: missing") for e in errors), errors
+
+
+def test_rate_cli_output_problems_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"kind":"sms"}\n', encoding="utf-8")
+    rate = [sys.executable, "-m", "metering.cli", "rate", "--catalog", str(ROOT / "deploy/examples/catalog.yaml"),
+            "--accounts", str(ROOT / "deploy/examples/accounts.yaml"), "--events", str(events)]
+
+    def run(*extra: str, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*rate, *extra], stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    same = run("--wallet-events", str(events))
+    assert same.returncode == 2 and "is the events file" in same.stderr
+    assert events.read_text(encoding="utf-8") == '{"kind":"sms"}\n'  # not emptied
+    nowhere = run("--wallet-events", str(tmp_path / "missing-dir" / "w.jsonl"))
+    assert nowhere.returncode == 2 and "cannot write: No such file or directory" in nowhere.stderr
+    with open("/dev/full", "w") as full:
+        out = run(stdout=full)
+    assert out.returncode == 1 and out.stderr.strip() == "error: writing the output: No space left on device"

@@ -23,12 +23,15 @@ import clickhouse_connect
 import pytest
 import yaml
 from confluent_kafka import Consumer, Message, TopicPartition
+from prometheus_client import REGISTRY
 
 from metering import kafka_io
 from metering.config import Settings
 from metering.local_services import ensure_started
 from metering.simulate import produce_traffic
+from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.traffic import generate_events, load_accounts_list, load_catalog_dict
+from metering.workers.pipeline import Pipeline
 from rating.accounts import load_accounts
 from rating.catalog import load_catalog
 from rating.engine import Rater
@@ -609,3 +612,46 @@ def test_monthly_fees_charged_once_per_period_and_counted_as_recurring(live: dic
     got = {a: (p, n, c) for a, p, n, c in rows}
     # 2026-11-20 is in the period that began on the 28th of October for an anchor-28 account
     assert got[anchor28] == ("2026-10-28", 1, fees[accounts[anchor28].plan_id])
+
+
+def test_clickhouse_refusing_inserts_is_waited_out_then_nothing_is_lost(live: dict[str, str]) -> None:
+    """The ClickHouse engine refuses inserts for a while with a server error that passes
+    (TOO_MANY_PARTS, code 252: here by lowering the table's parts_to_throw_insert to 1, as
+    when inserts outrun merges): the ordered writer backs off and retries (counted in
+    metering_clickhouse_errors_total), batches wait instead of being rejected or failing the
+    worker, and once inserts are accepted again the end state equals `metering rate`. In this
+    process, because chDB lets one process open its folder."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    env = {**live, "METERING_BATCH_SIZE": "1000"}
+    settings = Settings.from_env(env)
+    produce_traffic(settings, count=10_000, seed=61, duplicate_rate=0.05, malformed_rate=0.01,
+                    start=now.replace(hour=0))
+    rater, rows = _offline(10_000, 61, 0.05, 0.01, now)
+    errors = "metering_clickhouse_errors_total"
+    errors_before = REGISTRY.get_sample_value(errors) or 0.0
+    sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+    parts = "ALTER TABLE metering.rated_usage MODIFY SETTING parts_to_throw_insert = {}, parts_to_delay_insert = {}"
+    sink.client.command(parts.format(1, 1))  # the second insert into a partition is refused
+    lifted: list[float] = []
+
+    def lift_when_refused() -> None:
+        deadline = time.monotonic() + 120
+        while (REGISTRY.get_sample_value(errors) or 0.0) < errors_before + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        admin = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)  # same folder, same process
+        try:
+            admin.command(parts.format(3000, 1000))  # the defaults
+        finally:
+            admin.close()
+        lifted.append(REGISTRY.get_sample_value(errors) or 0.0)
+
+    lifter = threading.Thread(target=lift_when_refused)
+    lifter.start()
+    try:
+        progress = Pipeline(settings, sink=sink).run(max_idle_s=3)
+    finally:
+        lifter.join()
+        sink.close()
+    assert lifted and lifted[0] >= errors_before + 3  # refused (and retried) at least 3 times
+    assert progress.consumed == 10_000
+    _check_equal(env, rater, rows)

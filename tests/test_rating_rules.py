@@ -183,6 +183,11 @@ def test_sms_and_meters() -> None:
         (meter("x", b"999999999999.9999995"), "invalid_field", "quantity"),
         (sms("x", "+15550002222", 256), "invalid_field", "segments"),
         (b'{"kind":"fax","event_id":"x","account_id":"acc-1"}', "unknown_kind", "kind"),
+        # bad bytes in a field the decoder skips are still bad input
+        (call("x", "+4420", 5)[:-1] + b',"vendor":"\xff\xfe"}', "invalid_json", None),
+        # nested deeper than the decoder goes (~1000): a reject, never a crash of the stream
+        (call("x", "+4420", 5)[:-1] + b',"vendor":' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}",
+         "invalid_json", "(event)"),
         (call("x", "+4420", 5, account_id="nobody"), "unknown_account", "account_id"),
         (call("x", "+99912345", 5), "unknown_destination", "to"),
         (call("x", "+8610123456", 5), "no_rate", "to"),

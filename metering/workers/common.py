@@ -16,7 +16,13 @@ from typing import Any, TypeVar, cast
 import msgspec
 import redis
 from confluent_kafka import Message, Producer, TopicPartition
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from metering import metrics
 from metering.config import Settings
@@ -38,9 +44,12 @@ REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingE
                    redis.exceptions.MasterDownError)
 
 
-def retrying(what: str, errors: tuple[type[BaseException], ...], counter: Any, *,
-             give_up_s: float = 600.0) -> Retrying:
-    """Back off on transient errors (service down, restarting): never reject for those."""
+# What to wait out: exception types, or a test of the exception (e.g. by error code).
+Transient = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+
+
+def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 600.0) -> Retrying:
+    """Back off on transient errors (service down, restarting, overloaded): never reject for those."""
 
     def before_sleep(state: Any) -> None:
         counter.inc()
@@ -48,12 +57,13 @@ def retrying(what: str, errors: tuple[type[BaseException], ...], counter: Any, *
             error=repr(state.outcome.exception()))
 
     return Retrying(
-        retry=retry_if_exception_type(errors), wait=wait_exponential(multiplier=0.1, max=5),
+        retry=retry_if_exception_type(errors) if isinstance(errors, tuple) else retry_if_exception(errors),
+        wait=wait_exponential(multiplier=0.1, max=5),
         stop=stop_after_delay(give_up_s), before_sleep=before_sleep, reraise=True,
     )
 
 
-def with_retry(fn: Callable[[], T], what: str, errors: tuple[type[BaseException], ...], counter: Any) -> T:
+def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any) -> T:
     for attempt in retrying(what, errors, counter):
         with attempt:
             return fn()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +59,28 @@ from rating.engine import BatchResult, Rater
 from schemas.records import Movement
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
-CH_TRANSIENT: tuple[type[BaseException], ...] = (ch_errors.OperationalError, ConnectionError, TimeoutError)
+# ClickHouse errors a server raises while overloaded, restarting or re-replicating, which pass
+# if waited out: TIMEOUT_EXCEEDED 159, TOO_MANY_SIMULTANEOUS_QUERIES 202, NO_FREE_CONNECTION 203,
+# SOCKET_TIMEOUT 209, NETWORK_ERROR 210, MEMORY_LIMIT_EXCEEDED 241, TABLE_IS_READ_ONLY 242
+# (replicated table without Keeper), TOO_MANY_PARTS 252 (inserts outrun merges),
+# TOO_FEW_LIVE_REPLICAS 285, UNKNOWN_STATUS_OF_INSERT 319, ALL_CONNECTION_TRIES_FAILED 279,
+# KEEPER_EXCEPTION 999. Any other server error (a bad row, a schema mismatch) is not retried.
+CH_RETRY_CODES = frozenset({159, 202, 203, 209, 210, 241, 242, 252, 279, 285, 319, 999})
+_CH_CODE = re.compile(r"\bCode: (\d+)\b")
+
+
+def ch_transient(exc: BaseException) -> bool:
+    """Whether a ClickHouse insert error is worth waiting out: the server is unreachable or
+    answers with one of CH_RETRY_CODES (same on chDB, which raises the server's errors)."""
+    if isinstance(exc, ch_errors.OperationalError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ch_errors.DatabaseError):
+        code = _CH_CODE.search(str(exc))
+        return code is not None and int(code.group(1)) in CH_RETRY_CODES
+    return False
+
+
+CH_TRANSIENT = ch_transient
 
 
 @dataclass
