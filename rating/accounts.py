@@ -57,6 +57,8 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
     if not isinstance(items, list):
         raise AccountsError(source, ["(top): expected a list of accounts (or a mapping with key accounts)"])
     errors: list[str] = []
+    if isinstance(data, dict):
+        errors += [f"{key}: unknown key (the file holds `accounts:` only)" for key in data if key != "accounts"]
     accounts: dict[str, Account] = {}
     seen_ids: set[str] = set()
     for i, item in enumerate(items):

@@ -233,25 +233,30 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             return None
         starts: list[int] = []
         parsed: list[tuple[int, int, int]] = []
+        broken = False  # keep checking every interval (every error is listed), then give up
         for i, iv in enumerate(raw):
             ipath = f"{path}.intervals[{i}]"
             if not isinstance(iv, dict):
                 errs.add(ipath, f"expected a mapping, got {iv!r}")
-                return None
+                broken = True
+                continue
             _unknown_keys(errs, ipath, iv, _INTERVAL_KEYS)
             start, inc = iv.get("from_s"), iv.get("increment_s")
             if not isinstance(start, int) or isinstance(start, bool) or start < 0:
                 errs.add(f"{ipath}.from_s", f"expected an integer >= 0, got {start!r}")
-                return None
+                broken = True
             if not _pos_int(inc):
                 errs.add(f"{ipath}.increment_s", f"expected a positive integer, got {inc!r}")
-                return None
+                broken = True
             if "per_minute" not in iv:
                 errs.add(f"{ipath}.per_minute", "missing (a decimal string)")
             pm = _price(errs, f"{ipath}.per_minute", iv.get("per_minute", "0"))
-            assert isinstance(inc, int)
-            starts.append(start)
-            parsed.append((start, pm, inc))
+            if not broken:
+                assert isinstance(start, int) and isinstance(inc, int)
+                starts.append(start)
+                parsed.append((start, pm, inc))
+        if broken:
+            return None
         if starts[0] != 0:
             errs.add(f"{path}.intervals[0].from_s", f"the first interval must start at 0, got {starts[0]}")
         for i in range(1, len(parsed)):
@@ -335,8 +340,10 @@ def _validate(data: Any, source: str) -> Catalog:
     zones: dict[str, frozenset[str]] = {}
     for name, members in _mapping(errs, "zones", data.get("zones"), required=False).items():
         path = f"zones.{name}"
-        if not isinstance(members, list) or not all(isinstance(c, str) and _COUNTRY_RE.fullmatch(c) for c in members):
-            errs.add(path, f"expected a list of ISO alpha-2 country codes, got {members!r}")
+        if not isinstance(members, list) or not members or not all(
+            isinstance(c, str) and _COUNTRY_RE.fullmatch(c) for c in members
+        ):
+            errs.add(path, f"expected a non-empty list of ISO alpha-2 country codes, got {members!r}")
             continue
         zones[str(name)] = frozenset(members)
 
@@ -442,6 +449,8 @@ def _validate(data: Any, source: str) -> Catalog:
         for j, p in enumerate(pkgs):
             if p not in packages:
                 errs.add(f"{path}.packages[{j}]", f"names a missing package {p!r}")
+            elif p in pkgs[:j]:
+                errs.add(f"{path}.packages[{j}]", f"lists package {p!r} twice")
         sms = _mapping(errs, f"{path}.sms", spec.get("sms"), required=False)
         _unknown_keys(errs, f"{path}.sms", sms, {"outbound", "inbound"})
         sms_out = _price(errs, f"{path}.sms.outbound", sms.get("outbound", "0"))
@@ -454,6 +463,9 @@ def _validate(data: Any, source: str) -> Catalog:
             str(m): _price(errs, f"{path}.meters.{m}", v)
             for m, v in _mapping(errs, f"{path}.meters", spec.get("meters"), required=False).items()
         }
+        for m in meters:
+            if not _NAME_RE.fullmatch(m):
+                errs.add(f"{path}.meters.{m}", "meter names may use letters, digits and _ . : - (1..64 chars)")
         allow_premium = spec.get("allow_premium", True)
         if not isinstance(allow_premium, bool):
             errs.add(f"{path}.allow_premium", f"expected true or false, got {allow_premium!r}")
@@ -470,9 +482,10 @@ def _validate(data: Any, source: str) -> Catalog:
             meters_pico=meters,
             allow_premium=bool(allow_premium),
         )
-    for name in (*zones, *raw_rates, *packages, *plans):
-        if not _NAME_RE.fullmatch(name):
-            errs.add(str(name), "names may use letters, digits and _ . : - (1..64 chars)")
+    for section, names in (("zones", zones), ("rate_tables", raw_rates), ("packages", packages), ("plans", plans)):
+        for name in names:
+            if not _NAME_RE.fullmatch(name):
+                errs.add(f"{section}.{name}", "names may use letters, digits and _ . : - (1..64 chars)")
     if errs.items:
         raise CatalogError(source, errs.items)
     return Catalog(

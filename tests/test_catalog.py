@@ -214,3 +214,27 @@ def test_rate_cli_output_problems_are_messages_not_tracebacks(tmp_path: Path) ->
     with open("/dev/full", "w") as full:
         out = run(stdout=full)
     assert out.returncode == 1 and out.stderr.strip() == "error: writing the output: No space left on device"
+
+
+def test_more_mistakes_are_each_listed() -> None:
+    """Every bad interval (not only the first), an empty zone, a package listed twice, an
+    empty meter name, a bad name with its section, and stray top-level keys in accounts."""
+    data = catalog_dict()
+    data["rate_tables"]["standard"].append({"prefix": "99", "connect_fee": "0", "intervals": [
+        {"from_s": 0, "per_minute": "0.1", "increment_s": 0},
+        {"from_s": 60, "per_minute": 0.2, "increment_s": 1, "typo": 1}]})
+    data["zones"]["empty"] = []
+    data["plans"]["starter"]["packages"] = ["europe", "europe"]
+    data["plans"]["starter"]["meters"] = {"": "0.1"}
+    data["plans"]["bad name!"] = {"rate_table": "standard"}
+    errors = _errors(data)
+    n = len(data["rate_tables"]["standard"]) - 1
+    for want in (f"rate_tables.standard[{n}].intervals[0].increment_s: expected a positive integer",
+                 f"rate_tables.standard[{n}].intervals[1].typo: unknown key",
+                 f"rate_tables.standard[{n}].intervals[1].per_minute: prices must be quoted decimal strings",
+                 "zones.empty: expected a non-empty list", "plans.starter.packages[1]: lists package 'europe' twice",
+                 "plans.starter.meters.: meter names may use", "plans.bad name!: names may use"):
+        assert any(e.startswith(want) for e in errors), (want, errors)
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [account()], "acounts_extra": 1}, parse_catalog(catalog_dict()))
+    assert info.value.errors == ["acounts_extra: unknown key (the file holds `accounts:` only)"]
