@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from confluent_kafka import Consumer, Message
 
 from rating.accounts import parse_accounts
 from rating.catalog import parse_catalog
@@ -136,3 +140,19 @@ def records(rater: Rater, *events: bytes) -> list[RatedRecord]:
 
 def one(rater: Rater, event: bytes) -> RatedRecord:
     return records(rater, event)[0]
+
+
+def read_topic(bootstrap: str, topic: str, done: Callable[[list[Message]], bool],
+               timeout_s: float = 60) -> list[Message]:
+    """Messages of `topic` from the start (a throwaway group) until `done(messages)` or timeout."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done(got) and time.monotonic() < deadline:
+            got += [m for m in c.consume(500, 1.0) if m.error() is None]
+    finally:
+        c.close()
+    return got

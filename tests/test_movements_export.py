@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import clickhouse_connect
 import pytest
 from click.testing import CliRunner, Result
-from confluent_kafka import Consumer, Message
 
 from metering.cli import main
 from metering.config import Settings
@@ -29,6 +28,7 @@ from metering.local_services import ensure_started
 from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.storage.movements_csv import format_at, parse_bound, to_ms
 from schemas.records import Movement
+from tests.helpers import read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -232,18 +232,6 @@ def test_as_a_process_chdb_held_elsewhere_missing_schema_then_success(
 # ------------------------------------------------------- accounts credit replayed: same `at`
 
 
-def _read(bootstrap: str, topic: str, done: Callable[[list[Message]], bool], timeout_s: float = 60) -> list[Message]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([topic])
-    got: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not done(got) and time.monotonic() < deadline:
-            got += [m for m in c.consume(100, 1.0) if m.error() is None]
-    finally:
-        c.close()
-    return got
 
 
 @pytest.mark.integration
@@ -279,9 +267,9 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     assert "reference 'pay-1' was already used for a credit of 5.000000: nothing changed" in replay.stderr
 
     settings = Settings.from_env(env)
-    moves = [json.loads(m.value() or b"") for m in _read(ep.kafka_bootstrap, settings.topics.movements,
+    moves = [json.loads(m.value() or b"") for m in read_topic(ep.kafka_bootstrap, settings.topics.movements,
                                                          lambda ms: len(ms) >= 2)]
-    events = [json.loads(m.value() or b"") for m in _read(ep.kafka_bootstrap, settings.topics.wallet_events,
+    events = [json.loads(m.value() or b"") for m in read_topic(ep.kafka_bootstrap, settings.topics.wallet_events,
                                                           lambda ms: len(ms) >= 2)]
     assert len(moves) == 2 and len(events) == 2
     assert moves[0] == moves[1]  # the replay re-sent the very same movement, `at` included

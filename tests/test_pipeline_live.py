@@ -36,6 +36,7 @@ from rating.accounts import load_accounts
 from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
+from tests.helpers import read_topic
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,18 +127,7 @@ def _group_offsets(settings: Settings, *, reset_to: int | None = None) -> int:
 
 
 def _read(settings: Settings, topic: str, done: Callable[[list[Message]], bool], timeout_s: float = 60) -> list[Message]:
-    """Messages of `topic` from the start (a throwaway group) until `done(messages)` or timeout."""
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:8]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([topic])
-    got: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not done(got) and time.monotonic() < deadline:
-            got += [m for m in c.consume(500, 1.0) if m.error() is None]
-    finally:
-        c.close()
-    return got
+    return read_topic(settings.kafka_bootstrap, topic, done, timeout_s)
 
 
 def _offline(count: int, seed: int, dup: float, bad: float, now: datetime):  # noqa: ANN202
