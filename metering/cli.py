@@ -108,11 +108,19 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
         except OSError as exc:
             _fail(f"error: --wallet-events {wallet_path}: cannot write: {exc.strerror}")
     out = sys.stdout.buffer
-    show = sys.stderr.isatty() and total > 0
     try:
-        if show:
+        if sys.stderr.isatty() and total > 0:
             with click.progressbar(length=total, label="rating", file=sys.stderr) as bar:
                 counts = rate_stream(rater, source, out, wallet_out, now, on_batch=bar.update)
+        elif sys.stderr.isatty():  # stdin (or an empty file): no length, so a running count
+            read = [0]
+
+            def show(n: int) -> None:
+                read[0] += n
+                click.echo(f"\rrating: {read[0] / 1e6:,.1f} MB read", err=True, nl=False)
+
+            counts = rate_stream(rater, source, out, wallet_out, now, on_batch=show)
+            click.echo("", err=True)
         else:
             counts = rate_stream(rater, source, out, wallet_out, now)
         out.flush()
