@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
@@ -37,6 +38,12 @@ STORE_REWINDS = Counter("metering_store_rewinds_total",
 STALE_RETRIES = Counter("metering_stale_snapshot_total", "Batches re-settled after a concurrent write")
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request: a slow /readyz must not hold /healthz or /metrics back."""
+
+    daemon_threads = True
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
@@ -59,7 +66,7 @@ def serve_metrics(port: int, ready: Callable[[], bool]) -> threading.Thread | No
             return [b'{"ready":true}' if ok else b'{"ready":false}']
         return metrics_app(environ, start_response)
 
-    server = make_server("0.0.0.0", port, app, handler_class=_Quiet)
+    server = make_server("0.0.0.0", port, app, server_class=_ThreadingServer, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True)
     thread.start()
     return thread

@@ -167,6 +167,7 @@ class Pipeline:
         self.settings = settings
         self.stop = stop or threading.Event()
         self.progress = Progress()
+        self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
@@ -196,8 +197,10 @@ class Pipeline:
         self.guard.forget([tp.partition for tp in partitions])
 
     def ready(self) -> bool:
+        # `assigned` is read by the loop's own thread: calling consumer.assignment() from the
+        # HTTP thread can block behind the loop's consume() for a long time.
         try:
-            return bool(self.redis.ping()) and bool(self.consumer.assignment())
+            return self.assigned and bool(self.redis.ping())
         except Exception:  # noqa: BLE001 - readiness is a yes/no
             return False
 
@@ -212,6 +215,7 @@ class Pipeline:
         try:
             while not self.stop.is_set():
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), "debit")
+                self.assigned = bool(self.consumer.assignment())
                 if msgs:
                     if self.handle_batch(msgs) and on_batch:
                         on_batch(self.progress)

@@ -59,6 +59,7 @@ class _Worker:
                  on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
         self.settings = settings
         self.stop = threading.Event()
+        self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
         self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics), on_assign=on_assign,
                                                on_revoke=on_revoke)
         self.producer = kafka_io.make_producer(settings)
@@ -67,7 +68,7 @@ class _Worker:
         self.handled = 0
 
     def ready(self) -> bool:
-        return bool(self.consumer.assignment())
+        return self.assigned  # set by the loop's thread (see Pipeline.ready)
 
     def handle(self, msgs: list[Message]) -> bool:
         """Handle one batch; False: the batch was dropped (the consumer was moved back), do
@@ -84,6 +85,7 @@ class _Worker:
         try:
             while not self.stop.is_set():
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), self.stage)
+                self.assigned = bool(self.consumer.assignment())
                 if msgs:
                     started = time.perf_counter()
                     if not self.handle(msgs):
