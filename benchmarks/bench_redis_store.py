@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis.connection
-from bench_rating import ROOT, accounts_10k
+from bench_rating import bench_stream
 
 from metering.local_services import ensure_started
-from metering.traffic import generate_events, load_accounts_list, load_catalog_dict
-from rating.accounts import parse_accounts
-from rating.catalog import load_catalog
 from rating.engine import Rater
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
@@ -38,13 +35,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--db", type=int, default=12)
     args = ap.parse_args()
-    catalog_path = ROOT / "deploy/examples/catalog.yaml"
-    catalog = load_catalog(catalog_path)
-    accounts_list = accounts_10k(load_accounts_list(ROOT / "deploy/examples/accounts.yaml"))
-    accounts = parse_accounts({"accounts": accounts_list}, catalog)
-    values = [v for _, v in generate_events(load_catalog_dict(catalog_path), accounts_list, count=args.count,
-                                            seed=42, start=NOW - timedelta(days=2), duplicate_rate=0.01,
-                                            malformed_rate=0.005, now=NOW)]
+    catalog, accounts, values = bench_stream(args.count, NOW)
     url = ensure_started(("redis",)).redis_url
     client = connect(f"{url.rsplit('/', 1)[0]}/{args.db}")
     redis_pid = int(client.info("server")["process_id"])

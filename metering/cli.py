@@ -384,8 +384,8 @@ def fees() -> None:
 
 
 @fees.command("charge")
-@click.option("--on", "on", callback=lambda ctx, param, v: _day(v), metavar="YYYY-MM-DD",
-              help="Charge the billing period holding this UTC day (default: today).")
+@click.option("--on", "on", callback=lambda ctx, param, v: datetime.now(UTC) if v is None else _bound(ctx, param, v),
+              metavar="YYYY-MM-DD", help="Charge the billing period holding this UTC day (default: today).")
 @click.option("--catalog", "catalog_path", help="Catalog YAML (default METERING_CATALOG).")
 def fees_charge(on: datetime, catalog_path: str | None) -> None:
     """Charge every imported account its plan's monthly_fee for the billing period holding
@@ -430,16 +430,6 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     kafka_io.flush(producer)
     click.echo(f"fees: {charged} accounts charged {format_micros(total)} in all, {replayed_n} already "
                f"charged for their period, {skipped} without a fee")
-
-
-def _day(value: str | None) -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    try:
-        day = datetime.strptime(value, "%Y-%m-%d")
-    except ValueError:
-        raise click.BadParameter(f"expected a date YYYY-MM-DD, got {value!r}", param_hint="'--on'") from None
-    return day.replace(tzinfo=UTC)
 
 
 @main.command("serve-api")
