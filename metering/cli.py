@@ -41,7 +41,51 @@ def _load(catalog_path: str, accounts_path: str | None) -> tuple[Catalog, dict[s
     return catalog, accounts
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _service_error(exc: BaseException) -> str | None:
+    """One line for a service that cannot be reached or is misconfigured; None for anything
+    else (a bug keeps its traceback)."""
+    import redis
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+    from confluent_kafka import KafkaError, KafkaException
+
+    from metering.local_services import endpoints
+    from metering.storage.clickhouse_sink import ClickHouseConfigError
+    from wallet_debiter.redis_store import RedisUrlError
+
+    if isinstance(exc, (RedisUrlError, ClickHouseConfigError)):
+        return f"error: {exc}"
+    ep = endpoints(dict(os.environ))
+    if isinstance(exc, redis.RedisError):
+        return f"error: redis {ep.redis_url}: {exc}"
+    if isinstance(exc, ClickHouseError):
+        lines = str(exc).strip().splitlines()
+        return f"error: clickhouse {ep.clickhouse_dsn}: {lines[0] if lines else type(exc).__name__}"
+    if isinstance(exc, KafkaException):
+        err = exc.args[0] if exc.args else None
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        return f"error: kafka {ep.kafka_bootstrap}: {text}"
+    return None
+
+
+class _Main(click.Group):
+    """Services down or misconfigured end a command with one line naming the service and
+    exit code 1, not a traceback (METERING_DEBUG=1 keeps the traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from metering.config import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(f"error: {exc}")
+        except Exception as exc:
+            message = _service_error(exc)
+            if message is None or os.environ.get("METERING_DEBUG"):
+                raise
+            _fail(message, 1)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Usage metering, rating and prepaid wallets for telephony and voice-AI platforms."""
 
@@ -174,8 +218,9 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
 
     logs.setup()
     settings = _settings(catalog_path=catalog_path, metrics_port=metrics_port)
+    health = metrics.serve_metrics(settings.metrics_port)
     pipeline = _start_or_fail(lambda: Pipeline(settings))
-    metrics.serve_metrics(settings.metrics_port, pipeline.ready)
+    metrics.set_ready(health, pipeline.ready)
     _stop_on_signals(pipeline.stop)
     _run_or_fail(lambda: pipeline.run(max_idle_s=until_idle))
 
@@ -229,8 +274,9 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
         click.echo(f"alerts worker stopped: {stats}")
         return
     cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]
+    health = metrics.serve_metrics(settings.metrics_port)
     w = _start_or_fail(lambda: cls(settings))
-    metrics.serve_metrics(settings.metrics_port, w.ready)
+    metrics.set_ready(health, w.ready)
     _stop_on_signals(w.stop)
     _run_or_fail(lambda: w.run(max_idle_s=until_idle))
 
@@ -559,8 +605,8 @@ class _Utf8Writer:
 @click.option("--seconds", type=float, default=60, show_default=True, help="How long traffic streams.")
 @click.option("--rate", type=float, default=3000, show_default=True, help="CDRs per second offered.")
 @click.option("--seed", type=int, default=7, show_default=True)
-@click.option("--metrics-port", type=int, default=9100, show_default=True, help="0: no metrics server.")
-def demo(seconds: float, rate: float, seed: int, metrics_port: int) -> None:
+@click.option("--metrics-port", type=int, help="Metrics/health port (default METERING_METRICS_PORT or 9100; 0: none).")
+def demo(seconds: float, rate: float, seed: int, metrics_port: int | None) -> None:
     """Start the local stack, stream traffic through the whole pipeline, print the results."""
     from metering import logs
     from metering.demo import run_demo

@@ -26,6 +26,28 @@ class Topics:
     movements: str = "wallet.movements"  # operator credits / top-ups -> ClickHouse
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, named by its environment variable."""
+
+
+# (lowest, highest) allowed for the numeric settings; a batch of 0 or a negative timeout
+# would spin or never return, a message limit of 0 would reject every event.
+_RANGES: dict[str, tuple[float, float]] = {
+    "partitions": (1, 10_000),
+    "batch_size": (1, 1_000_000),
+    "batch_timeout_s": (0.001, 60),
+    "max_message_bytes": (64, 16 * 1024 * 1024),
+    "metrics_port": (0, 65_535),
+    "catalog_check_s": (0.1, 3_600),
+}
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting (METERING_CATALOG for catalog_path...)."""
+    special = {"catalog_path": "METERING_CATALOG", "accounts_path": "METERING_ACCOUNTS"}
+    return special.get(setting, f"METERING_{setting.upper()}")
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_bootstrap: str
@@ -46,6 +68,15 @@ class Settings:
     # partitions back at once instead of after the session timeout (k8s: the pod name).
     instance_id: str = ""
 
+    def __post_init__(self) -> None:
+        errors = []
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                errors.append(f"{name}={value} ({env_name(name)}): expected {low:,} to {high:,}")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = dict(os.environ if env is None else env)
@@ -58,17 +89,14 @@ class Settings:
         ints = {"partitions", "batch_size", "max_message_bytes", "metrics_port"}
         floats = {"batch_timeout_s", "catalog_check_s"}
         for f in fields(cls):
-            name = f"METERING_{f.name.upper()}"
-            if f.name == "catalog_path":
-                name = "METERING_CATALOG"
-            elif f.name == "accounts_path":
-                name = "METERING_ACCOUNTS"
+            name = env_name(f.name)
             if name in env and f.name not in values:
                 raw = env[name]
                 try:
                     values[f.name] = int(raw) if f.name in ints else float(raw) if f.name in floats else raw
                 except ValueError:
-                    raise SystemExit(f"error: {name}={raw!r} is not a number") from None
+                    kind = "a whole number" if f.name in ints else "a number"
+                    raise ConfigError(f"{name}={raw!r}: expected {kind}") from None
         prefix = env.get("METERING_TOPIC_PREFIX", "")
         if prefix:  # isolated topic sets on a shared broker (tests, staging)
             values["topics"] = Topics(*(prefix + getattr(Topics(), f.name) for f in fields(Topics)))

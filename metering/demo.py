@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 from metering import kafka_io, metrics
-from metering.config import Settings
+from metering.config import ConfigError, Settings
 from metering.local_services import ensure_started, state_dir
 from metering.report import print_report
 from metering.simulate import produce_traffic
@@ -35,15 +36,31 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int,
+DEMO_REDIS_DB = 15  # the demo empties this database; `metering run` and the tests use 0
+
+
+def demo_redis_url(url: str) -> str:
+    """The demo's own database on the Redis of `url`: it is flushed at every start, so it must
+    not be the one a local `metering run` keeps its wallets in."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"the demo needs a standalone redis:// URL (it uses database {DEMO_REDIS_DB} of it "
+                          f"and empties it), got METERING_REDIS_URL={url!r}")
+    return urlunsplit(parts._replace(path=f"/{DEMO_REDIS_DB}"))
+
+
+def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None,
              echo: Callable[[str], None] = print) -> int:
+    port = Settings.from_env(dict(os.environ), metrics_port=metrics_port).metrics_port
+    health = metrics.serve_metrics(port)  # first: a port in use stops the demo before anything starts
     echo("== starting local services (Kafka KRaft + Redis) ...")
     eps = ensure_started()
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     env = {**eps.as_env(),
            "METERING_TOPIC_PREFIX": f"demo{stamp}.", "METERING_GROUP_PREFIX": f"demo{stamp}",
-           "METERING_CLICKHOUSE_DSN": f"chdb://{state_dir()}/clickhouse-demo-{stamp}"}
-    settings = Settings.from_env({**os.environ, **env}, metrics_port=metrics_port)
+           "METERING_CLICKHOUSE_DSN": f"chdb://{state_dir()}/clickhouse-demo-{stamp}",
+           "METERING_REDIS_URL": demo_redis_url(eps.redis_url)}
+    settings = Settings.from_env({**os.environ, **env}, metrics_port=port)
     catalog = load_catalog(settings.catalog_path)
     accounts = load_accounts(settings.accounts_path, catalog)
 
@@ -51,7 +68,7 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int,
     with ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database) as sink:
         sink.ensure_schema()
     redis = connect(settings.redis_url)
-    redis.flushdb()  # the demo's own database on the local Redis: start from the example balances
+    redis.flushdb()  # the demo's own database (DEMO_REDIS_DB): start from the example balances
     store = RedisWalletStore(redis)
     store.import_accounts(accounts.values())
     count = int(seconds * rate)
@@ -60,13 +77,13 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int,
     echo(f"   clickhouse {settings.clickhouse_dsn}")
     echo(f"   catalog {catalog.version}: {sum(len(t) for t in catalog.raw_rates.values()):,} rates, "
          f"{len(catalog.packages)} packages")
-    if metrics_port:
-        echo(f"   metrics: http://127.0.0.1:{metrics_port}/metrics  health: /healthz /readyz")
+    if settings.metrics_port:
+        echo(f"   metrics: http://127.0.0.1:{settings.metrics_port}/metrics  health: /healthz /readyz")
     echo(f"== streaming {count:,} CDRs at {rate:,.0f}/s for ~{seconds:.0f} s "
          f"(2 % re-sent duplicates, 1 % malformed)")
 
     pipeline = Pipeline(settings)
-    metrics.serve_metrics(settings.metrics_port, pipeline.ready)
+    metrics.set_ready(health, pipeline.ready)
     produced = [0]
     producer_done = threading.Event()
 
@@ -123,5 +140,7 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int,
     echo("\n== analyst report (ClickHouse: rated_usage, wallet_events, rejected_events and views)")
     print_report(settings.clickhouse_dsn, settings.clickhouse_database, echo)
     echo(f"\nThe data stays in {settings.clickhouse_dsn}; query it with `METERING_CLICKHOUSE_DSN="
-         f"{settings.clickhouse_dsn} metering report`.")
+         f"{settings.clickhouse_dsn} metering report`;\nthe wallets stay in {settings.redis_url} (the demo's "
+         f"database, emptied at its next start): `METERING_REDIS_URL={settings.redis_url} metering accounts show "
+         f"{lowest[0][0] if lowest else 'ACCOUNT'}`.")
     return 0

@@ -28,7 +28,9 @@ LOG = logging.getLogger("metering.kafka")
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the pipeline topics if missing; returns the names created."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "enable.metrics.push": False})
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap, "enable.metrics.push": False,
+                            "logger": LOG}
+    admin = AdminClient(conf)
     t = settings.topics
     wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, t.movements]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
@@ -59,6 +61,7 @@ def make_producer(settings: Settings, **extra: Any) -> Producer:
         "compression.type": "lz4",
         "queue.buffering.max.messages": 500000,
         "enable.metrics.push": False,  # no KIP-714 client telemetry (and no log line about it)
+        "logger": LOG,  # librdkafka's lines go through the JSON logs, served by poll/flush
     }
     conf.update(extra)
     return Producer(conf)
@@ -80,6 +83,7 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
         "enable.metrics.push": False,
+        "logger": LOG,  # served by consume()
     }
     if settings.instance_id:
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
@@ -224,7 +228,7 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Log-end offset per partition of `topic` (for progress and tests)."""
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "metering-probe",
-                  "enable.auto.commit": False, "enable.metrics.push": False})
+                  "enable.auto.commit": False, "enable.metrics.push": False, "logger": LOG})
     try:
         md = c.list_topics(topic, timeout=10)
         out = {}

@@ -49,24 +49,47 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(port: int, ready: Callable[[], bool]) -> threading.Thread | None:
-    """Serve /metrics, /healthz (alive) and /readyz (ready()) on 0.0.0.0:port in a thread."""
+class HealthServer:
+    """/metrics, /healthz (alive) and /readyz (`ready()`, False until the worker sets it) on
+    0.0.0.0:port, served from a thread. Bound before the worker starts, so a port in use is a
+    one-line start-up error and not a half-started process."""
+
+    def __init__(self, port: int) -> None:
+        from metering.config import ConfigError
+
+        self.ready: Callable[[], bool] = lambda: False
+        metrics_app = make_wsgi_app(REGISTRY)
+
+        def app(environ, start_response):  # type: ignore[no-untyped-def]
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [b'{"status":"ok"}']
+            if path == "/readyz":
+                ok = self.ready()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+                return [b'{"ready":true}' if ok else b'{"ready":false}']
+            return metrics_app(environ, start_response)
+
+        try:
+            self.server = make_server("0.0.0.0", port, app, server_class=_ThreadingServer, handler_class=_Quiet)
+        except OSError as exc:
+            raise ConfigError(f"metrics port {port}: {exc.strerror} (another worker on it?); set "
+                              f"METERING_METRICS_PORT or --metrics-port, 0 turns it off") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, name=f"metrics:{port}", daemon=True)
+        self.thread.start()
+
+
+def serve_metrics(port: int, ready: Callable[[], bool] | None = None) -> HealthServer | None:
+    """Start the health/metrics server on `port` (0: none)."""
     if not port:
         return None
-    metrics_app = make_wsgi_app(REGISTRY)
+    server = HealthServer(port)
+    if ready is not None:
+        server.ready = ready
+    return server
 
-    def app(environ, start_response):  # type: ignore[no-untyped-def]
-        path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [b'{"status":"ok"}']
-        if path == "/readyz":
-            ok = ready()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
-            return [b'{"ready":true}' if ok else b'{"ready":false}']
-        return metrics_app(environ, start_response)
 
-    server = make_server("0.0.0.0", port, app, server_class=_ThreadingServer, handler_class=_Quiet)
-    thread = threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True)
-    thread.start()
-    return thread
+def set_ready(server: HealthServer | None, ready: Callable[[], bool]) -> None:
+    if server is not None:
+        server.ready = ready

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from metering.demo import DEMO_REDIS_DB, demo_redis_url
 from metering.local_services import ensure_started
+from wallet_debiter.redis_store import RedisWalletStore, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -19,13 +21,21 @@ pytestmark = pytest.mark.integration
 
 def test_demo_streams_traffic_and_prints_summary_and_report(tmp_path: Path) -> None:
     ep = ensure_started()
-    env = {**os.environ, **ep.as_env(), "METERING_REDIS_URL": f"{ep.redis_url.rsplit('/', 1)[0]}/14",
-           "METERING_STATE_DIR": str(tmp_path)}
+    env = {**os.environ, **ep.as_env(), "METERING_STATE_DIR": str(tmp_path)}
     env.pop("METERING_CLICKHOUSE_DSN")
+    # the demo empties a database of its own, never the one `metering run` keeps wallets in
+    sentinel = f"sentinel:{tmp_path.name}"
+    main_db = connect(ep.redis_url)
+    main_db.set(sentinel, b"kept")
     proc = subprocess.run([sys.executable, "-m", "metering.cli", "demo", "--seconds", "3", "--rate", "2000",
                            "--metrics-port", "0"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert main_db.get(sentinel) == b"kept"
+    main_db.delete(sentinel)
+    demo_url = demo_redis_url(ep.redis_url)
+    assert demo_url.endswith(f"/{DEMO_REDIS_DB}") and demo_url in out
+    assert RedisWalletStore(connect(demo_url)).wallet("acc-000001") is not None
 
     def number(label: str) -> int:
         m = re.search(rf"^\s+{label}\s+([\d,]+)", out, re.M)

@@ -318,6 +318,83 @@ def test_redis_outage_mid_stream_is_retried_not_rejected(live: dict[str, str]) -
     _check_equal(env, rater, rows)
 
 
+def _private_redis(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """A Redis of this test's own (AOF, fsync always), so it can be killed under a worker."""
+    data = tmp_path / "redis-own"
+    data.mkdir(exist_ok=True)
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if connect(f"redis://127.0.0.1:{port}/0").ping():
+                return proc
+        except OSError:
+            pass
+        except Exception:  # noqa: BLE001 - redis.ConnectionError until it listens
+            assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.1)
+
+
+def _metric_sum(port: int, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return -1.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def test_sigterm_while_redis_is_down_stops_at_once_and_lag_keeps_counting(live: dict[str, str], tmp_path: Path) -> None:
+    """Redis killed under a running pipeline: while it is away the lag gauge follows the
+    traffic that piles up (it stood still before: lag was read only between batches), and
+    SIGTERM ends the worker within seconds (before: only once Redis came back). The batch
+    in hand was not committed; a run after Redis is back ends exactly like `metering rate`."""
+    redis_port, metrics_port = _free_port(), _free_port()
+    own = _private_redis(tmp_path, redis_port)
+    try:
+        env = {**live, "METERING_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "METERING_BATCH_SIZE": "250",
+               "METERING_METRICS_PORT": str(metrics_port)}
+        subprocess.run([sys.executable, "-m", "metering.cli", "accounts", "import", str(ACCOUNTS)], env=env,
+                       check=True, cwd=ROOT, capture_output=True)
+        now = datetime.now(UTC).replace(microsecond=0)
+        settings = Settings.from_env(env)
+        producer = _paced(settings, 43, now)
+        rater, rows = _offline(20_000, 43, 0.05, 0.01, now)
+        proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run"], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_committed(settings, 1500)
+            own.kill()
+            own.wait()
+            deadline = time.monotonic() + 30
+            while _metric_sum(metrics_port, "metering_redis_errors_total") < 1:
+                assert time.monotonic() < deadline and proc.poll() is None, "the outage was not seen"
+                time.sleep(0.2)
+            lag = 0.0
+            while lag < 3000:  # 2 s of traffic behind: counted while the loop waits for Redis
+                assert time.monotonic() < deadline, f"the lag gauge stood at {lag} during the outage"
+                time.sleep(0.5)
+                lag = _metric_sum(metrics_port, "metering_consumer_lag")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err[-3000:]
+        assert "stopping with a batch not settled" in err
+        own = _private_redis(tmp_path, redis_port)  # the same AOF: every acknowledged write is back
+        producer.join()
+        assert _run(env, METERING_METRICS_PORT="0") == 0
+        _check_equal(env, rater, rows)
+    finally:
+        own.kill()
+        own.wait()
+
+
 def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while _group_offsets(settings) < n:

@@ -84,6 +84,10 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _CLIENT_OPTS: dict[str, Any] = {"decode_responses": False, "socket_timeout": 30, "health_check_interval": 30}
 
 
+class RedisUrlError(ValueError):
+    """A Redis URL that cannot work (refused before anything connects)."""
+
+
 def _cluster_url(url: str) -> tuple[str, list[tuple[str, int]]] | None:
     """For a `redis+cluster://` / `rediss+cluster://` URL: the plain redis URL of the first
     seed node and every seed (host, port); None for any other URL. A path other than `/` or
@@ -93,7 +97,7 @@ def _cluster_url(url: str) -> tuple[str, list[tuple[str, int]]] | None:
     if base is None:
         return None
     if parts.path.strip("/") not in ("", "0"):
-        raise ValueError(f"a Redis Cluster has only database 0: {url!r}")
+        raise RedisUrlError(f"Redis URL {url!r}: a Redis Cluster has only database 0")
     auth, _, hosts = parts.netloc.rpartition("@")
     seeds: list[tuple[str, int]] = []
     for hp in hosts.split(","):
@@ -103,6 +107,8 @@ def _cluster_url(url: str) -> tuple[str, list[tuple[str, int]]] | None:
             port = rest.removeprefix(":")
         else:
             host, _, port = hp.partition(":")
+        if not (port or "6379").isdigit():
+            raise RedisUrlError(f"Redis URL {url!r}: port {port!r} of seed {hp!r} is not a number")
         seeds.append((host or "127.0.0.1", int(port or 6379)))
     first = f"{auth}@{hosts.split(',')[0]}" if auth else hosts.split(",")[0]
     return urlunsplit((base, first, "/", parts.query, "")), seeds
@@ -114,7 +120,10 @@ def connect(url: str) -> redis.Redis | RedisCluster:
     TLS). The cluster hosts are seeds only: the client discovers every node and slot from them."""
     cluster = _cluster_url(url)
     if cluster is None:
-        return redis.Redis.from_url(url, **_CLIENT_OPTS)
+        try:
+            return redis.Redis.from_url(url, **_CLIENT_OPTS)
+        except ValueError as exc:  # a scheme or port redis-py cannot read
+            raise RedisUrlError(f"Redis URL {url!r}: {exc}; or redis+cluster://host:port,... for a cluster") from None
     base, seeds = cluster
     nodes = [ClusterNode(h, p) for h, p in seeds]  # type: ignore[no-untyped-call]
     return RedisCluster.from_url(base, startup_nodes=nodes, **_CLIENT_OPTS)

@@ -285,6 +285,13 @@ def schema_files(schema_dir: Path | None = None) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
+DSN_SCHEMES = ("chdb", "http", "https", "clickhouse", "clickhousedb")
+
+
+class ClickHouseConfigError(ValueError):
+    """A DSN or database name that cannot work (refused before anything connects)."""
+
+
 class ClickHouseSink:
     """Writes the pipeline's output to ClickHouse (server or chDB) in columnar batches.
 
@@ -299,7 +306,12 @@ class ClickHouseSink:
         self, dsn: str, database: str = DEFAULT_DATABASE, *, schema_dir: Path | None = None
     ) -> None:
         if not _IDENTIFIER.fullmatch(database):
-            raise ValueError(f"database name must match {_IDENTIFIER.pattern}, got {database!r}")
+            raise ClickHouseConfigError(f"ClickHouse database name must match {_IDENTIFIER.pattern}, "
+                                        f"got {database!r}")
+        scheme = dsn.partition("://")[0].lower() if "://" in dsn else ""
+        if scheme not in DSN_SCHEMES:  # clickhouse-connect would take anything else for http
+            raise ClickHouseConfigError(f"ClickHouse DSN {dsn!r}: expected chdb:///path (embedded) or "
+                                        f"http(s)://host:port (a server)")
         self.dsn = dsn
         self.database = database
         self._schema_dir = schema_dir

@@ -21,8 +21,10 @@ from tenacity import (
     retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from metering import metrics
 from metering.config import Settings
@@ -48,25 +50,61 @@ REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingE
 Transient = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
 
-def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 600.0) -> Retrying:
-    """Back off on transient errors (service down, restarting, overloaded): never reject for those."""
+class Stopping(Exception):  # noqa: N818 - a request, not a failure
+    """The worker was asked to stop (SIGTERM) while it waited out a transient error: nothing
+    of the batch in hand is committed, so it comes again to whoever owns the partition next."""
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message` for logs (repr() of some client errors hides the message)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _sleeper(stop: threading.Event | None) -> Callable[[float], None]:
+    if stop is None:
+        return time.sleep
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)  # wakes at once on SIGTERM
+
+    return sleep
+
+
+def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 600.0,
+             stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None) -> Retrying:
+    """Back off on transient errors (service down, restarting, overloaded): never reject for those.
+    `stop` set ends the wait at once (then `with_retry` raises Stopping); `on_wait()` runs before
+    each sleep (the loop keeps its lag gauge current while it waits)."""
 
     def before_sleep(state: Any) -> None:
         counter.inc()
         log(LOG, logging.WARNING, f"{what} failed, retrying", attempt=state.attempt_number,
-            error=repr(state.outcome.exception()))
+            error=error_text(state.outcome.exception()))
+        if on_wait is not None:
+            on_wait()
 
+    ends: stop_base = stop_after_delay(give_up_s)
+    if stop is not None:
+        ends = ends | stop_when_event_set(stop)
     return Retrying(
         retry=retry_if_exception_type(errors) if isinstance(errors, tuple) else retry_if_exception(errors),
-        wait=wait_exponential(multiplier=0.1, max=5),
-        stop=stop_after_delay(give_up_s), before_sleep=before_sleep, reraise=True,
+        wait=wait_exponential(multiplier=0.1, max=5), stop=ends, before_sleep=before_sleep, reraise=True,
+        sleep=_sleeper(stop),
     )
 
 
-def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any) -> T:
-    for attempt in retrying(what, errors, counter):
-        with attempt:
-            return fn()
+def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any, *,
+               stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None) -> T:
+    try:
+        for attempt in retrying(what, errors, counter, stop=stop, on_wait=on_wait):
+            with attempt:
+                return fn()
+    except Exception as exc:
+        transient = isinstance(exc, errors) if isinstance(errors, tuple) else errors(exc)
+        if transient and stop is not None and stop.is_set():
+            raise Stopping(f"stopped while waiting for {what}: {error_text(exc)}") from exc
+        raise
     raise AssertionError("unreachable")
 
 
@@ -115,10 +153,11 @@ class CatalogWatcher:
         self.path = Path(path)
         self.every_s = every_s
         self._checked = 0.0
+        self._unreadable = False  # logged once until the file is back
+        self.catalog = load_catalog(self.path)  # first: a missing or bad file is a CatalogError
         st = self.path.stat()
         self._stat = (st.st_mtime_ns, st.st_size)
         self._digest = hashlib.sha256(self.path.read_bytes()).digest()
-        self.catalog = load_catalog(self.path)
         metrics.CATALOG_VERSION.labels(version=self.catalog.version).set(1)
 
     def changed(self) -> Catalog | None:
@@ -132,8 +171,15 @@ class CatalogWatcher:
             if stat == self._stat and time.time_ns() - st.st_mtime_ns > self.RACY_NS:
                 return None
             digest = hashlib.sha256(self.path.read_bytes()).digest()
-        except OSError:
+        except OSError as exc:
+            if not self._unreadable:
+                log(LOG, logging.WARNING, "catalog file unreadable, keeping the running one",
+                    path=str(self.path), running=self.catalog.version, error=exc.strerror)
+            self._unreadable = True
             return None
+        if self._unreadable:
+            log(LOG, logging.INFO, "catalog file readable again", path=str(self.path))
+            self._unreadable = False
         self._stat = stat
         if digest == self._digest:
             return None
@@ -155,12 +201,15 @@ class AccountsWatcher:
     """The accounts the pricer knows, reloaded from Redis only when `metering accounts import`
     bumped the version (one GET every `every_s`; a full reload of 10 k wallets takes seconds)."""
 
-    def __init__(self, store: Any, every_s: float = 2.0) -> None:
+    def __init__(self, store: Any, every_s: float = 2.0, stop: threading.Event | None = None) -> None:
         self.store = store
         self.every_s = every_s
+        self.stop = stop
         self._checked = time.monotonic()
-        self.version = with_retry(store.accounts_version, "accounts version", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
-        self.accounts = with_retry(store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.version = with_retry(store.accounts_version, "accounts version", REDIS_TRANSIENT,
+                                  metrics.REDIS_ERRORS, stop=stop)
+        self.accounts = with_retry(store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
+                                   stop=stop)
 
     def changed(self) -> dict[str, Any] | None:
         now = time.monotonic()
@@ -175,7 +224,8 @@ class AccountsWatcher:
         if version == self.version:
             return None
         self.version = version
-        self.accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+        self.accounts = with_retry(self.store.load_accounts, "load accounts", REDIS_TRANSIENT,
+                                   metrics.REDIS_ERRORS, stop=self.stop)
         log(LOG, logging.INFO, "accounts reloaded", accounts=len(self.accounts), version=version)
         return cast(dict[str, Any], self.accounts)
 
@@ -196,9 +246,12 @@ class PositionGuard:
     Redis Cluster (positions on other slots than the wallets) use a compare-and-set after the
     apply instead (see RedisWalletStore.bind_positions)."""
 
-    def __init__(self, store: Any, topic: str) -> None:
+    def __init__(self, store: Any, topic: str, stop: threading.Event | None = None,
+                 on_wait: Callable[[], None] | None = None) -> None:
         self.store = store
         self.topic = topic
+        self.stop = stop  # set: stop waiting for Redis (Stopping)
+        self.on_wait = on_wait  # called while Redis is waited for
         self.written: dict[int, int] = {}  # partition -> next offset this worker wrote
 
     def forget(self, partitions: Sequence[int]) -> None:
@@ -218,10 +271,12 @@ class PositionGuard:
             return settle()
 
         try:
-            result = with_retry(attempt, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+            result = with_retry(attempt, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
+                                stop=self.stop, on_wait=self.on_wait)
             if not self.store.positions_applied:  # no debits in the batch, or Redis Cluster
                 lost = with_retry(lambda: self.store.positions_cas(self.topic, expected, new),
-                                  "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS)
+                                  "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
+                                  stop=self.stop, on_wait=self.on_wait)
                 if lost:
                     raise PositionsLost(lost)
         except PositionsLost as exc:
@@ -233,7 +288,8 @@ class PositionGuard:
     def _replay(self, consumer: Any, msgs: Sequence[Message], held: dict[int, int], stage: str,
                 before_replay: Callable[[], None]) -> None:
         if all(h < 0 for h in held.values()) and not with_retry(
-                lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS):
+                lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
+                stop=self.stop, on_wait=self.on_wait):
             raise RedisLostWrites(f"Redis holds no positions for {self.topic} although this worker wrote "
                                   f"{self.written}: it was wiped; restore it before restarting")
         before_replay()

@@ -43,11 +43,13 @@ from metering.workers.common import (
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
+    Stopping,
     arm_crash_timer,
     count_rows,
     crash_point,
     debit_movements,
     decode_movement,
+    error_text,
     event_times,
     produce_rejected,
     produce_wallet_events,
@@ -147,9 +149,17 @@ class OrderedWriter:
         if self.error is not None:
             raise self.error
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._raise()
-        self._jobs.put(job)
+    def submit(self, job: Callable[[], None], on_wait: Callable[[], None] | None = None) -> None:
+        """Queue `job`; while the queue is full (the writer waits out ClickHouse), `on_wait()`
+        runs every second on the caller's thread."""
+        while True:
+            self._raise()
+            try:
+                self._jobs.put(job, timeout=1.0)
+                return
+            except queue.Full:
+                if on_wait is not None:
+                    on_wait()
 
     def drain(self) -> None:
         """Wait until every submitted batch is written and committed."""
@@ -171,7 +181,7 @@ class Pipeline:
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
-        self.accounts = AccountsWatcher(self.store)
+        self.accounts = AccountsWatcher(self.store, stop=self.stop)
         self.rater = Rater(self.watcher.catalog, self.accounts.accounts, self.store)
         self.rater.pricer.max_bytes = settings.max_message_bytes
         self.sink = sink or ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
@@ -183,7 +193,7 @@ class Pipeline:
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
         self.writer = OrderedWriter()
-        self.guard = PositionGuard(self.store, t.events)
+        self.guard = PositionGuard(self.store, t.events, self.stop, on_wait=self._lag_while_waiting)
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
                                                on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                                                on_revoke=self._on_revoke)
@@ -228,6 +238,8 @@ class Pipeline:
                     if lags and not any(lags.values()):  # assigned and caught up
                         reason = "idle"
                         break
+        except Stopping as exc:  # SIGTERM while Redis or ClickHouse was away
+            log(LOG, logging.WARNING, "stopping with a batch not settled; it will be replayed", detail=str(exc))
         finally:
             self.close()
         p = self.progress
@@ -248,6 +260,13 @@ class Pipeline:
         if accounts is not None:
             self.rater.set_accounts(accounts)
         lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state)
+        if lags:
+            self.progress.lag = sum(lags.values())
+
+    def _lag_while_waiting(self) -> None:
+        """The loop is stuck waiting for Redis or ClickHouse: keep the lag gauge current (the
+        high watermarks from the broker, since nothing is fetched meanwhile)."""
+        lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state, cached=False)
         if lags:
             self.progress.lag = sum(lags.values())
 
@@ -284,7 +303,8 @@ class Pipeline:
 
         def write_and_commit() -> None:  # on the writer thread, in batch order
             write_started = time.perf_counter()
-            with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+            with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS,
+                       stop=self.stop)
             self.progress.last_latencies = queryable_latencies(msgs)
             crash_point("after_clickhouse")
             produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
@@ -297,7 +317,7 @@ class Pipeline:
             crash_point("after_commit")
             metrics.BATCH_SECONDS.labels(stage="debit-write").observe(time.perf_counter() - write_started)
 
-        self.writer.submit(write_and_commit)
+        self.writer.submit(write_and_commit, on_wait=self._lag_while_waiting)
         counts = count_rows(rows)
         p = self.progress
         p.batches += 1
@@ -326,18 +346,21 @@ class Pipeline:
                     offset=m.offset(), error=str(exc))
         def write() -> None:
             with_retry(lambda: self.sink.insert_movements(moves), "clickhouse insert", CH_TRANSIENT,
-                       metrics.CLICKHOUSE_ERRORS)
+                       metrics.CLICKHOUSE_ERRORS, stop=self.stop)
             kafka_io.commit_offsets(self.movements, msgs)
 
-        self.writer.submit(write)
+        self.writer.submit(write, on_wait=self._lag_while_waiting)
 
     def close(self) -> None:
         error: BaseException | None = None
         try:
             self.writer.drain()  # every settled batch written and committed before leaving
+        except Stopping as exc:
+            log(LOG, logging.WARNING, "stopped with batches not written; they will be replayed",
+                detail=str(exc))
         except BaseException as exc:  # noqa: BLE001 - re-raised once everything is closed
             error = exc
-            log(LOG, logging.ERROR, "writer failed; uncommitted batches will be replayed", error=repr(exc))
+            log(LOG, logging.ERROR, "writer failed; uncommitted batches will be replayed", error=error_text(exc))
         self.writer.close()
         for closer in (self.consumer.close, self.movements.close):
             with contextlib.suppress(KafkaException, RuntimeError):

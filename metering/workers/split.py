@@ -33,6 +33,7 @@ from metering.workers.common import (
     AccountsWatcher,
     CatalogWatcher,
     PositionGuard,
+    Stopping,
     count_rows,
     crash_point,
     debit_movements,
@@ -54,18 +55,21 @@ from wallet_debiter.redis_store import RedisWalletStore, connect
 class _Worker:
     stage = "worker"
 
-    def __init__(self, settings: Settings, topics: Sequence[str],
-                 on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
-                 on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stop = threading.Event()
         self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
-        self.consumer = kafka_io.make_consumer(settings, self.stage, list(topics), on_assign=on_assign,
-                                               on_revoke=on_revoke)
-        self.producer = kafka_io.make_producer(settings)
-        self.delivery = kafka_io.DeliveryCheck()
         self._lag_state: dict[str, float] = {}
         self.handled = 0
+
+    def _subscribe(self, topics: Sequence[str],
+                   on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+                   on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
+        """The Kafka clients, once the subclass has what its rebalance callbacks use."""
+        self.consumer = kafka_io.make_consumer(self.settings, self.stage, list(topics), on_assign=on_assign,
+                                               on_revoke=on_revoke)
+        self.producer = kafka_io.make_producer(self.settings)
+        self.delivery = kafka_io.DeliveryCheck()
 
     def ready(self) -> bool:
         return self.assigned  # set by the loop's thread (see Pipeline.ready)
@@ -77,6 +81,10 @@ class _Worker:
 
     def housekeeping(self) -> None:
         kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state)
+
+    def lag_while_waiting(self) -> None:
+        """The loop waits for Redis or ClickHouse: keep the lag gauge current meanwhile."""
+        kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state, cached=False)
 
     def run(self, *, max_idle_s: float | None = None) -> None:
         s = self.settings
@@ -104,6 +112,9 @@ class _Worker:
                     lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
                         break
+        except Stopping as exc:  # SIGTERM while Redis or ClickHouse was away
+            log(LOG, logging.WARNING, "stopping with a batch not handled; it will be replayed",
+                stage=self.stage, detail=str(exc))
         finally:
             self.close()
 
@@ -119,12 +130,13 @@ class RatingWorker(_Worker):
     stage = "rating"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.store = RedisWalletStore(connect(settings.redis_url))
-        self.accounts = AccountsWatcher(self.store)
+        self.accounts = AccountsWatcher(self.store, stop=self.stop)
         self.pricer = Pricer(self.watcher.catalog, self.accounts.accounts)
         self.pricer.max_bytes = settings.max_message_bytes
-        super().__init__(settings, [settings.topics.events])
+        self._subscribe([settings.topics.events])
 
     def housekeeping(self) -> None:
         super().housekeeping()
@@ -153,14 +165,15 @@ class DebitWorker(_Worker):
     stage = "debit"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
         self.settler = Settler(self.watcher.catalog, self.store)
-        self.guard = PositionGuard(self.store, settings.topics.priced)
-        super().__init__(settings, [settings.topics.priced],
-                         on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
-                         on_revoke=lambda _, parts: self.guard.forget([tp.partition for tp in parts]))
+        self.guard = PositionGuard(self.store, settings.topics.priced, self.stop, on_wait=self.lag_while_waiting)
+        self._subscribe([settings.topics.priced],
+                        on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
+                        on_revoke=lambda _, parts: self.guard.forget([tp.partition for tp in parts]))
 
     def ready(self) -> bool:
         try:
@@ -195,6 +208,7 @@ class SinkWorker(_Worker):
     stage = "sink"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         t = settings.topics
         self.sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
         self.sink.ensure_schema()
@@ -202,7 +216,7 @@ class SinkWorker(_Worker):
         self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
                                              catalog_version=self.watcher.catalog.version)
         self._wallet_dec = msgspec.json.Decoder(WalletEventOut)
-        super().__init__(settings, [t.rated, t.rejected, t.wallet_events, t.movements])
+        self._subscribe([t.rated, t.rejected, t.wallet_events, t.movements])
 
     def housekeeping(self) -> None:
         super().housekeeping()
@@ -244,7 +258,8 @@ class SinkWorker(_Worker):
             self.sink.insert_rejected(rejected)
             self.sink.insert_wallet_events(events, at=ats)
 
-        with_retry(write, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS)
+        with_retry(write, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop,
+                   on_wait=self.lag_while_waiting)
         return True
 
     def close(self) -> None:

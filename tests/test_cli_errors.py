@@ -1,0 +1,97 @@
+"""Start-up misconfiguration and unreachable services end a command with one line that names
+the setting or the service (exit 2: configuration, 1: a service), never a traceback or a
+half-started process. None of these needs a running service: every target is refused or
+unreachable on purpose."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from metering.cli import _service_error
+from metering.config import ConfigError, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOG = ROOT / "deploy/examples/catalog.yaml"
+
+
+def _cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    full = {**base, "METERING_METRICS_PORT": "0", "METERING_REDIS_URL": "redis://127.0.0.1:1/0",
+            "METERING_KAFKA_BOOTSTRAP": "127.0.0.1:1", **env}
+    return subprocess.run([sys.executable, "-m", "metering.cli", *args], env=full, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+def test_numeric_settings_out_of_range_are_refused_with_every_name() -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({"METERING_BATCH_SIZE": "0", "METERING_BATCH_TIMEOUT_S": "-1",
+                           "METERING_PARTITIONS": "0", "METERING_MAX_MESSAGE_BYTES": "0",
+                           "METERING_METRICS_PORT": "70000", "METERING_CATALOG_CHECK_S": "nan"})
+    text = str(exc.value)
+    for name in ("METERING_BATCH_SIZE", "METERING_BATCH_TIMEOUT_S", "METERING_PARTITIONS",
+                 "METERING_MAX_MESSAGE_BYTES", "METERING_METRICS_PORT", "METERING_CATALOG_CHECK_S"):
+        assert name in text, (name, text)
+    with pytest.raises(ConfigError, match="METERING_BATCH_SIZE='5k': expected a whole number"):
+        Settings.from_env({"METERING_BATCH_SIZE": "5k"})
+    assert Settings.from_env({"METERING_BATCH_SIZE": "1", "METERING_METRICS_PORT": "0"}).batch_size == 1
+
+
+def test_bad_settings_end_the_command_with_exit_2() -> None:
+    _one_line_error(_cli("run", METERING_BATCH_TIMEOUT_S="0"), 2, "METERING_BATCH_TIMEOUT_S")
+    _one_line_error(_cli("setup", "--partitions", "0"), 2, "METERING_PARTITIONS")
+
+
+def test_a_missing_catalog_file_is_a_catalog_error_not_a_traceback() -> None:
+    proc = _cli("run", METERING_CATALOG="/nonexistent/catalog.yaml")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "/nonexistent/catalog.yaml" in proc.stderr and "cannot read" in proc.stderr
+
+
+def test_bad_service_urls_are_refused_before_anything_connects() -> None:
+    _one_line_error(_cli("run", METERING_CATALOG=str(CATALOG), METERING_REDIS_URL="foo://x"), 1,
+                    "Redis URL 'foo://x'")
+    _one_line_error(_cli("accounts", "show", "a", METERING_REDIS_URL="redis+cluster://h:port/"), 1, "port")
+    # clickhouse-connect would take any other scheme for http
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="ftp://x"), 1, "ClickHouse DSN 'ftp://x'")
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="chdb:///tmp/x", METERING_CLICKHOUSE_DATABASE="a-b"),
+                    1, "'a-b'")
+
+
+def test_unreachable_services_are_named_in_one_line() -> None:
+    _one_line_error(_cli("accounts", "show", "acc-1"), 1, "redis redis://127.0.0.1:1/0", "Connection refused")
+    _one_line_error(_cli("accounts", "import", str(ROOT / "deploy/examples/accounts.yaml")), 1,
+                    "redis redis://127.0.0.1:1/0")
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="http://127.0.0.1:1"), 1, "clickhouse http://127.0.0.1:1")
+    # Kafka down: librdkafka's own timeout (30 s for setup) ends in a KafkaException
+    err = KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport failure"))
+    assert _service_error(err) == (f"error: kafka {os.environ.get('METERING_KAFKA_BOOTSTRAP', '127.0.0.1:19092')}: "
+                                   "Failed to get metadata: Local: Broker transport failure")
+    assert _service_error(KeyError("a bug")) is None  # anything else keeps its traceback
+
+
+def test_a_metrics_port_in_use_stops_the_worker_at_once() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # before the fix: a traceback from the metrics thread and a process that never exits
+        proc = _cli("run", timeout=30, METERING_METRICS_PORT=str(port), METERING_CATALOG=str(CATALOG))
+        _one_line_error(proc, 2, f"metrics port {port}", "METERING_METRICS_PORT")
+        proc = _cli("worker", "rating", timeout=30, METERING_METRICS_PORT=str(port), METERING_CATALOG=str(CATALOG))
+        _one_line_error(proc, 2, f"metrics port {port}")
