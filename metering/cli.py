@@ -59,7 +59,9 @@ def _service_error(exc: BaseException) -> str | None:
         return f"error: redis {ep.redis_url}: {exc}"
     if isinstance(exc, ClickHouseError):
         lines = str(exc).strip().splitlines()
-        return f"error: clickhouse {ep.clickhouse_dsn}: {lines[0] if lines else type(exc).__name__}"
+        first = lines[0] if lines else type(exc).__name__
+        hint = " (create it with `metering setup`)" if "UNKNOWN_DATABASE" in first or "UNKNOWN_TABLE" in first else ""
+        return f"error: clickhouse {ep.clickhouse_dsn}: {first}{hint}"
     if isinstance(exc, KafkaException):
         err = exc.args[0] if exc.args else None
         text = err.str() if isinstance(err, KafkaError) else str(exc)
@@ -296,6 +298,7 @@ def accounts_import(file: str, catalog_path: str | None) -> None:
     import msgspec
 
     from metering import kafka_io
+    from metering.workers.common import OPERATOR_HEADER
     from rating.money import format_micros
     from schemas.messages import WalletEventOut
     from wallet_debiter.redis_store import RedisWalletStore, connect
@@ -312,7 +315,7 @@ def accounts_import(file: str, catalog_path: str | None) -> None:
             producer.produce(settings.topics.wallet_events, key=change.account_id.encode(), value=enc.encode(
                 WalletEventOut(type=change.kind, account_id=change.account_id,
                                event_id=f"import:{change.account_id}:{at.isoformat()}",
-                               balance=format_micros(change.balance), at=at)))
+                               balance=format_micros(change.balance), at=at)), headers=[OPERATOR_HEADER])
         kafka_io.flush(producer)
     changed = "".join(f", {c.account_id} {c.kind}" for c in result.block_changes)
     click.echo(f"accounts: {result.new} created, {result.updated} updated (balances of existing wallets "
@@ -401,6 +404,7 @@ def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str
     Returns (balance after, type, amount as applied, replayed)."""
     import msgspec
 
+    from metering.workers.common import OPERATOR_HEADER
     from rating.money import format_micros
     from schemas.messages import MovementOut, WalletEventOut
 
@@ -420,7 +424,7 @@ def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str
         name = "unblocked" if record.bits & 2 else "blocked"
         producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
             WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
-                           balance=format_micros(record.balance), at=record.at)))
+                           balance=format_micros(record.balance), at=record.at)), headers=[OPERATOR_HEADER])
     return record.balance, kind, micros, replayed
 
 

@@ -10,7 +10,7 @@ from metering.storage.clickhouse_sink import ClickHouseSink
 
 def queries(db: str) -> list[tuple[str, str]]:
     return [
-        ("Usage and revenue by country and package (outbound calls)",
+        ("Usage and revenue by country and package (outbound calls, top 15 by revenue)",
          f"SELECT country, ifNull(package_id, '-') AS package, count() AS calls, "
          f"round(sum(billable_s) / 60) AS minutes, round(sum(covered_s) / 60) AS in_package_min, "
          f"sum(charge) AS revenue FROM {db}.rated_usage FINAL "
@@ -19,14 +19,26 @@ def queries(db: str) -> list[tuple[str, str]]:
         ("Usage and revenue by category",
          f"SELECT category, sum(events) AS events, round(sum(billable_minutes)) AS minutes, sum(charge) AS revenue "
          f"FROM {db}.v_usage_by_category GROUP BY category ORDER BY revenue DESC"),
-        ("Package minutes used (this period)",
+        # each account's latest billing period only: summing periods would add last month's
+        # minutes to this month's and count an account once per period
+        ("Package minutes used (each account's latest billing period)",
          f"SELECT package_id, count() AS accounts, round(sum(used_minutes)) AS used_min, "
          f"countIf(remaining_minutes = 0) AS exhausted, countIf(fair_use_exceeded) AS over_fair_use "
-         f"FROM {db}.v_package_usage GROUP BY package_id ORDER BY used_min DESC"),
-        ("Top accounts by spend",
-         f"SELECT account_id, plan_id, count() AS events, sum(charge) AS spend, "
-         f"argMax(balance_after, started_at) AS balance "
-         f"FROM {db}.rated_usage FINAL GROUP BY account_id, plan_id ORDER BY spend DESC LIMIT 10"),
+         f"FROM {db}.v_package_usage WHERE (account_id, period_start) IN "
+         f"(SELECT account_id, max(period_start) FROM {db}.v_package_usage GROUP BY account_id) "
+         f"GROUP BY package_id ORDER BY used_min DESC"),
+        # spend = usage charges + recurring fees. No balance here: movements carry the balance
+        # after each one, but not the order Redis applied them in (a late CDR has an earlier
+        # time); live balances are Redis's (`metering accounts show`, the demo's summary).
+        ("Top accounts by spend (usage + fees)",
+         f"SELECT c.account_id AS account_id, p.plan AS plan_id, c.usage_events AS events, c.usage AS usage, "
+         f"c.fees AS fees, c.usage + c.fees AS spend FROM "
+         f"(SELECT account_id, sumIf(events, category != 'recurring') AS usage_events, "
+         f"sumIf(charge, category != 'recurring') AS usage, sumIf(charge, category = 'recurring') AS fees "
+         f"FROM {db}.v_usage_by_category GROUP BY account_id) AS c "
+         f"LEFT JOIN (SELECT account_id, argMax(plan_id, started_at) AS plan FROM {db}.rated_usage FINAL "
+         f"GROUP BY account_id) AS p ON p.account_id = c.account_id "
+         f"ORDER BY spend DESC, account_id LIMIT 10"),
         ("Rejected input by reason",
          f"SELECT reason, count() AS events FROM {db}.rejected_events FINAL GROUP BY reason ORDER BY events DESC"),
         ("Wallet events",

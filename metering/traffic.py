@@ -825,8 +825,10 @@ def _parse_time(text: str) -> datetime:
 def main(argv: list[str] | None = None) -> int:
     """`python -m metering.traffic` writes JSON lines (one event per line) for `metering rate`."""
     ap = argparse.ArgumentParser(description="Generate seeded usage events as JSON lines.")
-    ap.add_argument("--catalog", default="deploy/examples/catalog.yaml")
-    ap.add_argument("--accounts", default="deploy/examples/accounts.yaml")
+    # the examples shipped with the project, wherever the command is run from
+    examples = Path(__file__).resolve().parents[1] / "deploy/examples"
+    ap.add_argument("--catalog", default=str(examples / "catalog.yaml"))
+    ap.add_argument("--accounts", default=str(examples / "accounts.yaml"))
     ap.add_argument("--count", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start", type=_parse_time, default=None, help="RFC 3339; default: now - 1 day")

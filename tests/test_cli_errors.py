@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from metering.cli import _service_error
 from metering.config import ConfigError, Settings
+from metering.local_services import endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -80,9 +81,14 @@ def test_unreachable_services_are_named_in_one_line() -> None:
     _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="http://127.0.0.1:1"), 1, "clickhouse http://127.0.0.1:1")
     # Kafka down: librdkafka's own timeout (30 s for setup) ends in a KafkaException
     err = KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport failure"))
-    assert _service_error(err) == (f"error: kafka {os.environ.get('METERING_KAFKA_BOOTSTRAP', '127.0.0.1:19092')}: "
+    assert _service_error(err) == (f"error: kafka {endpoints().kafka_bootstrap}: "
                                    "Failed to get metadata: Local: Broker transport failure")
     assert _service_error(KeyError("a bug")) is None  # anything else keeps its traceback
+
+
+def test_report_on_a_database_never_set_up_says_so(tmp_path: Path) -> None:
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN=f"chdb://{tmp_path}/ch"), 1, "UNKNOWN_DATABASE",
+                    "metering setup")
 
 
 def test_a_metrics_port_in_use_stops_the_worker_at_once() -> None:

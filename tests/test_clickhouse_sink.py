@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from metering.report import queries
 from metering.storage.clickhouse_sink import (
     ClickHouseSink,
     PackageAllowance,
@@ -102,13 +103,13 @@ def sms(account: str, event: str, segments: int, charge: int, balance: int) -> R
     )
 
 
-def meter(account: str, event: str, quantity: str, charge: int, balance: int) -> RatedRecord:
+def meter(account: str, event: str, quantity: str, charge: int, balance: int, name: str = "llm_tokens") -> RatedRecord:
     return RatedRecord(
         event_id=event,
         account_id=account,
         status="rated",
         kind="meter",
-        meter="llm_tokens",
+        meter=name,
         quantity=Decimal(quantity),
         charge=charge,
         balance_after=balance,
@@ -156,7 +157,7 @@ def dataset() -> list[RatedRecord]:
         call("acc-1", "e7", "+12025550199", "US", "fixed", billable=0, direction="inbound"),
         sms("acc-1", "e4", segments=2, charge=15_000, balance=9_935_000),
         meter("acc-1", "e5", "1500", charge=3_000, balance=9_932_000),
-        meter("acc-1", "e6", "0.5", charge=1, balance=9_931_999),  # one micro
+        meter("acc-1", "e6", "0.5", charge=1, balance=9_931_999, name="stt_seconds"),  # one micro
         # acc-2 reuses event_id "e1": event ids are unique per account only
         call(
             "acc-2",
@@ -275,13 +276,15 @@ def write_all(sink: ClickHouseSink) -> None:
 # Expected view contents for the dataset, written out by hand.
 D = Decimal
 EXPECTED_CATEGORIES = {
-    # (account, period, category): (events, quantity, billable_s, billable_minutes, charge)
-    ("acc-1", NOV, "calls"): (4, D("4"), 270, 4.5, D("0.050000")),
-    ("acc-1", NOV, "sms"): (1, D("2"), 0, 0.0, D("0.015000")),
-    ("acc-1", NOV, "meters"): (2, D("1500.5"), 0, 0.0, D("0.003001")),
-    ("acc-1", NOV, "recurring"): (1, D("1"), 0, 0.0, D("49.000000")),
-    ("acc-2", NOV15, "calls"): (1, D("1"), 120, 2.0, D("3.000000")),
-    ("acc-2", NOV15, "recurring"): (1, D("1"), 0, 0.0, D("49.000000")),
+    # (account, period, category, meter): (events, quantity, billable_s, billable_minutes, charge)
+    ("acc-1", NOV, "calls", None): (4, D("4"), 270, 4.5, D("0.050000")),
+    ("acc-1", NOV, "sms", None): (1, D("2"), 0, 0.0, D("0.015000")),
+    # one row per meter: 1500 tokens and 0.5 s of speech are not added together
+    ("acc-1", NOV, "meters", "llm_tokens"): (1, D("1500"), 0, 0.0, D("0.003000")),
+    ("acc-1", NOV, "meters", "stt_seconds"): (1, D("0.5"), 0, 0.0, D("0.000001")),
+    ("acc-1", NOV, "recurring", None): (1, D("1"), 0, 0.0, D("49.000000")),
+    ("acc-2", NOV15, "calls", None): (1, D("1"), 120, 2.0, D("3.000000")),
+    ("acc-2", NOV15, "recurring", None): (1, D("1"), 0, 0.0, D("49.000000")),
 }
 EXPECTED_PACKAGES = {
     # (account, period, package): (calls, used_s, used_minutes, overage_s, unlimited,
@@ -298,12 +301,12 @@ EXPECTED_DESTINATIONS = {
 }
 
 
-def categories(sink: ClickHouseSink) -> dict[tuple[str, date, str], tuple[object, ...]]:
+def categories(sink: ClickHouseSink) -> dict[tuple[str, date, str, str | None], tuple[object, ...]]:
     rows = sink.client.query(
-        f"SELECT account_id, period_start, category, events, quantity, billable_s, billable_minutes,"
+        f"SELECT account_id, period_start, category, meter, events, quantity, billable_s, billable_minutes,"
         f" charge FROM {sink.database}.v_usage_by_category"
     ).result_rows
-    out = {(r[0], r[1], r[2]): tuple(r[3:]) for r in rows}
+    out = {(r[0], r[1], r[2], r[3]): tuple(r[4:]) for r in rows}
     assert len(out) == len(rows), "a category appears twice"
     return out
 
@@ -353,6 +356,25 @@ def test_views_return_hand_computed_numbers(sink: ClickHouseSink) -> None:
     # only the 8 rated records, not the rejected one nor the duplicate
     assert scalar(sink, "SELECT count() FROM {db}.rated_usage FINAL") == 8
     assert scalar(sink, "SELECT count() FROM {db}.rated_usage WHERE event_id = 'bad'") == 0
+
+
+def test_report_counts_the_latest_period_and_spend_includes_fees(sink: ClickHouseSink) -> None:
+    """`metering report` on the hand-computed data set plus an October call of acc-1: package
+    minutes are those of each account's latest period (not October's added to November's, nor
+    acc-1 counted once per period), and spend is usage + recurring fees."""
+    write_all(sink)
+    october = call("acc-1", "oct", "+442071234567", "GB", "fixed", billable=600, covered=600, package="europe",
+                   period=date(2026, 10, 1), at=datetime(2026, 10, 20, 9, 0, tzinfo=UTC))
+    sink.insert_rated([october], topic=TOPIC, partitions=[0], offsets=[99], rated_at=RATED_AT)
+    results = {title: sink.client.query(sql).result_rows for title, sql in queries(sink.database)}
+    assert results["Package minutes used (each account's latest billing period)"] == [
+        # package, accounts, used_min, exhausted, over_fair_use (before: europe 2 accounts, 13 min)
+        ("europe", 1, 3.0, 0, 0), ("us-domestic", 1, 1.0, 0, 0)]
+    assert results["Top accounts by spend (usage + fees)"] == [
+        # account, plan, events, usage, fees, spend: fees were missing before
+        ("acc-2", "starter", 1, D("3"), D("49"), D("52")),
+        ("acc-1", "starter", 8, D("0.068001"), D("49"), D("49.068001")),
+    ]
 
 
 @pytest.mark.parametrize("optimize", [False, True], ids=["unmerged", "after-OPTIMIZE-FINAL"])
@@ -420,7 +442,7 @@ def test_different_row_with_same_key_replaces(sink: ClickHouseSink) -> None:
     ).result_rows
     assert row == [(D("0.090000"), 30, 3, 999)]
     cats = categories(sink)
-    assert cats[("acc-1", NOV, "calls")] == (4, D("4"), 270, 4.5, D("0.090000"))
+    assert cats[("acc-1", NOV, "calls", None)] == (4, D("4"), 270, 4.5, D("0.090000"))
     assert packages(sink)[("acc-1", NOV, "europe")][:4] == (2, 150, 2.5, 60)
     assert destinations(sink)[("GB", "mobile")] == (1, 1.5, D("0.09"))
 
@@ -475,7 +497,7 @@ def test_money_stays_exact(sink: ClickHouseSink) -> None:
     assert scalar(
         sink, "SELECT balance_after FROM {db}.rated_usage FINAL WHERE event_id = 'u5'"
     ) == D("-0.000005")
-    cat = categories(sink)[("acc-m", NOV, "meters")]
+    cat = categories(sink)[("acc-m", NOV, "meters", "llm_tokens")]
     assert cat[4] == D("999999999999.999999") + D("0.3") + D("0.001")
     assert cat[1] == D("500") + 3  # quantities: 1000 x 0.5 + 3 x 1
 

@@ -557,6 +557,16 @@ def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(li
     finally:
         client.close()
     assert moves == [("credit", 1_000_000_000, "pay-1")]
+    client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+    try:  # the credit's `unblocked` reached ClickHouse too (before: Kafka only, in run mode)
+        unblocked = client.query("SELECT event_id FROM metering.wallet_events FINAL "
+                                 f"WHERE account_id = '{account}' AND type = 'unblocked'").result_rows
+        blocked_rows = client.query("SELECT count() FROM metering.wallet_events FINAL "
+                                    f"WHERE account_id = '{account}' AND type = 'blocked'").result_rows[0][0]
+    finally:
+        client.close()
+    assert unblocked == [(f"credit:{account}:pay-1",)]
+    assert blocked_rows >= 1  # the traffic's own, written once although wallet.events is read too
     msgs = _read(settings, settings.topics.wallet_events, lambda ms: any(b'"unblocked"' in m.value() for m in ms))
     mine = [e for e in map(json.loads, (m.value() for m in msgs)) if e["account_id"] == account]
     assert "blocked" in [e["type"] for e in mine]  # by the traffic

@@ -326,6 +326,24 @@ _json = msgspec.json.Encoder()
 _movement_decoder = msgspec.json.Decoder(MovementOut)
 
 
+# Header on wallet events that operator commands (credit, fees, import) produce: the single-
+# process pipeline writes its own events to ClickHouse directly and takes only these from
+# wallet.events (the split sink worker takes every event from the topic).
+OPERATOR_HEADER = ("origin", b"operator")
+_wallet_event_decoder = msgspec.json.Decoder(WalletEventOut)
+
+
+def decode_wallet_event(value: bytes) -> tuple[WalletEvent, datetime]:
+    """A `wallet.events` message back to a WalletEvent and its time."""
+    e = _wallet_event_decoder.decode(value)
+    return WalletEvent(type=e.type, account_id=e.account_id, event_id=e.event_id, balance=parse_micros(e.balance),
+                       package_id=e.package_id, percent=e.percent), e.at
+
+
+def is_operator_event(msg: Message) -> bool:
+    return OPERATOR_HEADER in (msg.headers() or [])
+
+
 def decode_movement(value: bytes) -> Movement:
     """A `wallet.movements` message back to a Movement (money as integer micros)."""
     mv = _movement_decoder.decode(value)

@@ -49,8 +49,10 @@ from metering.workers.common import (
     crash_point,
     debit_movements,
     decode_movement,
+    decode_wallet_event,
     error_text,
     event_times,
+    is_operator_event,
     produce_rejected,
     produce_wallet_events,
     rejected_rows_for_sink,
@@ -58,7 +60,7 @@ from metering.workers.common import (
 )
 from rating.catalog import Catalog
 from rating.engine import BatchResult, Rater
-from schemas.records import Movement
+from schemas.records import Movement, WalletEvent
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
 # ClickHouse errors a server raises while overloaded, restarting or re-replicating, which pass
@@ -197,7 +199,8 @@ class Pipeline:
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
                                                on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                                                on_revoke=self._on_revoke)
-        self.movements = kafka_io.make_consumer(settings, "movements", [t.movements])
+        # operator credits/top-ups, and the wallet events operator commands produced
+        self.movements = kafka_io.make_consumer(settings, "movements", [t.movements, t.wallet_events])
         self._lag_state: dict[str, float] = {}
 
     def _on_revoke(self, consumer: object, partitions: list) -> None:  # type: ignore[type-arg]
@@ -333,20 +336,33 @@ class Pipeline:
         metrics.BATCH_SECONDS.labels(stage="debit").observe(time.perf_counter() - started)
 
     def handle_movements(self) -> None:
-        """Operator credits and top-ups (from `metering accounts credit`) into ClickHouse."""
+        """Operator credits, top-ups and fees (`metering accounts credit`, `fees charge`) and the
+        wallet events those and `accounts import` produced, into ClickHouse. The pipeline's own
+        wallet events were written with their batch and are skipped here."""
         msgs = kafka_io.split_errors(self.movements.consume(1000, 0), "movements")
         if not msgs:
             return
         moves: list[Movement] = []
+        events: list[WalletEvent] = []
+        ats: list[datetime] = []
         for m in msgs:
             try:
-                moves.append(decode_movement(m.value() or b""))
+                if m.topic() == self.settings.topics.movements:
+                    moves.append(decode_movement(m.value() or b""))
+                elif is_operator_event(m):
+                    event, at = decode_wallet_event(m.value() or b"")
+                    events.append(event)
+                    ats.append(at)
             except (msgspec.DecodeError, ValueError) as exc:
-                log(LOG, logging.ERROR, "bad movement message skipped", partition=m.partition(),
+                log(LOG, logging.ERROR, "bad operator message skipped", topic=m.topic(), partition=m.partition(),
                     offset=m.offset(), error=str(exc))
+
+        def write_all() -> None:
+            self.sink.insert_movements(moves)
+            self.sink.insert_wallet_events(events, at=ats)
+
         def write() -> None:
-            with_retry(lambda: self.sink.insert_movements(moves), "clickhouse insert", CH_TRANSIENT,
-                       metrics.CLICKHOUSE_ERRORS, stop=self.stop)
+            with_retry(write_all, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop)
             kafka_io.commit_offsets(self.movements, msgs)
 
         self.writer.submit(write, on_wait=self._lag_while_waiting)

@@ -38,6 +38,7 @@ from metering.workers.common import (
     crash_point,
     debit_movements,
     decode_movement,
+    decode_wallet_event,
     event_times,
     produce_rejected,
     produce_wallet_events,
@@ -45,9 +46,6 @@ from metering.workers.common import (
 )
 from metering.workers.pipeline import CH_TRANSIENT, package_allowances
 from rating.engine import Pricer, Settler
-from rating.money import parse_micros
-from schemas.messages import WalletEventOut
-from schemas.records import WalletEvent
 from schemas.wire import decode_priced, decode_row, encode_priced, encode_row
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
@@ -215,7 +213,6 @@ class SinkWorker(_Worker):
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.sink.replace_package_allowances(package_allowances(self.watcher.catalog),
                                              catalog_version=self.watcher.catalog.version)
-        self._wallet_dec = msgspec.json.Decoder(WalletEventOut)
         self._subscribe([t.rated, t.rejected, t.wallet_events, t.movements])
 
     def housekeeping(self) -> None:
@@ -239,11 +236,9 @@ class SinkWorker(_Worker):
                                      h.get("source.topic", t.events), int(h.get("source.partition", "0")),
                                      int(h.get("source.offset", "0")), datetime.now(UTC)))
                 elif topic == t.wallet_events:
-                    e = self._wallet_dec.decode(value)
-                    events.append(WalletEvent(type=e.type, account_id=e.account_id, event_id=e.event_id,
-                                              balance=parse_micros(e.balance), package_id=e.package_id,
-                                              percent=e.percent))
-                    ats.append(e.at)
+                    event, at = decode_wallet_event(value)
+                    events.append(event)
+                    ats.append(at)
                 else:
                     moves.append(decode_movement(value))
             except (msgspec.DecodeError, ValueError) as exc:

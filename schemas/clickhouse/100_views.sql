@@ -14,18 +14,21 @@
 -- Usage per account and billing period by category:
 --   calls      rated call records:   quantity = number of calls, billable_s/_minutes = billed time
 --   sms        rated sms records:    quantity = segments
---   meters     rated meter records:  quantity = sum of the meters' quantities (all meters)
+--   meters     rated meter records, one row per meter (column `meter`: llm_tokens, stt_seconds...):
+--              quantity = that meter's total, in its own unit (units are never added together)
 --   recurring  monthly fees:         wallet_movements of type 'adjustment' whose reference starts
 --              with 'fee:' (convention: fee:<period_start YYYY-MM-DD>[:...], see
 --              020_wallet_movements.sql); quantity = number of fee movements, charge = -sum(amount)
 --              (fees are negative movements). period_start is the date in the reference, else
 --              toDate(at).
 -- charge is what the account was charged (positive), events the number of rows behind it.
+-- `meter` is NULL on every other category.
 CREATE OR REPLACE VIEW {database}.v_usage_by_category AS
 SELECT
     account_id,
     period_start,
     multiIf(kind = 'call', 'calls', kind = 'sms', 'sms', kind = 'meter', 'meters', kind) AS category,
+    CAST(meter_name AS Nullable(String)) AS meter,
     n_events AS events,
     if(kind = 'call', toDecimal128(n_events, 6), sum_quantity) AS quantity,
     sum_billable_s AS billable_s,
@@ -39,18 +42,20 @@ FROM
         account_id,
         period_start,
         kind,
+        meter AS meter_name,
         count() AS n_events,
         toDecimal128(ifNull(sum(quantity), 0), 6) AS sum_quantity,
         toUInt64(sum(billable_s)) AS sum_billable_s,
         toDecimal128(sum(charge), 6) AS sum_charge
     FROM {database}.rated_usage FINAL
-    GROUP BY account_id, period_start, kind
+    GROUP BY account_id, period_start, kind, meter
 )
 UNION ALL
 SELECT
     account_id,
     fee_period AS period_start,
     'recurring' AS category,
+    CAST(NULL AS Nullable(String)) AS meter,
     n_events AS events,
     toDecimal128(n_events, 6) AS quantity,
     toUInt64(0) AS billable_s,
