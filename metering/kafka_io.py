@@ -3,6 +3,7 @@ producers that confirm delivery before offsets move on."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -89,14 +90,30 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
     conf.update(extra)
     consumer = Consumer(conf)
-    callbacks: dict[str, Any] = {}
-    if on_assign is not None:
-        callbacks["on_assign"] = on_assign
-    if on_revoke is not None:
-        callbacks["on_revoke"] = on_revoke
-        callbacks["on_lost"] = on_revoke
-    consumer.subscribe(list(topics), **callbacks)
+    consumer.subscribe(list(topics), on_assign=_logged("assigned", group, on_assign),
+                       on_revoke=_logged("revoked", group, on_revoke),
+                       on_lost=_logged("lost", group, on_revoke))
     return consumer
+
+
+def _logged(what: str, group: str, callback: Callable[[Consumer, list[TopicPartition]], None] | None
+            ) -> Callable[[Consumer, list[TopicPartition]], None]:
+    """A rebalance callback that logs the partitions and, when they go, drops their lag series
+    (a gauge left behind would report another owner's partition forever). Without `callback`
+    the client (un)assigns by itself once this returns."""
+
+    def on_rebalance(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            log(LOG, logging.INFO, f"partitions {what}", group=group,
+                partitions=[f"{tp.topic}:{tp.partition}" for tp in partitions])
+        if what != "assigned":
+            for tp in partitions:
+                with contextlib.suppress(KeyError):
+                    metrics.CONSUMER_LAG.remove(group, tp.topic, str(tp.partition))
+        if callback is not None:
+            callback(consumer, partitions)
+
+    return on_rebalance
 
 
 def produce(producer: Producer, topic: str, value: bytes, key: bytes | None,
@@ -218,8 +235,9 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
             pos = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
             if pos < 0:
                 pos = lo
-            lags[tp.partition] = max(0, hi - pos)
-            metrics.CONSUMER_LAG.labels(stage=stage, partition=str(tp.partition)).set(lags[tp.partition])
+            lag = max(0, hi - pos)
+            lags[tp.partition] = lags.get(tp.partition, 0) + lag  # summed over the topics of a sink
+            metrics.CONSUMER_LAG.labels(stage=stage, topic=tp.topic, partition=str(tp.partition)).set(lag)
     except KafkaException as exc:
         log(LOG, logging.WARNING, "lag check failed", stage=stage, error=str(exc))
     return lags

@@ -20,7 +20,7 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("metering_batch_events", "Events per batch", ["stage"],
                        buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000))
-CONSUMER_LAG = Gauge("metering_consumer_lag", "Messages behind the log end", ["stage", "partition"])
+CONSUMER_LAG = Gauge("metering_consumer_lag", "Messages behind the log end", ["stage", "topic", "partition"])
 REDIS_ERRORS = Counter("metering_redis_errors_total", "Redis errors (retried)")
 CLICKHOUSE_ERRORS = Counter("metering_clickhouse_errors_total", "ClickHouse errors (retried)")
 KAFKA_ERRORS = Counter("metering_kafka_errors_total", "Kafka errors", ["where"])

@@ -210,6 +210,9 @@ class AccountsWatcher:
                                   metrics.REDIS_ERRORS, stop=stop)
         self.accounts = with_retry(store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
                                    stop=stop)
+        if not self.accounts:
+            log(LOG, logging.WARNING, "no accounts in Redis: every event is rejected unknown_account until "
+                "`metering accounts import FILE` runs (picked up without a restart)")
 
     def changed(self) -> dict[str, Any] | None:
         now = time.monotonic()
