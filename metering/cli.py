@@ -418,7 +418,7 @@ def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str
     enc = msgspec.json.Encoder()
     movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=record.at,
                            type=kind, amount=format_micros(micros), balance_after=format_micros(record.balance),
-                           reference=reference)
+                           reference=reference, seq=record.seq)
     producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
     if record.bits:  # event_id = the movement id
         name = "unblocked" if record.bits & 2 else "blocked"

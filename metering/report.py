@@ -27,18 +27,19 @@ def queries(db: str) -> list[tuple[str, str]]:
          f"FROM {db}.v_package_usage WHERE (account_id, period_start) IN "
          f"(SELECT account_id, max(period_start) FROM {db}.v_package_usage GROUP BY account_id) "
          f"GROUP BY package_id ORDER BY used_min DESC"),
-        # spend = usage charges + recurring fees. No balance here: movements carry the balance
-        # after each one, but not the order Redis applied them in (a late CDR has an earlier
-        # time); live balances are Redis's (`metering accounts show`, the demo's summary).
+        # spend = usage charges + recurring fees; balance = balance_after of the movement Redis
+        # applied last (highest seq; not the latest `at`: a late CDR has an earlier time)
         ("Top accounts by spend (usage + fees)",
          f"SELECT c.account_id AS account_id, p.plan AS plan_id, c.usage_events AS events, c.usage AS usage, "
-         f"c.fees AS fees, c.usage + c.fees AS spend FROM "
+         f"c.fees AS fees, c.usage + c.fees AS spend, b.balance AS balance FROM "
          f"(SELECT account_id, sumIf(events, category != 'recurring') AS usage_events, "
          f"sumIf(charge, category != 'recurring') AS usage, sumIf(charge, category = 'recurring') AS fees "
          f"FROM {db}.v_usage_by_category GROUP BY account_id) AS c "
          f"LEFT JOIN (SELECT account_id, argMax(plan_id, started_at) AS plan FROM {db}.rated_usage FINAL "
          f"GROUP BY account_id) AS p ON p.account_id = c.account_id "
-         f"ORDER BY spend DESC, account_id LIMIT 10"),
+         f"LEFT JOIN (SELECT account_id, argMax(balance_after, seq) AS balance FROM {db}.wallet_movements FINAL "
+         f"WHERE seq > 0 GROUP BY account_id) AS b ON b.account_id = c.account_id "
+         f"ORDER BY spend DESC, account_id LIMIT 10 SETTINGS join_use_nulls = 1"),
         ("Rejected input by reason",
          f"SELECT reason, count() AS events FROM {db}.rejected_events FINAL GROUP BY reason ORDER BY events DESC"),
         ("Wallet events",

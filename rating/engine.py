@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Context, Decimal
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import msgspec
@@ -84,6 +85,8 @@ class Rejection(Exception):
 class BatchResult(NamedTuple):
     rows: list[Row]  # one per input, in input order (see ROW_FIELDS)
     wallet_events: list[WalletEvent]
+    # row index -> the wallet's movement seq of that row's debit (rows that moved money only)
+    seqs: Mapping[int, int] = MappingProxyType({})
 
     def records(self) -> list[RatedRecord]:
         """Rows as structs, for callers that prefer names over speed (tests, tools)."""
@@ -573,7 +576,8 @@ class Settler:
         # Store round trip 2: apply atomically; the store decides balance-driven events.
         applied = self.store.apply(debits) if debits else []
         emitted: list[tuple[int, int, int]] = []
-        for i, debit, (balance_after, bits) in zip(fresh, debits, applied, strict=True):
+        seqs: dict[int, int] = {}
+        for i, debit, (balance_after, bits, seq) in zip(fresh, debits, applied, strict=True):
             # = _final_row(p, outcome, balance_after), spelled out: no slicing per event
             p = rows[i]
             covered, amount, fue, thresholds = debit[7]
@@ -583,15 +587,19 @@ class Settler:
                        p[18], p[19], p[20], p[21], p[22], p[23], p[24], p[25], p[26])
             if bits or thresholds:
                 emitted.append((i, bits, thresholds))
+            if seq:
+                seqs[i] = seq
         for i, prior in replays:
             rows[i] = _final_row(rows[i], prior.outcome, prior.balance_after)
+            if prior.seq:
+                seqs[i] = prior.seq
             if prior.events or prior.outcome[3]:
                 emitted.append((i, prior.events, prior.outcome[3]))
         wallet_events: list[WalletEvent] = []
         emitted.sort()
         for i, bits, thresholds in emitted:
             _wallet_events(rows[i], bits, thresholds, wallet_events)
-        return BatchResult(rows, wallet_events)
+        return BatchResult(rows, wallet_events, seqs)
 
 
 class Rater:

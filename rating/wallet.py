@@ -50,8 +50,11 @@ Held = dict[AllowanceKey, dict[str, int]]
 # stored with the dedupe entry so a redelivered message re-emits the very same record.
 Outcome = tuple[int, int, int, int]
 Debit = tuple[str, str, int, AllowanceKey | None, int, int, str, Outcome, str | None]
-# What the store returns per debit: (balance_after_micros, EV_* bits).
-Applied = tuple[int, int]
+# What the store returns per debit: (balance_after_micros, EV_* bits, movement seq). The seq
+# numbers a wallet's balance changes 1, 2, 3... in the order the store applied them (debits
+# and credits alike); 0 when the debit moved no money. Ordered by it, each movement's
+# balance_after is the previous one's plus its amount, whatever the events' own times.
+Applied = tuple[int, int, int]
 
 
 class Prior(NamedTuple):
@@ -62,19 +65,22 @@ class Prior(NamedTuple):
     outcome: Outcome
     balance_after: int
     events: int
+    seq: int = 0  # the movement's number in its wallet (0: no money moved, or recorded before seq)
 
 
 def encode_prior(prior: Prior) -> str:
     """Compact text form for stores that keep strings (Redis)."""
     covered, charge, fue, thresholds = prior.outcome
-    return f"{prior.fingerprint}|{prior.source}|{prior.balance_after}|{prior.events}|{covered}|{charge}|{fue}|{thresholds}"
+    return (f"{prior.fingerprint}|{prior.source}|{prior.balance_after}|{prior.events}|{covered}|{charge}|{fue}|"
+            f"{thresholds}|{prior.seq}")
 
 
 def decode_prior(text: str | bytes) -> Prior:
     if isinstance(text, bytes):
         text = text.decode()
-    fp, source, balance, events, covered, charge, fue, thresholds = text.split("|")
-    return Prior(int(fp), source, (int(covered), int(charge), int(fue), int(thresholds)), int(balance), int(events))
+    fp, source, balance, events, covered, charge, fue, thresholds, *seq = text.split("|")
+    return Prior(int(fp), source, (int(covered), int(charge), int(fue), int(thresholds)), int(balance), int(events),
+                 int(seq[0]) if seq else 0)  # no seq: written before it was recorded
 
 
 class StaleSnapshot(RuntimeError):
@@ -109,6 +115,7 @@ class WalletState:
     topup_amount: int | None
     low_balance_alert: int | None
     credit_limit: int | None
+    seq: int = 0  # balance changes so far (see Applied)
 
     @classmethod
     def opening(cls, account: Account) -> WalletState:
@@ -165,14 +172,14 @@ class WalletState:
 
 
 # fingerprint, balance_after, event bits, covered_s, charge, fair use, threshold bits; + source
-_PRIOR = struct.Struct("<IqBIqBB")
+_PRIOR = struct.Struct("<IqBIqBBI")
 
 
 def _unpack_prior(entry: bytes | Prior) -> Prior:
     if type(entry) is not bytes:
         return entry  # type: ignore[return-value]
-    fp, balance, bits, covered, charge, fue, thresholds = _PRIOR.unpack_from(entry)
-    return Prior(fp, entry[_PRIOR.size:].decode(), (covered, charge, fue, thresholds), balance, bits)
+    fp, balance, bits, covered, charge, fue, thresholds, seq = _PRIOR.unpack_from(entry)
+    return Prior(fp, entry[_PRIOR.size:].decode(), (covered, charge, fue, thresholds), balance, bits, seq)
 
 
 class MemoryWalletStore:
@@ -216,7 +223,12 @@ class MemoryWalletStore:
         add = out.append
         for account_id, event_id, amount, allowance_key, covered, fp, source, outcome, reservation in debits:
             wallet = wallets.get(account_id) or self.wallet(account_id)
-            bits = wallet.debit(amount) if amount else 0
+            seq = 0
+            bits = 0
+            if amount:
+                bits = wallet.debit(amount)
+                wallet.seq += 1
+                seq = wallet.seq
             if allowance_key is not None and covered:
                 used[allowance_key] = used.get(allowance_key, 0) + covered
             if reservation:
@@ -226,14 +238,15 @@ class MemoryWalletStore:
             # rate` of 1 M lines peaks at 344 MB instead of 604 MB; a value out of the
             # packed ranges (a balance beyond +-9.2e12 units) is kept unpacked
             try:
-                entry: bytes | Prior = pack(fp, balance, bits, *outcome) + source.encode()
+                entry: bytes | Prior = pack(fp, balance, bits, *outcome, seq) + source.encode()
             except struct.error:
-                entry = Prior(fp, source, outcome, balance, bits)
+                entry = Prior(fp, source, outcome, balance, bits, seq)
             dedupe[(intern(account_id), event_id)] = entry
-            add((balance, bits))
+            add((balance, bits, seq))
         return out
 
     def credit(self, account_id: str, amount: int, *, settles_topup: bool = False) -> tuple[int, int]:
         wallet = self.wallet(account_id)
         bits = wallet.credit(amount, settles_topup=settles_topup)
+        wallet.seq += 1
         return wallet.balance, bits

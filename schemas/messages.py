@@ -79,6 +79,7 @@ class MovementOut(msgspec.Struct):
     amount: Money
     balance_after: Money
     reference: str
+    seq: int = 0  # the wallet's balance-change number: movements ordered by it chain their balances
 
 
 class Notification(msgspec.Struct, omit_defaults=True):

@@ -79,3 +79,4 @@ class Movement(msgspec.Struct, kw_only=True):
     amount: int  # micros, signed: debits are negative
     balance_after: int  # micros
     reference: str  # event_id for debits, operator reference for credits
+    seq: int = 0  # the wallet's balance-change number (Redis); ordered by it, balances chain

@@ -43,6 +43,13 @@ class RowWire(msgspec.Struct, array_like=True, gc=False):
     source: str
 
 
+class RatedWire(RowWire, array_like=True, gc=False):
+    """A final row on `usage.rated` with its wallet movement's seq (0: no money moved; also
+    what a message from before seq decodes to)."""
+
+    seq: int = 0
+
+
 class PricedWire(RowWire, array_like=True, gc=False):
     fingerprint: int
     duration_s: int
@@ -53,12 +60,23 @@ class PricedWire(RowWire, array_like=True, gc=False):
 
 _enc = msgspec.msgpack.Encoder()
 _dec_row = msgspec.msgpack.Decoder(RowWire)
+_dec_rated = msgspec.msgpack.Decoder(RatedWire)
 _dec_priced = msgspec.msgpack.Decoder(PricedWire)
 _astuple = msgspec.structs.astuple
 
 
 def encode_row(row: tuple[Any, ...]) -> bytes:
     return _enc.encode(RowWire(*row))
+
+
+def encode_rated(row: tuple[Any, ...], seq: int) -> bytes:
+    return _enc.encode(RatedWire(*row, seq))  # type: ignore[call-arg]  # 27 row fields + seq
+
+
+def decode_rated(data: bytes) -> tuple[tuple[Any, ...], int]:
+    """(row, seq) from `usage.rated`."""
+    *row, seq = _astuple(_dec_rated.decode(data))
+    return tuple(row), seq
 
 
 def encode_priced(row: tuple[Any, ...]) -> bytes:

@@ -206,6 +206,7 @@ def movements() -> list[Movement]:
             amount=-50_000,
             balance_after=9_950_000,
             reference="e2",
+            seq=3,
         ),
         # an adjustment that is not a fee is not recurring
         Movement(
@@ -216,6 +217,7 @@ def movements() -> list[Movement]:
             amount=-1,
             balance_after=9_949_999,
             reference="goodwill",
+            seq=4,  # applied last, although listed with the others' time: the report's balance
         ),
         Movement(
             movement_id="m5",
@@ -371,9 +373,10 @@ def test_report_counts_the_latest_period_and_spend_includes_fees(sink: ClickHous
         # package, accounts, used_min, exhausted, over_fair_use (before: europe 2 accounts, 13 min)
         ("europe", 1, 3.0, 0, 0), ("us-domestic", 1, 1.0, 0, 0)]
     assert results["Top accounts by spend (usage + fees)"] == [
-        # account, plan, events, usage, fees, spend: fees were missing before
-        ("acc-2", "starter", 1, D("3"), D("49"), D("52")),
-        ("acc-1", "starter", 8, D("0.068001"), D("49"), D("49.068001")),
+        # account, plan, events, usage, fees, spend (fees were missing before), balance after the
+        # movement with the highest seq (acc-2's movements predate seq: no balance, not a 0)
+        ("acc-2", "starter", 1, D("3"), D("49"), D("52"), None),
+        ("acc-1", "starter", 8, D("0.068001"), D("49"), D("49.068001"), D("9.949999")),
     ]
 
 

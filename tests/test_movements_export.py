@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import clickhouse_connect
@@ -32,7 +33,8 @@ from tests.helpers import read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
-HEADER = ["movement_id", "account_id", "at", "type", "amount", "balance_after", "reference"]
+HEADER = ["seq", "movement_id", "account_id", "at", "type", "amount", "balance_after", "reference"]
+HEADER_LINE = b"seq,movement_id,account_id,at,type,amount,balance_after,reference\r\n"
 
 ODD = 'acc,"odd"\nline;é'  # comma, quotes, line break, non-ASCII
 OTHER = "acc-other"
@@ -42,31 +44,39 @@ def _t(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def _mv(mid: str, at: str, kind: str, amount: int, balance: int, ref: str, account: str = ODD) -> Movement:
+def _mv(seq: int, mid: str, at: str, kind: str, amount: int, balance: int, ref: str, account: str = ODD) -> Movement:
     return Movement(movement_id=mid, account_id=account, at=_t(at), type=kind, amount=amount,
-                    balance_after=balance, reference=ref)
+                    balance_after=balance, reference=ref, seq=seq)
 
 
-# Inserted in this order (not the export order). The late debit `d-late` has an earlier `at`
-# than the credit applied before it arrived, so its balance_after is out of sequence.
+# Inserted in this order (not the export order); seq is the order Redis applied them in, and
+# the balances chain along it. The late debit `d-late` was applied after the credit `c-mid`
+# although its CDR's `at` is earlier: by seq its balance_after follows on. `x-legacy` was
+# written before seq existed (0): it comes first.
 MOVES = [
-    _mv("c-oct", "2026-10-31T23:59:59.999+00:00", "credit", 1_000_000, 1_000_000, "before the range"),
-    _mv("t-first", "2026-11-01T00:00:00.000+00:00", "topup", 25_000_000, 26_000_000, 'pay,"1"\r\nx'),
-    _mv("d-b", "2026-11-15T10:00:00.500+00:00", "debit", -1, 20_999_999, "ev-b"),
-    _mv("d-a", "2026-11-15T10:00:00.500+00:00", "debit", -5_000_000, 21_000_000, "ev-a"),
-    _mv("c-mid", "2026-11-20T08:00:00.000+00:00", "credit", 999_999_999_999_999_999, 999_999_999_999_999_999, "max"),
-    _mv("d-late", "2026-11-19T23:00:00.000+01:00", "debit", -10, -999_999_999_999_999_999, "late cdr"),
-    _mv("a-zero", "2026-11-30T23:59:59.999+00:00", "adjustment", 0, 0, "fee:2026-11-01:starter"),
-    _mv("c-dec", "2026-12-01T00:00:00.000+00:00", "credit", 1, 1, "after the range"),
-    _mv("c-other", "2026-11-10T00:00:00.000+00:00", "credit", 7, 7, "someone else", account=OTHER),
+    _mv(1, "c-oct", "2026-10-31T23:59:59.999+00:00", "credit", 1_000_000, 1_000_000, "before the range"),
+    _mv(2, "t-first", "2026-11-01T00:00:00.000+00:00", "topup", 25_000_000, 26_000_000, 'pay,"1"\r\nx'),
+    _mv(4, "d-b", "2026-11-15T10:00:00.500+00:00", "debit", -1, 20_999_999, "ev-b"),
+    _mv(3, "d-a", "2026-11-15T10:00:00.500+00:00", "debit", -5_000_000, 21_000_000, "ev-a"),
+    _mv(5, "c-mid", "2026-11-20T08:00:00.000+00:00", "credit", 999_999_999_979_000_000, 999_999_999_999_999_999, "max"),
+    _mv(6, "d-late", "2026-11-19T23:00:00.000+01:00", "debit", -10, 999_999_999_999_999_989, "late cdr"),
+    _mv(7, "a-zero", "2026-11-30T23:59:59.999+00:00", "adjustment", 0, 999_999_999_999_999_989,
+        "fee:2026-11-01:starter"),
+    _mv(8, "c-dec", "2026-12-01T00:00:00.000+00:00", "credit", 1, 999_999_999_999_999_990, "after the range"),
+    _mv(0, "x-legacy", "2026-11-25T00:00:00.000+00:00", "adjustment", -999_999_999_999_999_999,
+        -999_999_999_999_999_999, "written before seq"),
+    _mv(1, "c-other", "2026-11-10T00:00:00.000+00:00", "credit", 7, 7, "someone else", account=OTHER),
 ]
 NOVEMBER = [  # --from 2026-11-01 --to 2026-12-01, exactly as the CSV holds it
-    ["t-first", ODD, "2026-11-01T00:00:00.000Z", "topup", "25.000000", "26.000000", 'pay,"1"\r\nx'],
-    ["d-a", ODD, "2026-11-15T10:00:00.500Z", "debit", "-5.000000", "21.000000", "ev-a"],
-    ["d-b", ODD, "2026-11-15T10:00:00.500Z", "debit", "-0.000001", "20.999999", "ev-b"],
-    ["d-late", ODD, "2026-11-19T22:00:00.000Z", "debit", "-0.000010", "-999999999999.999999", "late cdr"],
-    ["c-mid", ODD, "2026-11-20T08:00:00.000Z", "credit", "999999999999.999999", "999999999999.999999", "max"],
-    ["a-zero", ODD, "2026-11-30T23:59:59.999Z", "adjustment", "0.000000", "0.000000", "fee:2026-11-01:starter"],
+    ["0", "x-legacy", ODD, "2026-11-25T00:00:00.000Z", "adjustment", "-999999999999.999999", "-999999999999.999999",
+     "written before seq"],
+    ["2", "t-first", ODD, "2026-11-01T00:00:00.000Z", "topup", "25.000000", "26.000000", 'pay,"1"\r\nx'],
+    ["3", "d-a", ODD, "2026-11-15T10:00:00.500Z", "debit", "-5.000000", "21.000000", "ev-a"],
+    ["4", "d-b", ODD, "2026-11-15T10:00:00.500Z", "debit", "-0.000001", "20.999999", "ev-b"],
+    ["5", "c-mid", ODD, "2026-11-20T08:00:00.000Z", "credit", "999999999979.000000", "999999999999.999999", "max"],
+    ["6", "d-late", ODD, "2026-11-19T22:00:00.000Z", "debit", "-0.000010", "999999999999.999989", "late cdr"],
+    ["7", "a-zero", ODD, "2026-11-30T23:59:59.999Z", "adjustment", "0.000000", "999999999999.999989",
+     "fee:2026-11-01:starter"],
 ]
 
 
@@ -121,19 +131,22 @@ def test_export_is_exact_ordered_deduplicated_and_bounded(chdb_env: tuple[ClickH
     assert stored in (len(MOVES), 2 * len(MOVES))  # both inserts landed (unless merged already)
     result = _export(env, ODD, "--from", "2026-11-01", "--to", "2026-12-01")
     raw = result.stdout_bytes
-    assert raw.startswith(b"movement_id,account_id,at,type,amount,balance_after,reference\r\n")
+    assert raw.startswith(HEADER_LINE)
     assert '"acc,""odd""\nline;é"'.encode() in raw  # RFC 4180 quoting, UTF-8
     rows = _rows(result)
     assert rows[0] == HEADER
-    assert rows[1:] == NOVEMBER  # once each, in (at, movement_id) order, money exact
-    assert f"{ODD}: 6 movements" in result.stderr
+    assert rows[1:] == NOVEMBER  # once each, in seq order, money exact
+    chained = [(int(r[0]), Decimal(r[5]), Decimal(r[6])) for r in rows[2:]]  # after x-legacy
+    for (_, _, before), (_, amount, after) in zip(chained, chained[1:], strict=False):
+        assert before + amount == after  # ordered by seq, every balance follows from the last
+    assert f"{ODD}: 7 movements" in result.stderr
 
 
 def test_range_boundaries_inclusive_from_exclusive_to(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
     _, env = chdb_env
 
     def ids(start: str, end: str) -> list[str]:
-        return [r[0] for r in _rows(_export(env, ODD, "--from", start, "--to", end))[1:]]
+        return [r[1] for r in _rows(_export(env, ODD, "--from", start, "--to", end))[1:]]
 
     assert ids("2026-10-31T23:59:59.999Z", "2026-11-01T00:00:00.000Z") == ["c-oct"]
     assert ids("2026-10-31T23:59:59.999Z", "2026-11-01T00:00:00.001Z") == ["c-oct", "t-first"]
@@ -141,7 +154,7 @@ def test_range_boundaries_inclusive_from_exclusive_to(chdb_env: tuple[ClickHouse
     assert ids("2026-11-15T11:00:00.500+01:00", "2026-11-15T11:00:00.500+01:00") == []  # empty range
     assert ids("2026-11-30T23:59:59.999Z", "2026-12-01") == ["a-zero"]
     assert ids("2026-12-01", "2026-12-02") == ["c-dec"]
-    assert ids("2026-01-01", "2027-01-01") == ["c-oct", *(r[0] for r in NOVEMBER), "c-dec"]
+    assert ids("2026-01-01", "2027-01-01") == ["x-legacy", "c-oct", *(r[1] for r in NOVEMBER[1:]), "c-dec"]
 
 
 def test_unknown_account_or_empty_range_is_the_header_only(chdb_env: tuple[ClickHouseSink, dict[str, str]]) -> None:
@@ -151,9 +164,9 @@ def test_unknown_account_or_empty_range_is_the_header_only(chdb_env: tuple[Click
                  ["acc", "--from", "2026-01-01", "--to", "2027-01-01"]):  # a prefix is not a match
         result = _export(env, *args)
         assert result.exit_code == 0
-        assert result.stdout_bytes == b"movement_id,account_id,at,type,amount,balance_after,reference\r\n"
+        assert result.stdout_bytes == HEADER_LINE
     other = _rows(_export(env, OTHER, "--from", "2026-11-01", "--to", "2026-12-01"))
-    assert other == [HEADER, ["c-other", OTHER, "2026-11-10T00:00:00.000Z", "credit", "0.000007", "0.000007",
+    assert other == [HEADER, ["1", "c-other", OTHER, "2026-11-10T00:00:00.000Z", "credit", "0.000007", "0.000007",
                               "someone else"]]
 
 
@@ -300,7 +313,7 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     day = at.date().isoformat()
     csv_text = metering("movements", "export", account, "--from", day, "--to", (at.date() + timedelta(days=1)).isoformat())
     assert list(csv.reader(io.StringIO(csv_text, newline=""))) == [
-        HEADER, [f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
+        HEADER, ["1", f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
     # a negative adjustment needs no `--` before its amount; one of 0 is refused
     assert "balance 3.500000" in metering("accounts", "credit", account, "-0.50", "--type", "adjustment",
                                           "--reference", "adj-1")

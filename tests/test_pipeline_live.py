@@ -153,6 +153,8 @@ def _check_equal(env: dict[str, str], rater: Rater, rows: list, *,  # noqa: ANN0
             "SELECT account_id, event_id, toInt64(charge * 1000000), covered_s, toInt64(balance_after * 1000000), package_id "
             "FROM metering.rated_usage FINAL").result_rows
         rejected = client.query("SELECT count() FROM metering.rejected_events FINAL").result_rows[0][0]
+        moves = client.query("SELECT account_id, seq, toInt64(amount * 1000000), toInt64(balance_after * 1000000) "
+                             "FROM metering.wallet_movements FINAL ORDER BY account_id, seq").result_rows
     finally:
         client.close()
     got = {(a, e): (c, cov, None if ignore_balance_after else b, p) for a, e, c, cov, b, p in got_rows}
@@ -163,6 +165,21 @@ def _check_equal(env: dict[str, str], rater: Rater, rows: list, *,  # noqa: ANN0
     live_bal = store.balances(rater.accounts)
     offline_bal = {a: rater.store.wallet(a).balance for a in rater.accounts}  # type: ignore[attr-defined]
     assert live_bal == offline_bal
+    if ignore_balance_after:
+        return
+    # Each wallet's movements, ordered by seq (the order Redis applied them in), are numbered
+    # 1..n and chain from the opening balance to the live one, whatever their CDR times.
+    chains: dict[str, list[tuple[int, int, int]]] = {}
+    for account, seq, amount, after in moves:
+        chains.setdefault(account, []).append((seq, amount, after))
+    assert chains, "no movements in ClickHouse"
+    for account, chain in chains.items():
+        assert [seq for seq, _, _ in chain] == list(range(1, len(chain) + 1)), account
+        balance = rater.accounts[account].balance
+        for _, amount, after in chain:
+            balance += amount
+            assert after == balance, account
+        assert balance == live_bal[account], account
 
 
 @BROKERS

@@ -179,7 +179,8 @@ def test_a_dedupe_entry_comes_back_exactly_as_stored(fp: int, source: str, cover
 
     store = MemoryWalletStore({"a": Account("a", "payg", "US", "prepaid", opening, 1)})
     outcome = (covered, charge, fue, thresholds)
-    [(balance, bits)] = store.apply([("a", "e1", charge, None, 0, fp, source, outcome, None)])
+    [(balance, bits, seq)] = store.apply([("a", "e1", charge, None, 0, fp, source, outcome, None)])
     assert balance == opening - charge
+    assert seq == (1 if charge else 0)  # the wallet's first balance change
     priors, _, _ = store.lookup([("a", "e1"), ("a", "e2")], [])
-    assert priors == [Prior(fp, source, outcome, balance, bits), None]
+    assert priors == [Prior(fp, source, outcome, balance, bits, seq), None]

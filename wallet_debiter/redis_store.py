@@ -165,6 +165,7 @@ class CreditRecord(NamedTuple):
     at: datetime  # to the millisecond
     amount: int | None  # micros, signed (None: recorded by an older version)
     kind: str | None  # credit | topup | adjustment
+    seq: int = 0  # the wallet's balance-change number (0: recorded by an older version)
 
 
 @dataclasses.dataclass(slots=True)
@@ -336,7 +337,7 @@ class RedisWalletStore:
             raise RuntimeError(f"wallet apply failed: {result[1]}")
         self.positions_applied = self._bound is not None
         self._bound = None  # written: a later apply without bind_positions must not carry them
-        return [(int(b), int(bits)) for b, bits in result[1]]
+        return [(int(b), int(bits), int(seq)) for b, bits, seq in result[1]]
 
     def _apply_call(self, debits: Sequence[Debit]) -> tuple[list[str], bytes]:
         """KEYS and the packed argument of apply.lua for a batch on one node."""
@@ -439,14 +440,14 @@ class RedisWalletStore:
             for account_id in order:
                 keys += _keys(account_id)
             calls.append((keys, self._pack([packed, expected])))
-        out: list[Applied] = [(0, 0)] * len(debits)
+        out: list[Applied] = [(0, 0, 0)] * len(debits)
         stale: list[str] = []
         errors: list[str] = []
         for (_, _, _, where), reply in zip(by_slot.values(), self._per_slot(self._apply, calls), strict=True):
             result = self._unpack(reply)
             if result[0] == "ok":
-                for n, (b, bits) in zip(where, result[1], strict=True):
-                    out[n] = (int(b), int(bits))
+                for n, (b, bits, seq) in zip(where, result[1], strict=True):
+                    out[n] = (int(b), int(bits), int(seq))
             elif result[0] == "stale":
                 stale.append(result[1])
             else:
@@ -578,7 +579,7 @@ class RedisWalletStore:
         at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=at_ms)
         if len(parts) < 5:  # written before amount and type were recorded
             return CreditRecord(balance, bits, at, None, None)
-        return CreditRecord(balance, bits, at, int(parts[3]), parts[4])
+        return CreditRecord(balance, bits, at, int(parts[3]), parts[4], int(parts[5]) if len(parts) > 5 else 0)
 
     def settle_topup_failed(self, account_id: str) -> None:
         """A requested top-up failed: allow the next request (no money moves)."""

@@ -97,6 +97,7 @@ WALLET_MOVEMENT_COLUMNS = (
     "amount",
     "balance_after",
     "reference",
+    "seq",
 )
 REJECTED_EVENT_COLUMNS = ("raw", "reason", "detail", "topic", "partition", "offset", "at")
 WALLET_EVENT_COLUMNS = ("type", "account_id", "event_id", "balance", "package_id", "percent", "at")
@@ -471,6 +472,7 @@ class ClickHouseSink:
             micros_column([m.amount for m in movements], field="amount"),
             micros_column([m.balance_after for m in movements], field="balance_after"),
             [m.reference for m in movements],
+            [m.seq for m in movements],
         ]
         return self._insert("wallet_movements", WALLET_MOVEMENT_COLUMNS, cols,
                             micros=("amount", "balance_after"))

@@ -6,10 +6,12 @@ Read from ClickHouse's ``wallet_movements`` with ``FINAL``, so a replayed moveme
 (clickhouse-connect builds it from the scaled integer) and written as a 6-place decimal string;
 ``at`` is read as integer epoch milliseconds and written as ISO 8601 UTC with milliseconds.
 
-Range: ``start`` inclusive, ``end`` exclusive, both instants (a bare date is 00:00 UTC).
-Order: ``at``, then ``movement_id``. Debit movements carry the usage event's own time and
-credits the wall-clock time of the credit, so when CDRs arrive late ``balance_after`` is not
-monotone in this order (it is the balance right after that movement was applied).
+Range: ``start`` inclusive, ``end`` exclusive, both instants (a bare date is 00:00 UTC), on
+``at``: a debit's usage-event time, a credit's wall-clock time.
+Order: ``seq``, the wallet's balance-change number, i.e. the order Redis applied them in: each
+line's ``balance_after`` is the previous line's plus its ``amount`` (the first line's previous
+balance is the one before the range), even when CDRs arrived late and their ``at`` is earlier.
+Rows written before seq existed (seq 0) come first, by ``at`` then ``movement_id``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 
 from rating.money import format_micros
 
-CSV_COLUMNS = ("movement_id", "account_id", "at", "type", "amount", "balance_after", "reference")
+CSV_COLUMNS = ("seq", "movement_id", "account_id", "at", "type", "amount", "balance_after", "reference")
 
 
 class TextOut(Protocol):
@@ -86,11 +88,11 @@ def decimal_to_micros(value: Decimal, *, field: str) -> int:
 def query_sql(database: str) -> str:
     """The export query (server-side parameters: account, lo_ms, hi_ms)."""
     return (
-        "SELECT movement_id, account_id, toUnixTimestamp64Milli(at) AS at_ms, type, amount, "
+        "SELECT seq, movement_id, account_id, toUnixTimestamp64Milli(at) AS at_ms, type, amount, "
         f"balance_after, reference FROM {database}.wallet_movements FINAL "
         "WHERE account_id = {account:String} "
         "AND toUnixTimestamp64Milli(at) >= {lo_ms:Int64} AND toUnixTimestamp64Milli(at) < {hi_ms:Int64} "
-        "ORDER BY at, movement_id"
+        "ORDER BY seq = 0 DESC, seq, at, movement_id"
     )
 
 
@@ -106,8 +108,9 @@ def open_stream(client: Any, database: str, account_id: str, start: datetime, en
 def csv_rows(blocks: Iterable[Sequence[Sequence[Any]]]) -> Iterator[tuple[str, ...]]:
     """The query's row blocks -> CSV rows (strings, in CSV_COLUMNS order)."""
     for block in blocks:
-        for movement_id, account, at_ms, kind, amount, balance_after, reference in block:
+        for seq, movement_id, account, at_ms, kind, amount, balance_after, reference in block:
             yield (
+                str(seq),
                 movement_id,
                 account,
                 format_at(int(at_ms)),

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -352,15 +352,16 @@ def decode_movement(value: bytes) -> Movement:
     mv = _movement_decoder.decode(value)
     return Movement(movement_id=mv.movement_id, account_id=mv.account_id, at=mv.at, type=mv.type,
                     amount=parse_micros(mv.amount), balance_after=parse_micros(mv.balance_after),
-                    reference=mv.reference)
+                    reference=mv.reference, seq=mv.seq)
 
 
-def debit_movements(rows: Sequence[Row]) -> list[Movement]:
-    """One `debit` movement per charged rated row; its id is stable so replays replace it."""
+def debit_movements(rows: Sequence[Row], seqs: Mapping[int, int]) -> list[Movement]:
+    """One `debit` movement per charged rated row; its id is stable so replays replace it.
+    `seqs`: row index -> the wallet's balance-change number (BatchResult.seqs)."""
     return [
         Movement(movement_id=f"debit:{r[1]}:{r[0]}", account_id=r[1], at=r[19], type="debit",
-                 amount=-r[14], balance_after=r[15], reference=r[0])
-        for r in rows
+                 amount=-r[14], balance_after=r[15], reference=r[0], seq=seqs.get(i, 0))
+        for i, r in enumerate(rows)
         if r[2] == "rated" and r[14]
     ]
 

@@ -293,7 +293,7 @@ class Pipeline:
         s = self.settings
         rows, events = result.rows, result.wallet_events
         ats = event_times(rows, events)
-        movements = debit_movements(rows)
+        movements = debit_movements(rows, result.seqs)
         rejected = rejected_rows_for_sink(rows, msgs)
 
         def write_clickhouse() -> None:

@@ -45,8 +45,8 @@ from metering.workers.common import (
     with_retry,
 )
 from metering.workers.pipeline import CH_TRANSIENT, package_allowances
-from rating.engine import Pricer, Settler
-from schemas.wire import decode_priced, decode_row, encode_priced, encode_row
+from rating.engine import Pricer, Row, Settler
+from schemas.wire import decode_priced, decode_rated, encode_priced, encode_rated
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
 
@@ -192,8 +192,10 @@ class DebitWorker(_Worker):
             return False
         crash_point("after_redis")
         rated_topic = self.settings.topics.rated
-        for row, m in zip(result.rows, msgs, strict=True):
-            self.producer.produce(rated_topic, value=encode_row(row), key=m.key(), on_delivery=self.delivery)
+        seqs = result.seqs
+        for i, (row, m) in enumerate(zip(result.rows, msgs, strict=True)):
+            self.producer.produce(rated_topic, value=encode_rated(row, seqs.get(i, 0)), key=m.key(),
+                                  on_delivery=self.delivery)
         produce_wallet_events(self.producer, self.settings.topics.wallet_events, result.wallet_events,
                               event_times(result.rows, result.wallet_events), self.delivery)
         count_rows(result.rows)
@@ -223,12 +225,17 @@ class SinkWorker(_Worker):
 
     def handle(self, msgs: list[Message]) -> bool:
         t = self.settings.topics
-        rows, rejected, events, ats, moves = [], [], [], [], []
+        rows: list[Row] = []
+        rejected, events, ats, moves = [], [], [], []
+        seqs: dict[int, int] = {}
         for m in msgs:
             topic, value = m.topic(), m.value() or b""
             try:
                 if topic == t.rated:
-                    rows.append(decode_row(value))
+                    row, seq = decode_rated(value)
+                    if seq:
+                        seqs[len(rows)] = seq
+                    rows.append(row)
                 elif topic == t.rejected:
                     headers = cast(list[tuple[str, bytes | None]], m.headers() or [])
                     h = {k: (v or b"").decode("utf-8", "replace") for k, v in headers}
@@ -244,7 +251,7 @@ class SinkWorker(_Worker):
             except (msgspec.DecodeError, ValueError) as exc:
                 log(LOG, logging.ERROR, "undecodable message skipped", topic=topic, partition=m.partition(),
                     offset=m.offset(), error=str(exc))
-        moves.extend(debit_movements(rows))
+        moves.extend(debit_movements(rows, seqs))
 
         def write() -> None:
             self.sink.insert_rated_rows(rows, topic=t.events)

@@ -2,6 +2,11 @@
 -- amount signed (debits negative), with the balance after it. Redis stays the source of truth
 -- for live balances; this is the analysts' copy.
 --
+-- seq numbers each wallet's balance changes 1, 2, 3... in the order Redis applied them
+-- (debits and credits alike): ordered by seq, each balance_after is the previous one plus its
+-- amount, although `at` (a debit's CDR time) can be earlier for a late record. 0 on rows
+-- written before seq existed (the ALTER below adds it to such tables).
+--
 -- Same replay rule as rated_usage: ReplacingMergeTree keyed on (account_id, movement_id), read
 -- with FINAL (see 010_rated_usage.sql for why insert dedup tokens are not used).
 --
@@ -18,8 +23,11 @@ CREATE TABLE IF NOT EXISTS {database}.wallet_movements
     type          LowCardinality(String),    -- debit | credit | topup | adjustment
     amount        Decimal(18, 6),            -- signed: debits negative
     balance_after Decimal(18, 6),
-    reference     String                     -- event_id for debits; operator reference otherwise
+    reference     String,                    -- event_id for debits; operator reference otherwise
+    seq           UInt64 DEFAULT 0           -- the wallet's balance-change number (see above)
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(at)
 ORDER BY (account_id, movement_id);
+
+ALTER TABLE {database}.wallet_movements ADD COLUMN IF NOT EXISTS seq UInt64 DEFAULT 0;

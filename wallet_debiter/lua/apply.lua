@@ -11,7 +11,9 @@
 -- the new positions are written with the debits, in one atomic step.
 -- Optimistic check first: if another writer changed a dedupe entry or an allowance since the
 -- lookup (a stale partition owner after a rebalance), nothing is written and {"stale", why}
--- comes back; the caller looks up again. Otherwise returns {"ok", {balance, bits}...}.
+-- comes back; the caller looks up again. Otherwise returns {"ok", {balance, bits, seq}...}:
+-- seq numbers the wallet's balance changes (field `seq`, shared with credit.lua), 0 for a
+-- debit that moved no money.
 local batch = cmsgpack.unpack(ARGV[1])
 local debits, expected, positions = batch[1], batch[2], batch[3]
 local function k(i, n) return KEYS[4 * (i - 1) + n] end
@@ -59,10 +61,10 @@ local function num(v) if v then return tonumber(v) end return nil end
 local W = {}
 for i = 1, nacc do
   local v = redis.call('HMGET', k(i, 1), 'balance', 'billing', 'blocked', 'topup_pending',
-                       'topup_threshold', 'low_balance_alert', 'credit_limit')
+                       'topup_threshold', 'low_balance_alert', 'credit_limit', 'seq')
   if not v[1] then return cmsgpack.pack({'error', 'no wallet at ' .. k(i, 1)}) end
   W[i] = {balance = tonumber(v[1]), billing = v[2], blocked = v[3] == '1', pending = v[4] == '1',
-          threshold = num(v[5]), alert = num(v[6]), limit = num(v[7]),
+          threshold = num(v[5]), alert = num(v[6]), limit = num(v[7]), seq = num(v[8]) or 0,
           used = {}, dedupe = {}, holds = {}, touched = false}
 end
 
@@ -76,11 +78,14 @@ for n, d in ipairs(debits) do
   local w = W[d[1]]
   local amount = d[3]
   local bits = 0
+  local seq = 0
   if amount > 0 then
     local before = w.balance
     local after = before - amount
     w.balance = after
     w.touched = true
+    w.seq = w.seq + 1
+    seq = w.seq
     if not w.blocked and should_block(w) then w.blocked = true; bits = bits + 1 end
     if w.billing == 'prepaid' then
       if w.threshold and not w.pending and before >= w.threshold and w.threshold > after then
@@ -90,10 +95,10 @@ for n, d in ipairs(debits) do
     end
   end
   if d[4] ~= '' and d[5] > 0 then w.used[d[4]] = (w.used[d[4]] or 0) + d[5] end
-  local prior = string.format('%s|%s|%d|%d|%s', d[6], d[7], w.balance, bits, d[8])
+  local prior = string.format('%s|%s|%d|%d|%s|%d', d[6], d[7], w.balance, bits, d[8], seq)
   table.insert(w.dedupe, d[2]); table.insert(w.dedupe, prior)
   if d[9] ~= '' then table.insert(w.holds, d[9]) end
-  results[n] = {w.balance, bits}
+  results[n] = {w.balance, bits, seq}
 end
 
 local function chunked(cmd, key, items)
@@ -105,7 +110,8 @@ for i = 1, nacc do
   local w = W[i]
   if w.touched then
     redis.call('HSET', k(i, 1), 'balance', string.format('%d', w.balance),
-               'blocked', w.blocked and '1' or '0', 'topup_pending', w.pending and '1' or '0')
+               'blocked', w.blocked and '1' or '0', 'topup_pending', w.pending and '1' or '0',
+               'seq', string.format('%d', w.seq))
   end
   for field, secs in pairs(w.used) do redis.call('HINCRBY', k(i, 2), field, secs) end
   if #w.dedupe > 0 then chunked('HSET', k(i, 3), w.dedupe) end

@@ -1,7 +1,8 @@
 -- Credit, top-up or adjustment of one wallet, idempotent on its reference.
--- KEYS: w:{A}, c:{A} (credits applied: reference -> "balance|bits|at_ms|amount|type")
+-- KEYS: w:{A}, c:{A} (credits applied: reference -> "balance|bits|at_ms|amount|type|seq")
 -- ARGV: amount_micros (signed), type, reference, settles_topup (0/1), at_ms
 -- Returns {balance, bits, replayed(0/1)}; bits: 2 = unblocked, 1 = blocked (negative adjustment).
+-- seq: the wallet's next balance-change number (field `seq`, shared with apply.lua).
 local done = redis.call('HGET', KEYS[2], ARGV[3])
 if done then
   local b, bits = string.match(done, '^(-?%d+)|(%d+)')
@@ -17,8 +18,10 @@ if v[2] == 'prepaid' then should = balance <= 0 else should = limit ~= nil and -
 local bits = 0
 if blocked and not should then blocked = false; bits = 2
 elseif not blocked and should then blocked = true; bits = 1 end
-local fields = {'balance', string.format('%d', balance), 'blocked', blocked and '1' or '0'}
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+local fields = {'balance', string.format('%d', balance), 'blocked', blocked and '1' or '0',
+                'seq', string.format('%d', seq)}
 if ARGV[4] == '1' then table.insert(fields, 'topup_pending'); table.insert(fields, '0') end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HSET', KEYS[2], ARGV[3], string.format('%d|%d|%s|%s|%s', balance, bits, ARGV[5], ARGV[1], ARGV[2]))
+redis.call('HSET', KEYS[2], ARGV[3], string.format('%d|%d|%s|%s|%s|%d', balance, bits, ARGV[5], ARGV[1], ARGV[2], seq))
 return {balance, bits, 0}
