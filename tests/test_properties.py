@@ -116,6 +116,34 @@ def test_redelivery_of_the_same_messages_re_emits_identical_rows(stream: list[by
 
 
 @FAST
+@given(stream_st, st.lists(st.integers(0, 10_000), max_size=4))
+def test_movements_are_numbered_per_wallet_and_their_balances_chain(stream: list[bytes], cuts: list[int]) -> None:
+    """Every row that moved money gets its wallet's next seq (1, 2, 3... per account, however
+    the stream is cut into batches); along seq each balance is the last minus the charge; a
+    redelivery re-emits the same seqs."""
+    r = make_rater(ACCOUNTS)
+    items = [(raw, f"line:{i}") for i, raw in enumerate(stream)]
+    bounds = sorted({0, len(items), *(c % (len(items) + 1) for c in cuts)})
+    rows: list[tuple] = []  # type: ignore[type-arg]
+    seqs: dict[int, int] = {}
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        res = r.rate_batch(items[lo:hi], NOW)
+        seqs.update({lo + i: seq for i, seq in res.seqs.items()})
+        rows.extend(res.rows)
+    balance = {a: acc.balance for a, acc in r.accounts.items()}
+    count: dict[str, int] = defaultdict(int)
+    for i, row in enumerate(rows):
+        moved = row[2] == "rated" and row[14] > 0
+        assert (i in seqs) == moved
+        if moved:
+            count[row[1]] += 1
+            balance[row[1]] -= row[14]
+            assert seqs[i] == count[row[1]] and row[15] == balance[row[1]]
+    again = r.rate_batch(items, NOW)  # everything redelivered at once
+    assert dict(again.seqs) == seqs
+
+
+@FAST
 @given(stream_st)
 def test_allowance_never_exceeds_the_package_per_period(stream: list[bytes]) -> None:
     r, rows, _ = _run(stream)
