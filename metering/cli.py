@@ -530,14 +530,15 @@ def movements_export(account_id: str, start: datetime, end: datetime, out_path: 
     """Export ACCOUNT_ID's wallet movements with `at` in [--from, --to) as CSV.
 
     \b
-    Columns: movement_id, account_id, at, type, amount, balance_after, reference.
+    Columns: seq, movement_id, account_id, at, type, amount, balance_after, reference.
     `at` is ISO 8601 UTC with milliseconds; money is a 6-place decimal string
     (amount signed: debits negative). Read from wallet_movements FINAL, so a replayed
-    movement is one line. Rows are ordered by `at`, then movement_id.
-    --from is inclusive and --to exclusive: --from 2026-11-01 --to 2026-12-01 is all of
-    November (UTC). A debit's `at` is its usage event's own time, a credit's the time it was
-    applied, so a CDR that arrived late sits before credits applied earlier and balance_after
-    is not monotone in this order (it is the balance right after that movement).
+    movement is one line. Rows are ordered by seq, the wallet's balance-change number in the
+    order Redis applied them: each balance_after is the previous line's plus its amount, also
+    after a CDR that arrived late (rows written before seq existed, seq 0, come first).
+    --from is inclusive and --to exclusive on `at`: --from 2026-11-01 --to 2026-12-01 is all
+    of November (UTC). A debit's `at` is its usage event's own time, a credit's the time it
+    was applied.
     An unknown account or an empty range gives the header line only (exit 0).
     ClickHouse: METERING_CLICKHOUSE_DSN and METERING_CLICKHOUSE_DATABASE. On chDB the data
     directory must not be held by another process (stop `metering run` / `worker sink`).
@@ -558,8 +559,8 @@ def movements_export(account_id: str, start: datetime, end: datetime, out_path: 
     where = f"clickhouse {settings.clickhouse_dsn} (METERING_CLICKHOUSE_DSN), database {settings.clickhouse_database}"
     try:
         sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
-    except ValueError as exc:  # a database name that is not an identifier
-        _fail(f"error: METERING_CLICKHOUSE_DATABASE: {exc}")
+    except ValueError as exc:  # ClickHouseConfigError: a DSN scheme or database name that cannot work
+        _fail(f"error: {exc}")
     except (ClickHouseError, OSError) as exc:
         _fail(f"error: {where}: cannot connect: {exc}")
     tmp_path: str | None = None

@@ -101,3 +101,12 @@ def test_a_metrics_port_in_use_stops_the_worker_at_once() -> None:
         _one_line_error(proc, 2, f"metrics port {port}", "METERING_METRICS_PORT")
         proc = _cli("worker", "rating", timeout=30, METERING_METRICS_PORT=str(port), METERING_CATALOG=str(CATALOG))
         _one_line_error(proc, 2, f"metrics port {port}")
+
+
+def test_the_demo_uses_a_redis_database_of_its_own() -> None:
+    from metering.demo import DEMO_REDIS_DB, demo_redis_url
+
+    assert demo_redis_url("redis://127.0.0.1:16379/0") == f"redis://127.0.0.1:16379/{DEMO_REDIS_DB}"
+    assert demo_redis_url("rediss://:pw@h:1") == f"rediss://:pw@h:1/{DEMO_REDIS_DB}"
+    with pytest.raises(ConfigError, match="standalone"):  # it empties the database: never a cluster
+        demo_redis_url("redis+cluster://127.0.0.1:17001/")
