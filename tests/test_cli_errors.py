@@ -110,3 +110,10 @@ def test_the_demo_uses_a_redis_database_of_its_own() -> None:
     assert demo_redis_url("rediss://:pw@h:1") == f"rediss://:pw@h:1/{DEMO_REDIS_DB}"
     with pytest.raises(ConfigError, match="standalone"):  # it empties the database: never a cluster
         demo_redis_url("redis+cluster://127.0.0.1:17001/")
+
+
+def test_movements_export_names_a_bad_dsn_as_such() -> None:
+    proc = _cli("movements", "export", "acc-1", "--from", "2026-11-01", "--to", "2026-12-01",
+                METERING_CLICKHOUSE_DSN="ftp://x")
+    _one_line_error(proc, 2, "ClickHouse DSN 'ftp://x'")  # before: "METERING_CLICKHOUSE_DATABASE: ..."
+    assert "METERING_CLICKHOUSE_DATABASE" not in proc.stderr
