@@ -172,7 +172,7 @@ class WalletState:
 
 
 # fingerprint, balance_after, event bits, covered_s, charge, fair use, threshold bits; + source
-_PRIOR = struct.Struct("<IqBIqBBI")
+_PRIOR = struct.Struct("<QqBIqBBI")
 
 
 def _unpack_prior(entry: bytes | Prior) -> Prior:

@@ -190,7 +190,7 @@ def test_charge_matches_an_independent_fraction_oracle(prefix: str, duration: in
 
 
 @given(
-    fp=st.integers(0, 2**32 - 1),
+    fp=st.integers(0, 2**64 - 1),
     source=st.text(min_size=1, max_size=40),
     covered=st.integers(0, 10**7),
     charge=st.integers(0, 2**70),

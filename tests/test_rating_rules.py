@@ -6,6 +6,7 @@ import json
 from datetime import date
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from tests.helpers import account, call, catalog_dict, make_rater, meter, one, records, sms
@@ -265,6 +266,32 @@ def test_conflict_compares_content_not_bytes() -> None:
     assert [(x.status, x.conflict) for x in rows] == [
         ("rated", False), ("duplicate", False), ("duplicate", False), ("duplicate", True), ("duplicate", True),
     ]
+
+
+def test_conflict_is_seen_where_crc32_collided_and_a_quantity_has_one_spelling() -> None:
+    """Two calls that differ (from, duration: 1.60 vs 28.20 of usage) but whose CRC32
+    fingerprints collided (found by a birthday search over ~70 k variants): the fingerprint is
+    64 bits of BLAKE2b now. A meter quantity written 1.5, 1.50 or 15e-1 is one number."""
+    import zlib
+
+    r = make_rater([account("B", plan="payg"), account("M", plan="starter")])
+    base = ('{"event_id":"col","account_id":"B","kind":"call","direction":"outbound","from":"%s",'
+            '"to":"+442071234567","started_at":"2026-11-16T10:00:00Z","duration_s":%d}')
+    a, b = (base % ("+15550001706", 4800)).encode(), (base % ("+15550004880", 84600)).encode()
+    from schemas.events import event_decoder
+
+    enc = msgspec.msgpack.Encoder()
+    canon = [enc.encode(event_decoder().decode(x)) for x in (a, b)]
+    assert canon[0] != canon[1] and zlib.crc32(canon[0]) == zlib.crc32(canon[1])  # the collision
+    first, second = records(r, a, b)
+    assert first.status == "rated" and (second.status, second.conflict) == ("duplicate", True)
+
+    m = '{"event_id":"q","account_id":"M","kind":"meter","meter":"llm_tokens","quantity":%s,"at":"2026-11-16T10:00:00Z"}'
+    rows = records(r, *((m % q).encode() for q in ("1.5", "1.50", "15e-1", "1.500000000000000000000001", "1.6")))
+    assert [(x.status, x.conflict) for x in rows] == [
+        ("rated", False), ("duplicate", False), ("duplicate", False), ("duplicate", True), ("duplicate", True)]
+    rows = records(r, *((m.replace('"q"', '"q2"') % q).encode() for q in ("100", "1E2", "100.0", "1e+2")))
+    assert [x.conflict for x in rows] == [False] * 4
 
 
 def test_a_redelivered_message_re_emits_its_original_row() -> None:
