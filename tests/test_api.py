@@ -174,6 +174,44 @@ def test_allowance_used_and_period_read_from_redis(env: Env) -> None:
     env.run(body)
 
 
+def test_wallet_view_shows_balance_holds_and_package_usage_this_period(env: Env) -> None:
+    """GET /v1/accounts/{id}/wallet: the billing page's numbers, live from Redis."""
+    env.accounts(account("s", plan="starter", balance="0.10", period_anchor_day=28),
+                 account("post", plan="business", billing="postpaid", balance="-0.50", credit_limit="1.00"),
+                 account("payg", plan="payg", balance="2.00"))
+    period = period_start(datetime.now(UTC), 28).isoformat()
+    # europe: 8 of 10 minutes used this period (last period's 10 do not count); us-domestic
+    # (unlimited, fair use 10 minutes): 1 minute
+    env.client.hset("u:{s}", mapping={f"europe|{period}": 480, "europe|2000-01-28": 600,
+                                      f"us-domestic|{period}": 60})
+
+    async def body(client: Client) -> None:
+        status, _ = await _reserve(client, "s", to=GB_FIXED, max_duration_s=60, reservation_id="r-1")
+        assert status == 201
+        status, _ = await _reserve(client, "payg", to=US_FIXED, max_duration_s=120, reservation_id="r-2")
+        assert status == 201  # 2 minutes at 0.01: 0.02 held
+        resp = await client.get("/v1/accounts/s/wallet")
+        assert resp.status == 200
+        assert await resp.json() == {
+            "account_id": "s", "plan": "starter", "billing": "prepaid", "balance": "0.100000",
+            "held": "0.000000", "available": "0.100000", "credit_limit": None, "blocked": False,
+            "period_start": period, "packages": [
+                {"package_id": "us-domestic", "unlimited": True, "minutes": None, "fair_use_minutes": 10,
+                 "used_s": 60, "held_s": 0, "remaining_s": 540, "percent_used": 10},
+                {"package_id": "europe", "unlimited": False, "minutes": 10, "fair_use_minutes": None,
+                 "used_s": 480, "held_s": 60, "remaining_s": 60, "percent_used": 80},
+            ]}
+        doc = await (await client.get("/v1/accounts/payg/wallet")).json()
+        assert (doc["balance"], doc["held"], doc["available"], doc["packages"]) == (
+            "2.000000", "0.020000", "1.980000", [])
+        doc = await (await client.get("/v1/accounts/post/wallet")).json()
+        assert (doc["billing"], doc["available"], doc["credit_limit"]) == ("postpaid", "0.500000", "1.000000")
+        resp = await client.get("/v1/accounts/nobody/wallet")
+        assert (resp.status, await resp.json()) == (404, {"error": "unknown account", "field": "account_id"})
+
+    env.run(body)
+
+
 @pytest.mark.parametrize(("today", "anchor", "period"), [
     ((2026, 3, 5), 28, "2026-02-28"), ((2026, 1, 5), 10, "2025-12-10"),
     ((2026, 3, 28), 28, "2026-03-28"), ((2026, 12, 31), 1, "2026-12-01"),

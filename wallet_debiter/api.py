@@ -11,6 +11,9 @@ Routes
          409 refused: {"error": reason, "allowed": false, "reason", "max_duration_s", "balance"}
              or {"error", "field": "reservation_id"} when the id holds a call to another number
   DELETE /v1/accounts/{id}/reservations/{rid}   204 released; 404 no such hold
+  GET    /v1/accounts/{id}/wallet   200 what a billing page shows, live from Redis: balance,
+         held, available, blocked, the billing period and, per package of the plan, seconds
+         used / held / remaining this period; 404 unknown account
   GET    /healthz (process alive)  /readyz (Redis PING and a catalog loaded)  /metrics
 
 Client errors are 4xx with {"error": message, "field": name|null}, never a 5xx; anything
@@ -217,6 +220,53 @@ async def authorize(request: web.Request) -> web.Response:
     return _json(200, decision.as_json())
 
 
+async def wallet(request: web.Request) -> web.Response:
+    """The account's live wallet and this period's package usage, in one Redis round trip
+    (the dialer's `peek` with every package of the catalog as candidates)."""
+    st = request.app[STATE]
+    account_id = _account_id(request)
+    catalog = st.authorizer_or_503().catalog
+    now, now_ms = st.store.now()
+    snap = await st.store.snapshot(account_id, tuple(sorted(catalog.packages)), now, now_ms)
+    plan = None if snap is None else catalog.plans.get(snap.wallet.plan_id)
+    if snap is None or plan is None:
+        request[REASON] = UNKNOWN_ACCOUNT
+        return _json(404, {"error": "unknown account", "field": "account_id"})
+    request[REASON] = "ok"
+    w = snap.wallet
+    available: int | None = snap.balance - snap.held_money
+    if w.billing == "postpaid":
+        available = None if w.credit_limit is None else w.credit_limit + snap.balance - snap.held_money
+    packages = []
+    for pid in plan.packages:
+        pkg = catalog.packages[pid]
+        limit = pkg.limit_s  # None: unlimited without fair use, nothing is counted
+        used = None if limit is None else snap.used_s.get(pid, 0)
+        held = None if limit is None else snap.held_s.get(pid, 0)
+        packages.append({
+            "package_id": pid,
+            "unlimited": pkg.unlimited,
+            "minutes": None if pkg.allowance_s is None else pkg.allowance_s // 60,
+            "fair_use_minutes": None if pkg.fair_use_s is None else pkg.fair_use_s // 60,
+            "used_s": used,
+            "held_s": held,
+            "remaining_s": None if limit is None else max(0, limit - (used or 0) - (held or 0)),
+            "percent_used": None if not limit else min(100, (used or 0) * 100 // limit),
+        })
+    return _json(200, {
+        "account_id": account_id,
+        "plan": w.plan_id,
+        "billing": w.billing,
+        "balance": format_micros(snap.balance),
+        "held": format_micros(snap.held_money),
+        "available": None if available is None else format_micros(available),
+        "credit_limit": None if w.credit_limit is None else format_micros(w.credit_limit),
+        "blocked": snap.blocked,
+        "period_start": snap.period,
+        "packages": packages,
+    })
+
+
 def _hold_doc(rid: str, hold: Hold) -> dict[str, Any]:
     return {
         "reservation_id": rid,
@@ -400,6 +450,7 @@ def make_app(
         web.get("/v1/accounts/{id}/authorize", authorize),
         web.post("/v1/accounts/{id}/reservations", create_reservation),
         web.delete("/v1/accounts/{id}/reservations/{rid}", release_reservation),
+        web.get("/v1/accounts/{id}/wallet", wallet),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
