@@ -406,6 +406,7 @@ def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str
 
     from metering.workers.common import OPERATOR_HEADER
     from rating.money import format_micros
+    from rating.wallet import BALANCE_EVENTS
     from schemas.messages import MovementOut, WalletEventOut
 
     _, _, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
@@ -420,11 +421,11 @@ def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str
                            type=kind, amount=format_micros(micros), balance_after=format_micros(record.balance),
                            reference=reference, seq=record.seq)
     producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
-    if record.bits:  # event_id = the movement id
-        name = "unblocked" if record.bits & 2 else "blocked"
-        producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
-            WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
-                           balance=format_micros(record.balance), at=record.at)), headers=[OPERATOR_HEADER])
+    for bit, name in BALANCE_EVENTS:  # event_id = the movement id
+        if record.bits & bit:
+            producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
+                WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
+                               balance=format_micros(record.balance), at=record.at)), headers=[OPERATOR_HEADER])
     return record.balance, kind, micros, replayed
 
 

@@ -705,6 +705,35 @@ def test_free_and_unlimited_calls_hold_nothing(env: Env) -> None:
 # ----------------------------------------------------------------- accounts import
 
 
+def test_a_fee_crossing_the_thresholds_requests_a_topup_and_alerts_once(env: Env) -> None:
+    """A negative adjustment (a monthly fee) moves a prepaid balance like a usage debit does:
+    crossing the auto top-up threshold requests one top-up (none while it is outstanding),
+    crossing the low-balance alert emits low_balance, reaching 0 blocks."""
+    from rating.wallet import EV_BLOCKED, EV_LOW_BALANCE, EV_TOPUP_REQUESTED
+
+    env.accounts(account("f", plan="starter", balance="60.00", auto_topup={"threshold": "20.00", "amount": "50.00"},
+                         low_balance_alert="15.00"),
+                 account("p", plan="business", billing="postpaid", balance="0", auto_topup=None,
+                         low_balance_alert="5.00"))
+    store = RedisWalletStore(env.client)
+
+    def fee(account_id: str, amount: int, ref: str) -> tuple[int, int]:
+        balance, bits, _ = store.credit(account_id, -amount, kind="adjustment", reference=ref)
+        return balance, bits
+
+    assert fee("f", 30_000_000, "fee:1") == (30_000_000, 0)  # 60 -> 30: above both
+    assert fee("f", 12_000_000, "fee:2") == (18_000_000, EV_TOPUP_REQUESTED)  # crosses 20
+    assert store.wallet("f")["topup_pending"] == "1"  # type: ignore[index]
+    assert fee("f", 4_000_000, "fee:3") == (14_000_000, EV_LOW_BALANCE)  # crosses 15; top-up outstanding
+    assert fee("f", 14_000_000, "fee:4") == (0, EV_BLOCKED)
+    assert fee("f", 14_000_000, "fee:4") == (0, EV_BLOCKED)  # a replay answers as first applied
+    assert fee("p", 10_000_000, "fee:1") == (-10_000_000, 0)  # postpaid: no prepaid alerts
+    # a top-up settles the request; the next crossing may request again
+    store.credit("f", 50_000_000, kind="topup", reference="pay-1", settles_topup=True)
+    assert store.wallet("f")["topup_pending"] == "0"  # type: ignore[index]
+    assert fee("f", 31_000_000, "fee:5")[1] == EV_TOPUP_REQUESTED  # 50 -> 19
+
+
 def test_reimport_recomputes_the_block_flag(env: Env) -> None:
     """Re-importing keeps the live balance and recomputes `blocked` from it and the new
     billing / credit_limit (SPEC: postpaid blocks only past a set credit_limit, prepaid at
