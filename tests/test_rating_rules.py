@@ -9,7 +9,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from tests.helpers import account, call, catalog_dict, make_rater, meter, one, records, sms
+from tests.helpers import account, call, catalog_dict, make_rater, meter, one, rate, records, sms
 
 
 def test_increments_60_60() -> None:
@@ -307,3 +307,21 @@ def _now():  # noqa: ANN202
     from tests.helpers import NOW
 
     return NOW
+
+
+def test_a_conflicting_repeat_is_counted_and_logged_with_its_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """SPEC: a conflicting repeat is counted for alerting; the worker also logs which account
+    and event, so an operator can find the switch that re-sent it."""
+    from prometheus_client import REGISTRY
+
+    from metering.workers.common import count_rows
+
+    r = make_rater([account(plan="payg")])
+    rows = rate(r, call("e1", "+442071234567", 61), call("e1", "+442071234567", 999)).rows
+    before = REGISTRY.get_sample_value("metering_duplicates_total", {"conflict": "true"}) or 0
+    with caplog.at_level("WARNING", logger="metering.worker"):
+        counts = count_rows(rows)
+    assert counts["duplicate"] == 1
+    assert REGISTRY.get_sample_value("metering_duplicates_total", {"conflict": "true"}) == before + 1
+    [record] = [x for x in caplog.records if "other content" in x.getMessage()]
+    assert record.fields == {"account_id": "acc-1", "event_id": "e1", "source": "line:2"}  # type: ignore[attr-defined]

@@ -432,6 +432,9 @@ def count_rows(rows: Sequence[Row]) -> dict[str, int]:
             counts["charged"] += r[14]
         elif status == "duplicate":
             conflicts[bool(r[6])] = conflicts.get(bool(r[6]), 0) + 1
+            if r[6]:  # rare, and someone should look: a switch re-sent an event id with other content
+                log(LOG, logging.WARNING, "repeat of an applied event with other content: not charged",
+                    account_id=r[1], event_id=r[0], source=r[26])
     for kind, n in kinds.items():
         metrics.RATED.labels(kind=kind).inc(n)
     for conflict, n in conflicts.items():
