@@ -55,7 +55,7 @@ def _service_error(exc: BaseException) -> str | None:
     if isinstance(exc, (RedisUrlError, ClickHouseConfigError)):
         return f"error: {exc}"
     ep = endpoints(dict(os.environ))
-    if isinstance(exc, redis.RedisError):
+    if isinstance(exc, (redis.RedisError, redis.exceptions.RedisClusterException)):
         return f"error: redis {ep.redis_url}: {exc}"
     if isinstance(exc, ClickHouseError):
         lines = str(exc).strip().splitlines()
@@ -78,8 +78,10 @@ class _Main(click.Group):
 
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
+        except (ConfigError, CatalogError, AccountsError) as exc:
             _fail(f"error: {exc}")
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:  # a file a setting names
+            _fail(f"error: {exc.filename}: {exc.strerror}")
         except Exception as exc:
             message = _service_error(exc)
             if message is None or os.environ.get("METERING_DEBUG"):
@@ -221,15 +223,20 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
     logs.setup()
     settings = _settings(catalog_path=catalog_path, metrics_port=metrics_port)
     health = metrics.serve_metrics(settings.metrics_port)
-    pipeline = _start_or_fail(lambda: Pipeline(settings))
+    stop = _stop_on_signals()  # before the start: SIGTERM while waiting for Redis ends it
+    pipeline = _start_or_fail(lambda: Pipeline(settings, stop=stop))
     metrics.set_ready(health, pipeline.ready)
-    _stop_on_signals(pipeline.stop)
     _run_or_fail(lambda: pipeline.run(max_idle_s=until_idle))
 
 
 def _start_or_fail(build: Callable[[], T]) -> T:
+    from metering.workers.common import Stopping
+
     try:
         return build()
+    except Stopping as exc:  # SIGTERM while the start waited for a service
+        click.echo(f"stopped before starting: {exc}", err=True)
+        sys.exit(0)
     except CatalogError as exc:
         _fail(f"error: {exc}")
     except AccountsError as exc:
@@ -247,14 +254,19 @@ def _run_or_fail(run: Callable[[], object]) -> None:
         _fail(f"error: {exc}", code=3)
 
 
-def _stop_on_signals(event: threading.Event) -> None:
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set (the worker's stop)."""
     import signal
+    import threading
+
+    event = threading.Event()
 
     def handler(signum: int, frame: object) -> None:  # noqa: ARG001
         event.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    return event
 
 
 @main.command("worker")
@@ -277,9 +289,9 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
         return
     cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]
     health = metrics.serve_metrics(settings.metrics_port)
-    w = _start_or_fail(lambda: cls(settings))
+    stop = _stop_on_signals()
+    w = _start_or_fail(lambda: cls(settings, stop))
     metrics.set_ready(health, w.ready)
-    _stop_on_signals(w.stop)
     _run_or_fail(lambda: w.run(max_idle_s=until_idle))
 
 
@@ -484,16 +496,30 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
 
 
 @main.command("serve-api")
-@click.option("--host", default=lambda: os.environ.get("METERING_API_HOST", "0.0.0.0"), show_default="0.0.0.0")
-@click.option("--port", type=int, default=lambda: int(os.environ.get("METERING_API_PORT", "8080")), show_default="8080")
-@click.option("--hold-ttl", type=int, default=lambda: int(os.environ.get("METERING_HOLD_TTL_S", "7200")), show_default="7200")
-def serve_api(host: str, port: int, hold_ttl: int) -> None:
-    """The dialer authorization API (authorize, reservations) with /healthz, /readyz, /metrics."""
+@click.option("--host", help="Listen address (default METERING_API_HOST or 0.0.0.0).")
+@click.option("--port", type=int, help="Port (default METERING_API_PORT or 8080).")
+@click.option("--hold-ttl", type=int, help="Grace after a hold's longest call, s (default METERING_HOLD_TTL_S or 7200).")
+def serve_api(host: str | None, port: int | None, hold_ttl: int | None) -> None:
+    """The dialer authorization API (authorize, reservations, wallet) with /healthz, /readyz, /metrics."""
+    from metering.config import ConfigError
     from wallet_debiter.api import serve
 
+    def number(value: int | None, name: str, default: int, low: int, high: int) -> int:
+        raw = str(value) if value is not None else os.environ.get(name, str(default))
+        if not raw.strip().lstrip("-").isdigit() or not low <= int(raw) <= high:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number {low:,} to {high:,}")
+        return int(raw)
+
     settings = _settings()
-    serve(host, port, catalog_path=settings.catalog_path, redis_url=settings.redis_url,
-          hold_ttl_s=hold_ttl, metrics_port=settings.metrics_port)
+    api_port = number(port, "METERING_API_PORT", 8080, 1, 65_535)
+    ttl = number(hold_ttl, "METERING_HOLD_TTL_S", 7200, 1, 30 * 86_400)
+    address = host or os.environ.get("METERING_API_HOST", "0.0.0.0")
+    try:
+        serve(address, api_port, catalog_path=settings.catalog_path, redis_url=settings.redis_url,
+              hold_ttl_s=ttl, metrics_port=settings.metrics_port)
+    except OSError as exc:  # address in use, unknown host: before anything is served
+        raise ConfigError(f"api {address}:{api_port} (metrics {settings.metrics_port}): "
+                          f"{exc.strerror or exc}") from None
 
 
 @main.command("report")

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from metering import kafka_io, metrics
 from metering.config import ConfigError, Settings
@@ -46,13 +46,19 @@ def demo_redis_url(url: str) -> str:
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError(f"the demo needs a standalone redis:// URL (it uses database {DEMO_REDIS_DB} of it "
                           f"and empties it), got METERING_REDIS_URL={url!r}")
-    return urlunsplit(parts._replace(path=f"/{DEMO_REDIS_DB}"))
+    # redis-py lets ?db= win over the path: drop it, or `?db=0` would empty database 0
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() != "db"])
+    return urlunsplit(parts._replace(path=f"/{DEMO_REDIS_DB}", query=query))
 
 
 def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None,
              echo: Callable[[str], None] = print) -> int:
-    port = Settings.from_env(dict(os.environ), metrics_port=metrics_port).metrics_port
-    health = metrics.serve_metrics(port)  # first: a port in use stops the demo before anything starts
+    first = Settings.from_env(dict(os.environ), metrics_port=metrics_port)
+    port = first.metrics_port
+    # bad files and a port in use stop the demo before any service starts
+    catalog = load_catalog(first.catalog_path)
+    accounts = load_accounts(first.accounts_path, catalog)
+    health = metrics.serve_metrics(port)
     echo("== starting local services (Kafka KRaft + Redis) ...")
     eps = ensure_started()
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
@@ -61,8 +67,6 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
            "METERING_CLICKHOUSE_DSN": f"chdb://{state_dir()}/clickhouse-demo-{stamp}",
            "METERING_REDIS_URL": demo_redis_url(eps.redis_url)}
     settings = Settings.from_env({**os.environ, **env}, metrics_port=port)
-    catalog = load_catalog(settings.catalog_path)
-    accounts = load_accounts(settings.accounts_path, catalog)
 
     created = kafka_io.ensure_topics(settings)
     with ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database) as sink:

@@ -85,6 +85,7 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         "queued.max.messages.kbytes": 65536,
         "enable.metrics.push": False,
         "logger": LOG,  # served by consume()
+        "on_commit": _commit_logger(group),
     }
     if settings.instance_id:
         conf["group.instance.id"] = f"{settings.instance_id}-{group}"
@@ -94,6 +95,16 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
                        on_revoke=_logged("revoked", group, on_revoke),
                        on_lost=_logged("lost", group, on_revoke))
     return consumer
+
+
+def _commit_logger(group: str) -> Callable[[KafkaError | None, list[TopicPartition]], None]:
+    def on_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:  # e.g. partitions revoked meanwhile: the next owner replays (deduped)
+            metrics.KAFKA_ERRORS.labels(where=f"{group}-commit").inc()
+            log(LOG, logging.WARNING, "offset commit failed", group=group, error=err.str(),
+                partitions=[f"{tp.topic}:{tp.partition}@{tp.offset}" for tp in partitions])
+
+    return on_commit
 
 
 def _logged(what: str, group: str, callback: Callable[[Consumer, list[TopicPartition]], None] | None
@@ -162,7 +173,9 @@ def next_offsets(msgs: Iterable[Message]) -> dict[tuple[str, int], int]:
 
 
 def commit_offsets(consumer: Consumer, msgs: Iterable[Message]) -> None:
-    """Synchronously commit last+1 per partition of a fully handled batch."""
+    """Synchronously commit last+1 per partition of a fully handled batch. Only from the
+    consumer's own thread: from another one, a commit (even an asynchronous one) blocks while
+    a rebalance waits for the consumer's thread to return from its callback."""
     nxt = next_offsets(msgs)
     if nxt:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=False)

@@ -108,6 +108,11 @@ def test_the_demo_uses_a_redis_database_of_its_own() -> None:
 
     assert demo_redis_url("redis://127.0.0.1:16379/0") == f"redis://127.0.0.1:16379/{DEMO_REDIS_DB}"
     assert demo_redis_url("rediss://:pw@h:1") == f"rediss://:pw@h:1/{DEMO_REDIS_DB}"
+    # redis-py takes ?db= over the path: it must not survive (it emptied database 0)
+    assert demo_redis_url("redis://h:1?db=0&socket_timeout=5") == f"redis://h:1/{DEMO_REDIS_DB}?socket_timeout=5"
+    import redis as redis_py
+    assert redis_py.Redis.from_url(demo_redis_url("redis://h:1/0?db=0")).connection_pool.connection_kwargs["db"] \
+        == DEMO_REDIS_DB
     with pytest.raises(ConfigError, match="standalone"):  # it empties the database: never a cluster
         demo_redis_url("redis+cluster://127.0.0.1:17001/")
 
@@ -117,3 +122,38 @@ def test_movements_export_names_a_bad_dsn_as_such() -> None:
                 METERING_CLICKHOUSE_DSN="ftp://x")
     _one_line_error(proc, 2, "ClickHouse DSN 'ftp://x'")  # before: "METERING_CLICKHOUSE_DATABASE: ..."
     assert "METERING_CLICKHOUSE_DATABASE" not in proc.stderr
+
+
+def test_sigterm_while_a_starting_worker_waits_for_redis_ends_it() -> None:
+    """Before: the signal handler came after the start, so SIGTERM during the (10 min) wait
+    for Redis killed the process without a word; now the wait ends cleanly. Without SIGTERM
+    the start gives up after STARTUP_WAIT_S with one line (exit 1)."""
+    import signal
+    import time
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env = {**base, "METERING_METRICS_PORT": "0", "METERING_REDIS_URL": "redis://127.0.0.1:1/0",
+           "METERING_KAFKA_BOOTSTRAP": "127.0.0.1:1", "METERING_CATALOG": str(CATALOG)}
+    for args in (["run"], ["worker", "rating"]):
+        proc = subprocess.Popen([sys.executable, "-m", "metering.cli", *args], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)  # importing, then retrying the accounts read
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err[-2000:]
+        assert "stopped before starting" in err and "Traceback" not in err
+
+
+def test_more_settings_refused_in_one_line(tmp_path: Path) -> None:
+    # redis-py would silently use database 0 for a path that is not a number
+    _one_line_error(_cli("accounts", "show", "a", METERING_REDIS_URL="redis://127.0.0.1:1/abc"), 1, "'abc'")
+    # chDB without a folder is in memory: rows would be lost at exit
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="chdb://"), 1, "needs a data folder")
+    _one_line_error(_cli("report", METERING_CLICKHOUSE_DSN="http://127.0.0.1:notaport"), 1, "port")
+    _one_line_error(_cli("accounts", "show", "a", METERING_REDIS_URL="redis+cluster://127.0.0.1:1/"), 1, "redis")
+    for var, value in (("METERING_API_PORT", "abc"), ("METERING_API_PORT", "99999"), ("METERING_HOLD_TTL_S", "-5")):
+        _one_line_error(_cli("serve-api", **{var: value}), 2, var)
+    proc = _cli("demo", "--seconds", "1", METERING_CATALOG=str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "starting local services" not in proc.stdout
+    assert "nope.yaml: catalog refused" in proc.stderr
+    _one_line_error(_cli("simulate", "--count", "1", METERING_ACCOUNTS=str(tmp_path / "nope.yaml")), 2, "nope.yaml")

@@ -412,6 +412,44 @@ def test_sigterm_while_redis_is_down_stops_at_once_and_lag_keeps_counting(live: 
         own.wait()
 
 
+def test_a_second_worker_joining_under_traffic_takes_over_and_nothing_stalls(live: dict[str, str],
+                                                                             tmp_path: Path) -> None:
+    """A second `metering run` joins the group while the first writes batches. Before: the
+    first worker's revoke callback waited for its writer thread, whose synchronous offset
+    commit waited for the rebalance to end — both stuck for good, the group stalled and
+    SIGTERM ignored. Now every message is committed, both stop on SIGTERM, and the money in
+    Redis equals `metering rate` (each worker writes its own chDB folder here)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    env = {**live, "METERING_BATCH_SIZE": "250"}
+    settings = Settings.from_env(env)
+    producer = _paced(settings, 47, now)
+    rater, _ = _offline(20_000, 47, 0.05, 0.01, now)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "metering.cli", "run"], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        _wait_committed(settings, 2000)
+        env_b = {**env, "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch-b"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "metering.cli", "run"], env=env_b, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        producer.join()
+        total = sum(kafka_io.end_offsets(settings, settings.topics.events).values())
+        _wait_committed(settings, total, timeout_s=120)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        errs = [proc.communicate(timeout=30)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0], [e[-2000:] for e in errs]
+    assert "partitions revoked" in errs[0] and "partitions assigned" in errs[1]
+    store = RedisWalletStore(connect(env["METERING_REDIS_URL"]))
+    offline = {a: rater.store.wallet(a).balance for a in rater.accounts}  # type: ignore[attr-defined]
+    assert store.balances(rater.accounts) == offline
+
+
 def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while _group_offsets(settings) < n:

@@ -120,6 +120,11 @@ def connect(url: str) -> redis.Redis | RedisCluster:
     TLS). The cluster hosts are seeds only: the client discovers every node and slot from them."""
     cluster = _cluster_url(url)
     if cluster is None:
+        parts = urlsplit(url)
+        db = parts.path.strip("/")
+        if parts.scheme.lower() in ("redis", "rediss") and db and not db.isdigit():
+            # redis-py would silently use database 0
+            raise RedisUrlError(f"Redis URL {url!r}: database {db!r} is not a number")
         try:
             return redis.Redis.from_url(url, **_CLIENT_OPTS)
         except ValueError as exc:  # a scheme or port redis-py cannot read

@@ -47,6 +47,7 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, cast
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.datatypes import numeric as _ch_numeric
@@ -313,6 +314,13 @@ class ClickHouseSink:
         if scheme not in DSN_SCHEMES:  # clickhouse-connect would take anything else for http
             raise ClickHouseConfigError(f"ClickHouse DSN {dsn!r}: expected chdb:///path (embedded) or "
                                         f"http(s)://host:port (a server)")
+        parts = urlsplit(dsn)
+        if scheme == "chdb" and not parts.path.strip("/"):  # chDB in memory: rows lost at exit
+            raise ClickHouseConfigError(f"ClickHouse DSN {dsn!r}: chdb needs a data folder, chdb:///path")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ClickHouseConfigError(f"ClickHouse DSN {dsn!r}: the port is not a number") from None
         self.dsn = dsn
         self.database = database
         self._schema_dir = schema_dir

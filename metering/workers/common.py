@@ -95,9 +95,10 @@ def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 6
 
 
 def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any, *,
-               stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None) -> T:
+               stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None,
+               give_up_s: float = 600.0) -> T:
     try:
-        for attempt in retrying(what, errors, counter, stop=stop, on_wait=on_wait):
+        for attempt in retrying(what, errors, counter, stop=stop, on_wait=on_wait, give_up_s=give_up_s):
             with attempt:
                 return fn()
     except Exception as exc:
@@ -197,6 +198,9 @@ class CatalogWatcher:
         return catalog
 
 
+STARTUP_WAIT_S = 60.0  # how long a starting worker waits for Redis before it gives up (exit 1)
+
+
 class AccountsWatcher:
     """The accounts the pricer knows, reloaded from Redis only when `metering accounts import`
     bumped the version (one GET every `every_s`; a full reload of 10 k wallets takes seconds)."""
@@ -206,10 +210,11 @@ class AccountsWatcher:
         self.every_s = every_s
         self.stop = stop
         self._checked = time.monotonic()
+        # at start: wait for a Redis that is starting too, but not for ever (k8s restarts us)
         self.version = with_retry(store.accounts_version, "accounts version", REDIS_TRANSIENT,
-                                  metrics.REDIS_ERRORS, stop=stop)
+                                  metrics.REDIS_ERRORS, stop=stop, give_up_s=STARTUP_WAIT_S)
         self.accounts = with_retry(store.load_accounts, "load accounts", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
-                                   stop=stop)
+                                   stop=stop, give_up_s=STARTUP_WAIT_S)
         if not self.accounts:
             log(LOG, logging.WARNING, "no accounts in Redis: every event is rejected unknown_account until "
                 "`metering accounts import FILE` runs (picked up without a restart)")

@@ -26,13 +26,13 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import clickhouse_connect.driver.exceptions as ch_errors
 import msgspec
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 from metering import kafka_io, metrics
 from metering.config import Settings
@@ -173,6 +173,34 @@ class OrderedWriter:
         self._thread.join(timeout=120)
 
 
+class ReadyOffsets:
+    """Next offsets of batches the writer has finished (inserted, produced, flushed), waiting
+    for the consumer's own thread to commit them. The writer never calls the consumer: a
+    commit from another thread (even an asynchronous one) blocks while a rebalance waits for
+    the consumer's thread, which may be waiting for the writer in its revoke callback."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[tuple[str, int], int] = {}
+
+    def add(self, msgs: Sequence[Message]) -> None:
+        nxt = kafka_io.next_offsets(msgs)
+        with self._lock:
+            for key, offset in nxt.items():
+                if offset > self._next.get(key, -1):
+                    self._next[key] = offset
+
+    def take(self) -> list[TopicPartition]:
+        with self._lock:
+            taken, self._next = self._next, {}
+        return [TopicPartition(t, p, o) for (t, p), o in taken.items()]
+
+    def drop(self, partitions: set[tuple[str, int]]) -> None:
+        with self._lock:
+            for key in partitions:
+                self._next.pop(key, None)
+
+
 class Pipeline:
     def __init__(self, settings: Settings, *, sink: ClickHouseSink | None = None,
                  stop: threading.Event | None = None) -> None:
@@ -202,12 +230,27 @@ class Pipeline:
         # operator credits/top-ups, and the wallet events operator commands produced
         self.movements = kafka_io.make_consumer(settings, "movements", [t.movements, t.wallet_events])
         self._lag_state: dict[str, float] = {}
+        self.ready_events = ReadyOffsets()  # written by the writer, committed by this thread
+        self.ready_movements = ReadyOffsets()
 
     def _on_revoke(self, consumer: object, partitions: list) -> None:  # type: ignore[type-arg]
-        # commit what was settled before the partitions move to another owner
+        # Let the writer finish what was settled. Its offsets are not committed from inside the
+        # rebalance (librdkafka would hold the commit until the rebalance ends): the next owner
+        # replays from the last commit, deduplicated by Redis and ClickHouse.
         with contextlib.suppress(Exception):
             self.writer.drain()
+        self.ready_events.drop({(tp.topic, tp.partition) for tp in partitions})
         self.guard.forget([tp.partition for tp in partitions])
+
+    def _commit_ready(self) -> None:
+        """Commit (asynchronously, on the consumer's thread) what the writer has finished."""
+        for consumer, ready in ((self.consumer, self.ready_events), (self.movements, self.ready_movements)):
+            offsets = ready.take()
+            if offsets:
+                try:
+                    consumer.commit(offsets=offsets, asynchronous=True)
+                except KafkaException as exc:  # not committed: replayed later, deduplicated
+                    log(LOG, logging.WARNING, "offset commit failed", error=error_text(exc))
 
     def ready(self) -> bool:
         # `assigned` is read by the loop's own thread: calling consumer.assignment() from the
@@ -235,6 +278,7 @@ class Pipeline:
                     self.progress.last_message = time.monotonic()
                 self.handle_movements()
                 self.housekeeping()
+                self._commit_ready()
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
                     self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
@@ -316,7 +360,7 @@ class Pipeline:
             kafka_io.flush(self.producer)
             self.delivery.raise_if_failed()
             crash_point("before_commit")
-            kafka_io.commit_offsets(self.consumer, msgs)
+            self.ready_events.add(msgs)  # committed by the loop's thread (see ReadyOffsets)
             crash_point("after_commit")
             metrics.BATCH_SECONDS.labels(stage="debit-write").observe(time.perf_counter() - write_started)
 
@@ -363,7 +407,7 @@ class Pipeline:
 
         def write() -> None:
             with_retry(write_all, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop)
-            kafka_io.commit_offsets(self.movements, msgs)
+            self.ready_movements.add(msgs)
 
         self.writer.submit(write, on_wait=self._lag_while_waiting)
 
@@ -378,6 +422,12 @@ class Pipeline:
             error = exc
             log(LOG, logging.ERROR, "writer failed; uncommitted batches will be replayed", error=error_text(exc))
         self.writer.close()
+        for consumer, ready in ((self.consumer, self.ready_events), (self.movements, self.ready_movements)):
+            with contextlib.suppress(KafkaException, RuntimeError):  # last batches, synchronously
+                owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+                final = [tp for tp in ready.take() if (tp.topic, tp.partition) in owned]
+                if final:
+                    consumer.commit(offsets=final, asynchronous=False)
         for closer in (self.consumer.close, self.movements.close):
             with contextlib.suppress(KafkaException, RuntimeError):
                 closer()

@@ -53,9 +53,9 @@ from wallet_debiter.redis_store import RedisWalletStore, connect
 class _Worker:
     stage = "worker"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
         self.settings = settings
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
         self._lag_state: dict[str, float] = {}
         self.handled = 0
@@ -127,8 +127,8 @@ class RatingWorker(_Worker):
 
     stage = "rating"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        super().__init__(settings, stop)
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.store = RedisWalletStore(connect(settings.redis_url))
         self.accounts = AccountsWatcher(self.store, stop=self.stop)
@@ -162,8 +162,8 @@ class DebitWorker(_Worker):
 
     stage = "debit"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        super().__init__(settings, stop)
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
@@ -207,8 +207,8 @@ class SinkWorker(_Worker):
 
     stage = "sink"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        super().__init__(settings, stop)
         t = settings.topics
         self.sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
         self.sink.ensure_schema()
