@@ -367,6 +367,8 @@ def accounts_show(account_id: str) -> None:
 @click.option("--topup-failed", is_flag=True, help="Settle an open top-up request as failed (no money, no AMOUNT).")
 def accounts_credit(account_id: str, amount: str | None, kind: str, reference: str | None, topup_failed: bool) -> None:
     """Credit (or with a negative adjustment, debit) a wallet; a top-up settles the open request."""
+    from confluent_kafka import KafkaException
+
     from metering import kafka_io
     from rating.money import MoneyError, format_micros, parse_micros
     from wallet_debiter.redis_store import RedisWalletStore, connect
@@ -395,7 +397,12 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     producer = kafka_io.make_producer(settings)
     balance, record_kind, record_micros, replayed = _apply_credit(settings, store, producer, account_id, micros,
                                                                   kind, reference)
-    kafka_io.flush(producer)
+    try:
+        kafka_io.flush(producer)
+    except KafkaException as exc:
+        _fail(f"error: {account_id}: the {record_kind} is applied in Redis (balance {format_micros(balance)}) but "
+              f"its movement was not published to Kafka {settings.kafka_bootstrap} ({exc.args[0].str()}): run the "
+              f"same command again once Kafka is back; the reference keeps it from being applied twice", 1)
     if not replayed:
         click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}")
     elif (record_kind, record_micros) == (kind, micros):
