@@ -181,7 +181,8 @@ class ReadyOffsets:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._next: dict[tuple[str, int], int] = {}
+        self._next: dict[tuple[str, int], int] = {}  # not yet handed to commit
+        self._latest: dict[tuple[str, int], int] = {}  # the highest ever: committed again at close
 
     def add(self, msgs: Sequence[Message]) -> None:
         nxt = kafka_io.next_offsets(msgs)
@@ -189,6 +190,13 @@ class ReadyOffsets:
             for key, offset in nxt.items():
                 if offset > self._next.get(key, -1):
                     self._next[key] = offset
+                if offset > self._latest.get(key, -1):
+                    self._latest[key] = offset
+
+    def latest(self) -> list[TopicPartition]:
+        """Everything finished, for the final synchronous commit (an async one may have failed)."""
+        with self._lock:
+            return [TopicPartition(t, p, o) for (t, p), o in self._latest.items()]
 
     def take(self) -> list[TopicPartition]:
         with self._lock:
@@ -199,6 +207,7 @@ class ReadyOffsets:
         with self._lock:
             for key in partitions:
                 self._next.pop(key, None)
+                self._latest.pop(key, None)
 
 
 class Pipeline:
@@ -425,7 +434,7 @@ class Pipeline:
         for consumer, ready in ((self.consumer, self.ready_events), (self.movements, self.ready_movements)):
             with contextlib.suppress(KafkaException, RuntimeError):  # last batches, synchronously
                 owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-                final = [tp for tp in ready.take() if (tp.topic, tp.partition) in owned]
+                final = [tp for tp in ready.latest() if (tp.topic, tp.partition) in owned]
                 if final:
                     consumer.commit(offsets=final, asynchronous=False)
         for closer in (self.consumer.close, self.movements.close):
