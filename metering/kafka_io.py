@@ -225,10 +225,12 @@ def split_errors(msgs: list[Message], stage: str) -> list[Message]:
 
 
 def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, float], *,
-               cached: bool = True) -> dict[int, int]:
+               cached: bool = True, from_committed: bool = False) -> dict[int, int]:
     """Refresh the consumer-lag gauge at most every `every_s`; returns lag per partition.
     cached=True reads the high watermark from the last fetch (free); a broker query (False)
-    waits behind the pending fetch (up to fetch.wait.max.ms) and is kept for the idle-exit."""
+    waits behind the pending fetch (up to fetch.wait.max.ms) and is kept for the idle-exit.
+    Lag counts from the read position, or with `from_committed` from the committed offset (a
+    broker round trip: used while the loop waits out an outage, so the batch in hand counts)."""
     now = time.monotonic()
     if now - state.get("at", 0.0) < every_s:
         return {}
@@ -238,7 +240,7 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
         assignment = consumer.assignment()
         if not assignment:
             return {}
-        positions = consumer.position(assignment)
+        positions = consumer.committed(assignment, timeout=5) if from_committed else consumer.position(assignment)
         unknown = [tp for tp in positions if tp.offset < 0]  # nothing fetched there yet
         committed = {tp.partition: tp.offset for tp in consumer.committed(unknown, timeout=5)} if unknown else {}
         for tp in positions:

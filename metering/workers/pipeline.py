@@ -322,7 +322,8 @@ class Pipeline:
     def _lag_while_waiting(self) -> None:
         """The loop is stuck waiting for Redis or ClickHouse: keep the lag gauge current (the
         high watermarks from the broker, since nothing is fetched meanwhile)."""
-        lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state, cached=False)
+        lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state, cached=False,
+                                   from_committed=True)
         if lags:
             self.progress.lag = sum(lags.values())
 

@@ -82,7 +82,7 @@ class _Worker:
 
     def lag_while_waiting(self) -> None:
         """The loop waits for Redis or ClickHouse: keep the lag gauge current meanwhile."""
-        kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state, cached=False)
+        kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state, cached=False, from_committed=True)
 
     def run(self, *, max_idle_s: float | None = None) -> None:
         s = self.settings
