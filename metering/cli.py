@@ -237,10 +237,6 @@ def _start_or_fail(build: Callable[[], T]) -> T:
     except Stopping as exc:  # SIGTERM while the start waited for a service
         click.echo(f"stopped before starting: {exc}", err=True)
         sys.exit(0)
-    except CatalogError as exc:
-        _fail(f"error: {exc}")
-    except AccountsError as exc:
-        _fail(f"error: {exc}")
 
 
 def _run_or_fail(run: Callable[[], object]) -> None:
@@ -511,21 +507,12 @@ def serve_api(host: str | None, port: int | None, hold_ttl: int | None) -> None:
     from metering.config import ConfigError
     from wallet_debiter.api import serve
 
-    def number(value: int | None, name: str, default: int, low: int, high: int) -> int:
-        raw = str(value) if value is not None else os.environ.get(name, str(default))
-        if not raw.strip().lstrip("-").isdigit() or not low <= int(raw) <= high:
-            raise ConfigError(f"{name}={raw!r}: expected a whole number {low:,} to {high:,}")
-        return int(raw)
-
-    settings = _settings()
-    api_port = number(port, "METERING_API_PORT", 8080, 1, 65_535)
-    ttl = number(hold_ttl, "METERING_HOLD_TTL_S", 7200, 1, 30 * 86_400)
-    address = host or os.environ.get("METERING_API_HOST", "0.0.0.0")
+    settings = _settings(api_host=host, api_port=port, hold_ttl_s=hold_ttl)  # range-checked there
     try:
-        serve(address, api_port, catalog_path=settings.catalog_path, redis_url=settings.redis_url,
-              hold_ttl_s=ttl, metrics_port=settings.metrics_port)
+        serve(settings.api_host, settings.api_port, catalog_path=settings.catalog_path,
+              redis_url=settings.redis_url, hold_ttl_s=settings.hold_ttl_s, metrics_port=settings.metrics_port)
     except OSError as exc:  # address in use, unknown host: before anything is served
-        raise ConfigError(f"api {address}:{api_port} (metrics {settings.metrics_port}): "
+        raise ConfigError(f"api {settings.api_host}:{settings.api_port} (metrics {settings.metrics_port}): "
                           f"{exc.strerror or exc}") from None
 
 

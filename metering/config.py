@@ -39,6 +39,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_message_bytes": (64, 16 * 1024 * 1024),
     "metrics_port": (0, 65_535),
     "catalog_check_s": (0.1, 3_600),
+    "api_port": (1, 65_535),
+    "hold_ttl_s": (1, 30 * 86_400),
 }
 
 
@@ -67,6 +69,10 @@ class Settings:
     # Kafka static membership (group.instance.id): a restarted worker with the same id gets its
     # partitions back at once instead of after the session timeout (k8s: the pod name).
     instance_id: str = ""
+    # the dialer API (`metering serve-api`)
+    api_host: str = "0.0.0.0"
+    api_port: int = 8080
+    hold_ttl_s: int = 7200  # grace after the longest call a hold allows
 
     def __post_init__(self) -> None:
         errors = []
@@ -86,7 +92,7 @@ class Settings:
             "redis_url": ep.redis_url,
             "clickhouse_dsn": ep.clickhouse_dsn,
         }
-        ints = {"partitions", "batch_size", "max_message_bytes", "metrics_port"}
+        ints = {"partitions", "batch_size", "max_message_bytes", "metrics_port", "api_port", "hold_ttl_s"}
         floats = {"batch_timeout_s", "catalog_check_s"}
         for f in fields(cls):
             name = env_name(f.name)
