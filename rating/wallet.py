@@ -161,14 +161,31 @@ class WalletState:
         return bits
 
     def credit(self, amount: int, *, settles_topup: bool) -> int:
-        """A credit or top-up; a top-up (or its failure) settles the outstanding request."""
-        self.balance += amount
+        """A credit, top-up or adjustment (signed); returns EV_* bits. A top-up (or its failure)
+        settles the outstanding request. The block follows the balance either way; a negative
+        adjustment (a fee) on a prepaid wallet crosses the top-up threshold and the low-balance
+        alert as a usage debit does (the same rules as `wallet_debiter/lua/credit.lua`)."""
+        before = self.balance
+        self.balance = after = before + amount
+        bits = 0
+        should = self.should_block()
+        if self.blocked and not should:
+            self.blocked = False
+            bits |= EV_UNBLOCKED
+        elif not self.blocked and should:
+            self.blocked = True
+            bits |= EV_BLOCKED
         if settles_topup:
             self.topup_pending = False
-        if self.blocked and not self.should_block():
-            self.blocked = False
-            return EV_UNBLOCKED
-        return 0
+        elif self.billing == "prepaid" and after < before:
+            t = self.topup_threshold
+            if t is not None and not self.topup_pending and before >= t > after:
+                self.topup_pending = True
+                bits |= EV_TOPUP_REQUESTED
+            a = self.low_balance_alert
+            if a is not None and before >= a > after:
+                bits |= EV_LOW_BALANCE
+        return bits
 
 
 # fingerprint, balance_after, event bits, covered_s, charge, fair use, threshold bits; + source
