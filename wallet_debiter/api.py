@@ -25,7 +25,6 @@ second by default); a refused catalog keeps the previous one serving.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -501,23 +500,3 @@ def serve(
     setup_logs(log_level)
     app = make_app(catalog_path, redis_url, hold_ttl_s=hold_ttl_s)
     asyncio.run(_serve(app, host, port, metrics_port))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m wallet_debiter.api` (the CLI's `metering serve-api` is the usual way)."""
-    env = os.environ
-    p = argparse.ArgumentParser(prog="python -m wallet_debiter.api", description=__doc__.split("\n")[0])
-    p.add_argument("--host", default=env.get("METERING_API_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("METERING_API_PORT", "8080")))
-    p.add_argument("--catalog", default=env.get("METERING_CATALOG", "deploy/examples/catalog.yaml"))
-    p.add_argument("--redis-url", default=env.get("METERING_REDIS_URL", "redis://127.0.0.1:16379/0"))
-    p.add_argument("--hold-ttl-s", type=int, default=int(env.get("METERING_HOLD_TTL_S", str(DEFAULT_HOLD_TTL_S))))
-    p.add_argument("--metrics-port", type=int, default=None)
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    serve(args.host, args.port, catalog_path=args.catalog, redis_url=args.redis_url,
-          hold_ttl_s=args.hold_ttl_s, metrics_port=args.metrics_port, log_level=args.log_level)
-
-
-if __name__ == "__main__":
-    main()
