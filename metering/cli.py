@@ -391,8 +391,10 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     if micros == 0:
         _fail("error: amount: an adjustment of 0 changes nothing")
     producer = kafka_io.make_producer(settings)
-    balance, record_kind, record_micros, replayed = _apply_credit(settings, store, producer, account_id, micros,
-                                                                  kind, reference)
+    from metering.wallet_ops import apply_credit
+
+    balance, record_kind, record_micros, replayed, _ = apply_credit(settings, store, producer, account_id, micros,
+                                                                    kind, reference)
     try:
         kafka_io.flush(producer)
     except KafkaException as exc:
@@ -408,40 +410,6 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
         click.echo(f"warning: {account_id}: reference {reference!r} was already used for a {record_kind} of "
                    f"{format_micros(record_micros)}: nothing changed (not a {kind} of {format_micros(micros)})",
                    err=True)
-
-
-def _apply_credit(settings: Settings, store: Any, producer: Any, account_id: str, micros: int, kind: str,
-                  reference: str) -> tuple[int, str, int, bool]:
-    """Apply a credit / top-up / adjustment once per reference (Redis), then produce its
-    movement and the block change it caused. A replay re-sends both (the first run may have
-    died before producing them) as they were first applied — same ids, amount, type and
-    time, from Redis's record — so consumers drop them and ClickHouse replaces the rows.
-    Returns (balance after, type, amount as applied, replayed)."""
-    import msgspec
-
-    from metering.workers.common import OPERATOR_HEADER
-    from rating.money import format_micros
-    from rating.wallet import BALANCE_EVENTS
-    from schemas.messages import MovementOut, WalletEventOut
-
-    _, _, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
-                                  settles_topup=kind == "topup", at=datetime.now(UTC))
-    record = store.credit_record(account_id, reference)
-    if record is None:  # written just now by the same script: cannot happen
-        _fail(f"error: credit {reference!r} of {account_id!r} applied but not recorded in Redis", 1)
-    kind = record.kind or kind
-    micros = record.amount if record.amount is not None else micros
-    enc = msgspec.json.Encoder()
-    movement = MovementOut(movement_id=f"{kind}:{account_id}:{reference}", account_id=account_id, at=record.at,
-                           type=kind, amount=format_micros(micros), balance_after=format_micros(record.balance),
-                           reference=reference, seq=record.seq)
-    producer.produce(settings.topics.movements, key=account_id.encode(), value=enc.encode(movement))
-    for bit, name in BALANCE_EVENTS:  # event_id = the movement id
-        if record.bits & bit:
-            producer.produce(settings.topics.wallet_events, key=account_id.encode(), value=enc.encode(
-                WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
-                               balance=format_micros(record.balance), at=record.at)), headers=[OPERATOR_HEADER])
-    return record.balance, kind, micros, replayed
 
 
 @main.group()
@@ -461,8 +429,8 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     prepaid wallet it takes to <= 0 (a postpaid one past its credit_limit) is blocked and
     `blocked` goes to wallet.events. Plans without a fee are skipped."""
     from metering import kafka_io
-    from rating.money import PICO_PER_MICRO, div_half_up, format_micros
-    from rating.periods import period_start
+    from metering.wallet_ops import charge_fees
+    from rating.money import format_micros
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings(catalog_path=catalog_path)
@@ -472,30 +440,10 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
         _fail(f"error: {exc}")
     store = RedisWalletStore(connect(settings.redis_url))
     producer = kafka_io.make_producer(settings)
-    charged = replayed_n = skipped = 0
-    total = 0
-    for account_id, account in sorted(store.load_accounts().items()):
-        plan = catalog.plans.get(account.plan_id)
-        if plan is None:
-            click.echo(f"warning: {account_id}: plan {account.plan_id!r} is not in catalog {catalog.version}; "
-                       "not charged", err=True)
-            skipped += 1
-            continue
-        fee = div_half_up(plan.monthly_fee_pico, PICO_PER_MICRO)
-        if fee <= 0:
-            skipped += 1
-            continue
-        period = period_start(on, account.period_anchor_day).isoformat()
-        *_, replayed = _apply_credit(settings, store, producer, account_id, -fee, "adjustment",
-                                     f"fee:{period}:{plan.plan_id}")
-        if replayed:
-            replayed_n += 1
-        else:
-            charged += 1
-            total += fee
+    done = charge_fees(settings, store, producer, catalog, on, lambda text: click.echo(text, err=True))
     kafka_io.flush(producer)
-    click.echo(f"fees: {charged} accounts charged {format_micros(total)} in all, {replayed_n} already "
-               f"charged for their period, {skipped} without a fee")
+    click.echo(f"fees: {done.charged} accounts charged {format_micros(done.total)} in all, {done.replayed} already "
+               f"charged for their period, {done.skipped} without a fee")
 
 
 @main.command("serve-api")

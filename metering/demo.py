@@ -1,9 +1,11 @@
 """`metering demo`: the whole product on the local stack, in about a minute.
 
 Starts Kafka and Redis (deploy/local/services.sh), creates fresh topics and a chDB database,
-imports the example accounts, then streams realistic CDR traffic (with duplicates and poison)
-through the live pipeline while a progress line shows events/s, lag, rejects, blocked wallets
-and top-up requests. Ends with an operator summary and the analyst report from ClickHouse.
+imports the example accounts and charges their monthly fees, then streams realistic CDR
+traffic (with duplicates and poison) through the live pipeline while a progress line shows
+events/s, lag, rejects, blocked wallets and top-ups. Around the engine, as in production, a
+dialer refuses blocked wallets' outbound calls and a payment provider pays requested auto
+top-ups (`metering.demo_actors`). Ends with an operator summary and the analyst report.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from metering import kafka_io, metrics
 from metering.config import ConfigError, Settings
+from metering.demo_actors import DialerGate, TopupPayer
 from metering.local_services import ensure_started, state_dir
 from metering.report import print_report
 from metering.simulate import produce_traffic
 from metering.storage.clickhouse_sink import ClickHouseSink
+from metering.wallet_ops import charge_fees
 from metering.workers.pipeline import Pipeline, Progress
 from rating.accounts import load_accounts
 from rating.catalog import load_catalog
@@ -75,19 +79,28 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
     redis.flushdb()  # the demo's own database (DEMO_REDIS_DB): start from the example balances
     store = RedisWalletStore(redis)
     store.import_accounts(accounts.values())
+    producer = kafka_io.make_producer(settings)
+    fees = charge_fees(settings, store, producer, catalog, datetime.now(UTC), echo)
+    kafka_io.flush(producer)
+    blocked_at_start = sum(1 for a in accounts if (store.wallet(a) or {}).get("blocked") == "1")
     count = int(seconds * rate)
     echo(f"   kafka {settings.kafka_bootstrap}: {len(created)} topics ({settings.topics.events}, ...)")
-    echo(f"   redis {settings.redis_url}: {len(accounts)} wallets imported")
+    echo(f"   redis {settings.redis_url}: {len(accounts)} wallets imported; monthly fees charged to "
+         f"{fees.charged} ({format_micros(fees.total)} {catalog.currency}); {blocked_at_start} blocked")
     echo(f"   clickhouse {settings.clickhouse_dsn}")
     echo(f"   catalog {catalog.version}: {sum(len(t) for t in catalog.raw_rates.values()):,} rates, "
          f"{len(catalog.packages)} packages")
     if settings.metrics_port:
         echo(f"   metrics: http://127.0.0.1:{settings.metrics_port}/metrics  health: /healthz /readyz")
-    echo(f"== streaming {count:,} CDRs at {rate:,.0f}/s for ~{seconds:.0f} s "
-         f"(2 % re-sent duplicates, 1 % malformed)")
+    echo(f"== streaming {count:,} call/SMS/meter attempts at {rate:,.0f}/s for ~{seconds:.0f} s "
+         f"(2 % re-sent duplicates, 1 % malformed; the dialer refuses blocked wallets' outbound calls, "
+         f"requested top-ups are paid after 1 s)")
 
     pipeline = Pipeline(settings)
     metrics.set_ready(health, pipeline.ready)
+    gate = DialerGate(store, accounts)
+    payer = TopupPayer(settings, store, accounts, delay_s=1.0)
+    payer.start()
     produced = [0]
     producer_done = threading.Event()
 
@@ -95,7 +108,8 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
         try:
             produce_traffic(settings, count=count, per_second=rate, seed=seed, duplicate_rate=0.02,
                             malformed_rate=0.01, start=datetime.now(UTC) - timedelta(hours=6),
-                            on_sent=lambda n: produced.__setitem__(0, n), stop=pipeline.stop)
+                            on_sent=lambda n: produced.__setitem__(0, n), stop=pipeline.stop,
+                            gate=gate.allows)
         finally:
             producer_done.set()
 
@@ -113,7 +127,8 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
         elapsed = now - p.started
         line = (f"[{elapsed:5.0f} s] produced {produced[0]:>8,}  consumed {p.consumed:>8,} "
                 f"({p.consumed / max(elapsed, 1e-9):>6,.0f}/s)  lag {p.lag:>6,}  rejected {p.rejected:>5,}  "
-                f"duplicates {p.duplicates:>5,}  blocked {p.blocked:>3}  top-ups {p.topups:>3}  "
+                f"duplicates {p.duplicates:>5,}  blocked {p.blocked:>3}  top-ups {p.topups:>3} "
+                f"(paid {payer.paid:>3})  "
                 f"p99 {_pct(latencies[-2000:], 0.99):.2f} s")
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
@@ -122,13 +137,17 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
     except KeyboardInterrupt:
         pipeline.stop.set()
         raise
+    finally:
+        payer.stop()
     if tty:
         print(file=sys.stderr)
     producer_done.wait(30)
+    if payer.error is not None:
+        raise payer.error
     elapsed = progress.last_message - progress.started
 
     blocked_now = sum(1 for a in accounts if (store.wallet(a) or {}).get("blocked") == "1")
-    balances = store.balances(accounts)
+    balances = store.balances(a for a, acc in accounts.items() if acc.billing == "prepaid")
     lowest = sorted(balances.items(), key=lambda kv: kv[1])[:5]
     echo("\n== operator summary")
     echo(f"   events consumed      {progress.consumed:>12,}   ({progress.consumed / max(elapsed, 1e-9):,.0f}/s "
@@ -137,10 +156,16 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
     echo(f"   rejected             {progress.rejected:>12,}   (sent byte for byte to {settings.topics.rejected})")
     echo(f"   duplicates ignored   {progress.duplicates:>12,}   (never charged twice)")
     echo(f"   revenue charged      {format_micros(progress.charged_micros):>12} {catalog.currency}")
-    echo(f"   wallets blocked      {progress.blocked:>12,}   (now blocked: {blocked_now})")
-    echo(f"   top-ups requested    {progress.topups:>12,}")
+    echo(f"   monthly fees         {fees.charged:>12,}   accounts charged {format_micros(fees.total)} "
+         f"{catalog.currency} before the traffic ({blocked_at_start} wallets blocked at the start)")
+    echo(f"   wallets blocked      {progress.blocked:>12,}   by usage (now blocked: {blocked_now})")
+    echo(f"   refused by dialer    {gate.refused:>12,}   outbound call/SMS attempts of blocked wallets "
+         f"(never became CDRs)")
+    echo(f"   top-ups requested    {progress.topups:>12,}   by usage ({payer.requested:,} in all, fees included)")
+    echo(f"   top-ups paid         {payer.paid:>12,}   {format_micros(payer.paid_micros)} {catalog.currency}; "
+         f"{payer.unblocked:,} wallets unblocked by them")
     echo(f"   produce->queryable   p50 {_pct(latencies, 0.5):.3f} s   p99 {_pct(latencies, 0.99):.3f} s")
-    echo("   lowest balances      " + ", ".join(f"{a} {format_micros(b)}" for a, b in lowest))
+    echo("   lowest prepaid       " + ", ".join(f"{a} {format_micros(b)}" for a, b in lowest))
     echo("\n== analyst report (ClickHouse: rated_usage, wallet_events, rejected_events and views)")
     print_report(settings.clickhouse_dsn, settings.clickhouse_database, echo)
     echo(f"\nThe data stays in {settings.clickhouse_dsn}; query it with `METERING_CLICKHOUSE_DSN="

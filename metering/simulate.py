@@ -17,8 +17,12 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
                     duplicate_rate: float = 0.0, malformed_rate: float = 0.0,
                     start: datetime | None = None, progress: bool = False,
                     on_sent: Callable[[int], None] | None = None,
-                    stop: threading.Event | None = None) -> int:
-    """Produce `count` events (keyed by account) at about `per_second` (0: flat out)."""
+                    stop: threading.Event | None = None,
+                    gate: Callable[[str, bytes], bool] | None = None) -> int:
+    """Produce `count` events (keyed by account) at about `per_second` (0: flat out).
+    `gate(account_id, value)` False: the attempt is refused (the demo's dialer refusing a
+    blocked wallet's outbound call) and never produced; it still counts towards `count`.
+    Returns the number produced."""
     now = datetime.now(UTC)
     start = start or now - timedelta(hours=2)
     catalog = load_catalog_dict(settings.catalog_path)
@@ -27,10 +31,13 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
     delivery = kafka_io.DeliveryCheck()
     topic = settings.topics.events
     began = time.monotonic()
-    sent = 0
+    sent = attempts = 0
     for key, value in generate_events(catalog, accounts, count=count, seed=seed, start=start,
                                       duplicate_rate=duplicate_rate, malformed_rate=malformed_rate,
                                       now=now):
+        attempts += 1
+        if gate is not None and not gate(key, value):
+            continue
         kafka_io.produce(producer, topic, value, key.encode(), delivery)
         sent += 1
         if sent % 1000 == 0:
@@ -40,7 +47,7 @@ def produce_traffic(settings: Settings, *, count: int, per_second: float = 0, se
             if stop is not None and stop.is_set():
                 break
             if per_second > 0:
-                ahead = sent / per_second - (time.monotonic() - began)
+                ahead = attempts / per_second - (time.monotonic() - began)
                 if ahead > 0:
                     time.sleep(ahead)
             if progress and sent % 20000 == 0:

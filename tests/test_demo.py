@@ -13,6 +13,8 @@ import pytest
 
 from metering.demo import DEMO_REDIS_DB, demo_redis_url
 from metering.local_services import ensure_started
+from rating.accounts import load_accounts
+from rating.catalog import load_catalog
 from wallet_debiter.redis_store import RedisWalletStore, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,23 @@ def test_demo_streams_traffic_and_prints_summary_and_report(tmp_path: Path) -> N
         return int(m.group(1).replace(",", ""))
 
     consumed = number("events consumed")
-    assert consumed == 6000
+    # 6000 attempts: what the dialer refused (blocked wallets' outbound calls) never became a CDR
+    assert consumed + number("refused by dialer") == 6000
     assert number("rated") + number("rejected") + number("duplicates ignored") == consumed
+    catalog = load_catalog(ROOT / "deploy/examples/catalog.yaml")
+    with_fee = [a for a in load_accounts(ROOT / "deploy/examples/accounts.yaml", catalog).values()
+                if catalog.plans[a.plan_id].monthly_fee_pico > 0]
+    assert number("monthly fees") == len(with_fee) > 0
+    assert re.search(rf"^\s*recurring\s+{len(with_fee)}\s", out, re.M), out  # the fees, in ClickHouse
+    # every requested top-up (by usage or by a fee) was paid once; Redis holds one credit per payment
+    requested = re.search(r"top-ups requested.*\(([\d,]+) in all", out)
+    assert requested, out
+    paid = number("top-ups paid")
+    assert paid == int(requested.group(1).replace(",", "")) > 0
+    demo_redis = connect(demo_url)
+    payments = [ref for key in demo_redis.scan_iter(match="c:*") for ref in demo_redis.hkeys(key)
+                if ref.startswith(b"auto-topup:")]
+    assert len(payments) == paid
     assert number("rejected") > 0 and number("duplicates ignored") > 0
     for section in ("Usage and revenue by country and package", "Top accounts by spend",
                     "Rejected input by reason", "Wallet events"):
