@@ -178,7 +178,7 @@ def test_wallet_view_shows_balance_holds_and_package_usage_this_period(env: Env)
     """GET /v1/accounts/{id}/wallet: the billing page's numbers, live from Redis."""
     env.accounts(account("s", plan="starter", balance="0.10", period_anchor_day=28),
                  account("post", plan="business", billing="postpaid", balance="-0.50", credit_limit="1.00"),
-                 account("payg", plan="payg", balance="2.00"))
+                 account("payg", plan="payg", balance="2.00"), account("gb", home_country="GB"))
     period = period_start(datetime.now(UTC), 28).isoformat()
     # europe: 8 of 10 minutes used this period (last period's 10 do not count); us-domestic
     # (unlimited, fair use 10 minutes): 1 minute
@@ -208,6 +208,9 @@ def test_wallet_view_shows_balance_holds_and_package_usage_this_period(env: Env)
         assert (doc["billing"], doc["available"], doc["credit_limit"]) == ("postpaid", "0.500000", "1.000000")
         resp = await client.get("/v1/accounts/nobody/wallet")
         assert (resp.status, await resp.json()) == (404, {"error": "unknown account", "field": "account_id"})
+        # us-domestic covers calls to the home country only: a GB account never uses it
+        doc = await (await client.get("/v1/accounts/gb/wallet")).json()
+        assert [p["package_id"] for p in doc["packages"]] == ["europe"]
 
     env.run(body)
 
@@ -332,8 +335,55 @@ def test_unknown_route_and_method_are_json(env: Env) -> None:
         assert resp.status == 404 and (await resp.json())["error"]
         resp = await client.put(f"/v1/accounts/acc-1/authorize?to={US_FIXED}")
         assert resp.status == 405 and (await resp.json())["error"]
+        assert set(resp.headers["Allow"].replace(" ", "").split(",")) >= {"GET"}  # RFC 9110
 
     env.run(body)
+
+
+def test_account_ids_with_braces_reach_their_routes(env: Env) -> None:
+    """Account ids are any 1..128 characters; aiohttp's plain {id} route stops at braces."""
+    env.accounts(account("x{1}", plan="payg", balance="1.00"))
+
+    async def body(client: Client) -> None:
+        status, doc = await _get(client, "x%7B1%7D", US_FIXED)
+        assert (status, doc["allowed"], doc["max_duration_s"]) == (200, True, 6000)
+        status, doc = await _reserve(client, "x%7B1%7D", to=US_FIXED, max_duration_s=60, reservation_id="r-1")
+        assert status == 201 and doc["reservation_id"] == "r-1"
+        resp = await client.get("/v1/accounts/x%7B1%7D/wallet")
+        assert resp.status == 200 and (await resp.json())["held"] == "0.010000"
+        resp = await client.delete("/v1/accounts/x%7B1%7D/reservations/r-1")
+        assert resp.status == 204
+
+    env.run(body)
+    assert env.holds("x{1}") == {}
+
+
+def test_content_encodings_the_api_cannot_read_are_415_json(env: Env) -> None:
+    """aiohttp reads a body with an unknown Content-Encoding as if plain: acting on it could
+    hold money for a request the client meant otherwise. Brotli is decoded like gzip."""
+    import brotli
+
+    env.accounts(account(plan="payg", balance="1.00"))
+    url = "/v1/accounts/acc-1/reservations"
+    plain = b'{"to": "+12025550123", "max_duration_s": 60}'
+
+    async def body(client: Client) -> None:
+        for coding in ("foo", "gzip, br", "compress"):
+            resp = await client.post(url, data=plain, headers={"Content-Type": "application/json",
+                                                               "Content-Encoding": coding})
+            doc = await resp.json()
+            assert (resp.status, resp.content_type) == (415, "application/json"), (coding, doc)
+            assert coding in doc["error"] and doc["field"] is None
+        resp = await client.get(f"/v1/accounts/acc-1/authorize?to={US_FIXED}", headers={"Content-Encoding": "br"})
+        assert resp.status == 200  # no body: nothing to decode
+        resp = await client.post(url, data=b"not brotli", headers={"Content-Encoding": "br"})
+        doc = await resp.json()
+        assert resp.status == 400 and doc["error"].startswith("body: cannot be read"), doc
+        resp = await client.post(url, data=brotli.compress(plain), headers={"Content-Encoding": "br"})
+        assert resp.status == 201, await resp.text()
+
+    env.run(body)
+    assert len(env.holds("acc-1")) == 1  # only the readable brotli body held money
 
 
 # --------------------------------------------------------------------- reservations

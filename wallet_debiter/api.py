@@ -83,6 +83,7 @@ UNKNOWN_ACCOUNT_BODY: Final = {"allowed": False, "reason": UNKNOWN_ACCOUNT,
 _RID_RE: Final = re.compile(RESERVATION_ID_PATTERN)
 _BODY_KEYS: Final = ("to", "max_duration_s", "reservation_id")
 _MAX_BODY: Final = 64 * 1024
+_CODINGS: Final = frozenset({"identity", "gzip", "deflate", "br", "zstd"})  # what aiohttp decodes (br: Brotli)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -239,6 +240,8 @@ async def wallet(request: web.Request) -> web.Response:
     packages = []
     for pid in plan.packages:
         pkg = catalog.packages[pid]
+        if pkg.scope == "domestic" and w.home_country not in pkg.countries:
+            continue  # covers calls to the home country only, which it does not hold: never applies
         limit = pkg.limit_s  # None: unlimited without fair use, nothing is counted
         used = None if limit is None else snap.used_s.get(pid, 0)
         held = None if limit is None else snap.held_s.get(pid, 0)
@@ -401,6 +404,11 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     reason = "-"
     resp: web.StreamResponse
     try:
+        coding = request.headers.get("Content-Encoding")
+        if coding is not None and coding.strip().lower() not in _CODINGS:
+            # aiohttp would read the body as if plain: never act on a body not understood
+            raise ApiError(415, {"error": f"Content-Encoding {coding!r} is not supported (one of: "
+                                          f"{', '.join(sorted(_CODINGS))})", "field": None}, "bad_request", close=True)
         resp = await handler(request)
         reason = request.get(REASON, "-")
     except ApiError as exc:
@@ -409,6 +417,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             resp.force_close()
     except web.HTTPException as exc:  # unknown route (404), wrong method (405), body too large (413)
         resp = _json(exc.status, {"error": exc.reason, "field": None})
+        if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
         reason = "http_error"
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         log(logger, logging.ERROR, "redis unavailable", route=route, error=repr(exc))
@@ -446,10 +456,11 @@ def make_app(
     app = web.Application(middlewares=[_observe], client_max_size=_MAX_BODY)
     app[STATE] = state
     app.add_routes([
-        web.get("/v1/accounts/{id}/authorize", authorize),
-        web.post("/v1/accounts/{id}/reservations", create_reservation),
-        web.delete("/v1/accounts/{id}/reservations/{rid}", release_reservation),
-        web.get("/v1/accounts/{id}/wallet", wallet),
+        # {id:[^/]+}: aiohttp's plain {id} stops at "{" and "}", which account ids may hold
+        web.get("/v1/accounts/{id:[^/]+}/authorize", authorize),
+        web.post("/v1/accounts/{id:[^/]+}/reservations", create_reservation),
+        web.delete("/v1/accounts/{id:[^/]+}/reservations/{rid:[^/]+}", release_reservation),
+        web.get("/v1/accounts/{id:[^/]+}/wallet", wallet),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
