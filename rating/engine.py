@@ -60,6 +60,7 @@ _NO_RATE = Rate("", (), 0)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 _E164_FIELDS = frozenset({"to", "from"})
+_KIND_REPRS = frozenset({"'call'", "'sms'", "'meter'"})
 _TIME_FIELD: dict[type, str] = {CallEvent: "started_at", SmsEvent: "sent_at", MeterEvent: "at"}
 
 # One output row per input event, in this column order (RatedRecord has the same fields).
@@ -129,7 +130,10 @@ def _validation_rejection(message: str) -> Rejection:
     field = at.group(1) if at else ""
     text = message.split(" - at ")[0]
     if field == "kind" and text.startswith("Invalid value"):
-        return Rejection("unknown_kind", f"kind: {text.removeprefix('Invalid value ')} is not call, sms or meter")
+        value = text.removeprefix("Invalid value ")
+        if value in _KIND_REPRS:  # a valid kind refused: the tag was read from an earlier "kind" key
+            return Rejection("invalid_field", f"kind: given more than once with different values ({value} last)")
+        return Rejection("unknown_kind", f"kind: {value} is not call, sms or meter")
     if not field:
         return Rejection("invalid_field", f"(event): {text}")
     if field in _E164_FIELDS and "matching regex" in text:

@@ -184,6 +184,8 @@ def test_sms_and_meters() -> None:
         (meter("x", b"999999999999.9999995"), "invalid_field", "quantity"),
         (sms("x", "+15550002222", 256), "invalid_field", "segments"),
         (b'{"kind":"fax","event_id":"x","account_id":"acc-1"}', "unknown_kind", "kind"),
+        # "kind" twice, both valid: not an unknown kind (the detail used to say "'sms' is not sms")
+        (b'{"kind":"call","kind":"sms","event_id":"x","account_id":"acc-1"}', "invalid_field", "kind"),
         # bad bytes in a field the decoder skips are still bad input
         (call("x", "+4420", 5)[:-1] + b',"vendor":"\xff\xfe"}', "invalid_json", None),
         # nested deeper than the decoder goes (~1000): a reject, never a crash of the stream
