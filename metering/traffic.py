@@ -161,7 +161,7 @@ Entry = tuple[str, str, int]
 
 def load_catalog_dict(path: str | Path) -> dict[str, Any]:
     """Read a catalog YAML file as plain data (no validation: rating/ validates)."""
-    data = parse_yaml(Path(path).read_text(encoding="utf-8"))
+    data = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping")
     return data
@@ -169,7 +169,7 @@ def load_catalog_dict(path: str | Path) -> dict[str, Any]:
 
 def load_accounts_list(path: str | Path) -> list[dict[str, Any]]:
     """Read accounts YAML (`accounts: [...]` or a bare list) as plain dicts (no validation)."""
-    data = parse_yaml(Path(path).read_text(encoding="utf-8"))
+    data = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
     items = data.get("accounts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of accounts or a mapping with key accounts")

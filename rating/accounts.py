@@ -129,7 +129,7 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
 def load_accounts(path: str | Path, catalog: Catalog) -> dict[str, Account]:
     p = Path(path)
     try:
-        data = parse_yaml(p.read_text(encoding="utf-8"))
+        data = parse_yaml(p.read_text(encoding="utf-8"), str(p))
     except OSError as exc:
         raise AccountsError(str(p), [f"(file): cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:

@@ -516,7 +516,7 @@ def load_catalog(path: str | Path) -> Catalog:
     except UnicodeDecodeError as exc:
         raise CatalogError(str(p), [f"(file): not UTF-8 text (byte {exc.start})"]) from None
     try:
-        data = parse_yaml(text)
+        data = parse_yaml(text, str(p))
     except YAMLError as exc:
         raise CatalogError(str(p), [f"(yaml): {exc}"]) from None
     return _validate(data, str(p))

@@ -238,3 +238,45 @@ def test_more_mistakes_are_each_listed() -> None:
     with pytest.raises(AccountsError) as info:
         parse_accounts({"accounts": [account()], "acounts_extra": 1}, parse_catalog(catalog_dict()))
     assert info.value.errors == ["acounts_extra: unknown key (the file holds `accounts:` only)"]
+
+
+def test_yaml_merge_keys_work_and_complex_keys_are_refused(tmp_path: Path) -> None:
+    """`<<: *base` merges as YAML defines it (written keys win); a key written twice is still
+    refused; a list or mapping as a key is a YAML error naming the file, not a TypeError."""
+    text = (ROOT / "tests/data/spec_catalog.yaml").read_text(encoding="utf-8")
+    merged = text.replace("  europe:      {", "  europe: &eu {", 1).replace(
+        "plans:\n", "  eu-fixed: {<<: *eu, classes: [fixed], minutes: 200}\nplans:\n", 1)
+    path = tmp_path / "merged.yaml"
+    path.write_text(merged, encoding="utf-8")
+    cat = load_catalog(path)
+    eu, eu_fixed = cat.packages["europe"], cat.packages["eu-fixed"]
+    assert (eu_fixed.countries, eu_fixed.scope) == (eu.countries, "international")
+    assert (sorted(eu_fixed.classes), eu_fixed.allowance_s, eu.allowance_s) == (["fixed"], 200 * 60, 1000 * 60)
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text("base: &b {a: 1}\nm: {<<: *b, a: 2, a: 3}\n", encoding="utf-8")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(doubled)
+    assert "found the key 'a' twice" in str(info.value)
+    for body in ("? [x]\n: 1\n", "version: v1\n? {a: 1}\n: 2\n"):
+        complex_key = tmp_path / "complex.yaml"
+        complex_key.write_text(body, encoding="utf-8")
+        with pytest.raises(CatalogError) as info:
+            load_catalog(complex_key)
+        assert "found a complex key (a list or mapping); keys must be plain text" in str(info.value)
+        assert f'in "{complex_key}", line' in str(info.value) and "<unicode string>" not in str(info.value)
+        with pytest.raises(AccountsError) as acc_info:
+            load_accounts(complex_key, cat)
+        assert "keys must be plain text" in str(acc_info.value)
+
+
+def test_yaml_values_python_cannot_hold_are_yaml_errors(tmp_path: Path) -> None:
+    """`2026-13-01` is read as a date and an integer of 5 000 digits as an int: both raised a
+    ValueError out of the loader (a traceback, exit 1)."""
+    for body in ("version: 2026-13-01\n", "version: 1" + "0" * 5000 + "\n"):
+        path = tmp_path / "bad.yaml"
+        path.write_text(body, encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(path)],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert "(yaml): cannot read this value:" in proc.stderr and f'in "{path}", line 1, column 10' in proc.stderr
+        assert "Traceback" not in proc.stderr
