@@ -9,6 +9,7 @@ from typing import Any
 
 from rating.catalog import BILLING_MODES, Catalog
 from rating.money import MoneyError, parse_micros
+from rating.shown import shown
 from rating.yaml_text import YAMLError, parse_yaml
 
 _ACCOUNT_KEYS = {
@@ -43,7 +44,7 @@ def _money(errors: list[str], path: str, value: Any, *, allow_negative: bool = T
     if value is None:
         return None
     if isinstance(value, float):
-        errors.append(f'{path}: money must be a quoted decimal string like "10.00", got the float {value!r}')
+        errors.append(f'{path}: money must be a quoted decimal string like "10.00", got the float {shown(value)}')
         return None
     try:
         return parse_micros(value, allow_negative=allow_negative)
@@ -64,14 +65,14 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
     for i, item in enumerate(items):
         path = f"accounts[{i}]"
         if not isinstance(item, dict):
-            errors.append(f"{path}: expected a mapping, got {item!r}")
+            errors.append(f"{path}: expected a mapping, got {shown(item)}")
             continue
         for key in item:
             if key not in _ACCOUNT_KEYS:
                 errors.append(f"{path}.{key}: unknown key (allowed: {', '.join(sorted(_ACCOUNT_KEYS))})")
         acc_id = item.get("id")
         if not isinstance(acc_id, str) or not 1 <= len(acc_id) <= 128:
-            errors.append(f"{path}.id: expected a string of 1..128 chars, got {acc_id!r}")
+            errors.append(f"{path}.id: expected a string of 1..128 chars, got {shown(acc_id)}")
             continue
         path = f"accounts[{i}] ({acc_id})"
         if acc_id in seen_ids:
@@ -80,22 +81,22 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
         plan_id = item.get("plan")
         plan = catalog.plans.get(str(plan_id))
         if plan is None:
-            errors.append(f"{path}.plan: unknown plan {plan_id!r} (plans: {', '.join(sorted(catalog.plans))})")
+            errors.append(f"{path}.plan: unknown plan {shown(plan_id)} (plans: {', '.join(sorted(catalog.plans))})")
         home = item.get("home_country")
         if not isinstance(home, str) or not re.fullmatch(r"[A-Z]{2}", home):
-            errors.append(f"{path}.home_country: expected an ISO alpha-2 code, got {home!r}")
+            errors.append(f"{path}.home_country: expected an ISO alpha-2 code, got {shown(home)}")
         billing = item.get("billing", plan.billing if plan else "prepaid")
         if billing not in BILLING_MODES:
-            errors.append(f"{path}.billing: expected prepaid or postpaid, got {billing!r}")
+            errors.append(f"{path}.billing: expected prepaid or postpaid, got {shown(billing)}")
         anchor = item.get("period_anchor_day", 1)
         if not isinstance(anchor, int) or isinstance(anchor, bool) or not 1 <= anchor <= 28:
-            errors.append(f"{path}.period_anchor_day: expected an integer 1..28, got {anchor!r}")
+            errors.append(f"{path}.period_anchor_day: expected an integer 1..28, got {shown(anchor)}")
         balance = _money(errors, f"{path}.balance", item.get("balance", "0"))
         topup = item.get("auto_topup")
         threshold = amount = None
         if topup is not None:
             if not isinstance(topup, dict) or set(topup) != {"threshold", "amount"}:
-                errors.append(f"{path}.auto_topup: expected {{threshold, amount}} or null, got {topup!r}")
+                errors.append(f"{path}.auto_topup: expected {{threshold, amount}} or null, got {shown(topup)}")
             else:
                 for key in ("threshold", "amount"):
                     if topup[key] is None:

@@ -20,6 +20,7 @@ from rating.money import (
     format_micros,
     parse_price_pico,
 )
+from rating.shown import shown
 from rating.yaml_text import YAMLError, parse_yaml
 from schemas.events import MAX_CALL_SECONDS, MAX_SMS_SEGMENTS
 
@@ -190,7 +191,7 @@ def _unknown_keys(errs: _Errors, path: str, data: Mapping[str, Any], allowed: se
 
 def _price(errs: _Errors, path: str, value: Any) -> int:
     if isinstance(value, float):
-        errs.add(path, f'prices must be quoted decimal strings like "0.0125", got the float {value!r}')
+        errs.add(path, f'prices must be quoted decimal strings like "0.0125", got the float {shown(value)}')
         return 0
     try:
         return parse_price_pico(value)
@@ -214,12 +215,13 @@ def _mapping(errs: _Errors, path: str, value: Any, *, required: bool = True) -> 
 
 def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
     if not isinstance(item, dict):
-        errs.add(path, f"expected a mapping with prefix and prices, got {item!r}")
+        errs.add(path, f"expected a mapping with prefix and prices, got {shown(item)}")
         return None
     _unknown_keys(errs, path, item, _RATE_KEYS)
-    prefix = str(item.get("prefix", ""))
-    if not _PREFIX_RE.fullmatch(prefix) or isinstance(item.get("prefix"), int):
-        errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {item.get("prefix")!r}')
+    raw_prefix = item.get("prefix")
+    prefix = raw_prefix if isinstance(raw_prefix, str) else ""
+    if not _PREFIX_RE.fullmatch(prefix):
+        errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {shown(raw_prefix)}')
     connect = _price(errs, f"{path}.connect_fee", item.get("connect_fee", "0"))
     has_simple = "increments" in item or "per_minute" in item
     if "intervals" in item and has_simple:
@@ -237,16 +239,16 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
         for i, iv in enumerate(raw):
             ipath = f"{path}.intervals[{i}]"
             if not isinstance(iv, dict):
-                errs.add(ipath, f"expected a mapping, got {iv!r}")
+                errs.add(ipath, f"expected a mapping, got {shown(iv)}")
                 broken = True
                 continue
             _unknown_keys(errs, ipath, iv, _INTERVAL_KEYS)
             start, inc = iv.get("from_s"), iv.get("increment_s")
             if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-                errs.add(f"{ipath}.from_s", f"expected an integer >= 0, got {start!r}")
+                errs.add(f"{ipath}.from_s", f"expected an integer >= 0, got {shown(start)}")
                 broken = True
             if not _pos_int(inc):
-                errs.add(f"{ipath}.increment_s", f"expected a positive integer, got {inc!r}")
+                errs.add(f"{ipath}.increment_s", f"expected a positive integer, got {shown(inc)}")
                 broken = True
             if "per_minute" not in iv:
                 errs.add(f"{ipath}.per_minute", "missing (a decimal string)")
@@ -282,7 +284,7 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             or len(inc_raw) != 2
             or not all(_pos_int(x) for x in inc_raw)
         ):
-            errs.add(f"{path}.increments", f"expected [first, next] positive integers, got {inc_raw!r}")
+            errs.add(f"{path}.increments", f"expected [first, next] positive integers, got {shown(inc_raw)}")
             return None
         first, nxt = inc_raw
         intervals = [Interval(0, first, pm, first), Interval(first, None, pm, nxt)]
@@ -302,10 +304,10 @@ def _validate(data: Any, source: str) -> Catalog:
     _unknown_keys(errs, "", data, _TOP_KEYS)
     version = data.get("version")
     if not isinstance(version, str) or not version:
-        errs.add("version", f'expected a non-empty string like "2026-11-01", got {version!r}')
+        errs.add("version", f'expected a non-empty string like "2026-11-01", got {shown(version)}')
     currency = data.get("currency")
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency or ""):
-        errs.add("currency", f"expected an ISO 4217 code like USD, got {currency!r}")
+        errs.add("currency", f"expected an ISO 4217 code like USD, got {shown(currency)}")
 
     # destinations
     dests: dict[str, Destination] = {}
@@ -316,24 +318,24 @@ def _validate(data: Any, source: str) -> Catalog:
     for i, item in enumerate(raw_dests):
         path = f"destinations[{i}]"
         if not isinstance(item, dict):
-            errs.add(path, f"expected a mapping, got {item!r}")
+            errs.add(path, f"expected a mapping, got {shown(item)}")
             continue
         _unknown_keys(errs, path, item, _DEST_KEYS)
         prefix, country, cls = item.get("prefix"), item.get("country"), item.get("class")
         ok = True
         if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
-            errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {prefix!r}')
+            errs.add(f"{path}.prefix", f'expected a quoted string of 1..15 digits, got {shown(prefix)}')
             ok = False
         if not isinstance(country, str) or not _COUNTRY_RE.fullmatch(country):
-            errs.add(f"{path}.country", f"expected an ISO 3166 alpha-2 code like GB, got {country!r}")
+            errs.add(f"{path}.country", f"expected an ISO 3166 alpha-2 code like GB, got {shown(country)}")
             ok = False
         if cls not in DEST_CLASSES:
-            errs.add(f"{path}.class", f"expected one of {', '.join(DEST_CLASSES)}, got {cls!r}")
+            errs.add(f"{path}.class", f"expected one of {', '.join(DEST_CLASSES)}, got {shown(cls)}")
             ok = False
         if ok:
             assert isinstance(prefix, str) and isinstance(country, str) and isinstance(cls, str)
             if prefix in dests:
-                errs.add(f"{path}.prefix", f"duplicate prefix {prefix!r} in destinations")
+                errs.add(f"{path}.prefix", f"duplicate prefix {shown(prefix)} in destinations")
             dests[prefix] = Destination(prefix, country, cls)
 
     # zones
@@ -343,7 +345,7 @@ def _validate(data: Any, source: str) -> Catalog:
         if not isinstance(members, list) or not members or not all(
             isinstance(c, str) and _COUNTRY_RE.fullmatch(c) for c in members
         ):
-            errs.add(path, f"expected a non-empty list of ISO alpha-2 country codes, got {members!r}")
+            errs.add(path, f"expected a non-empty list of ISO alpha-2 country codes, got {shown(members)}")
             continue
         zones[str(name)] = frozenset(members)
 
@@ -360,7 +362,7 @@ def _validate(data: Any, source: str) -> Catalog:
             if rate is None:
                 continue
             if rate.prefix in table:
-                errs.add(f"{path}[{i}].prefix", f"duplicate prefix {rate.prefix!r} in rate table {name!r}")
+                errs.add(f"{path}[{i}].prefix", f"duplicate prefix {shown(rate.prefix)} in rate table {shown(name)}")
             table[rate.prefix] = rate
         raw_rates[str(name)] = table
 
@@ -369,7 +371,7 @@ def _validate(data: Any, source: str) -> Catalog:
     for name, spec in _mapping(errs, "packages", data.get("packages"), required=False).items():
         path = f"packages.{name}"
         if not isinstance(spec, dict):
-            errs.add(path, f"expected a mapping, got {spec!r}")
+            errs.add(path, f"expected a mapping, got {shown(spec)}")
             continue
         _unknown_keys(errs, path, spec, _PACKAGE_KEYS)
         countries_raw = spec.get("countries")
@@ -377,49 +379,49 @@ def _validate(data: Any, source: str) -> Catalog:
         if isinstance(countries_raw, str) and countries_raw.startswith("zone:"):
             zone = countries_raw[5:]
             if zone not in zones:
-                errs.add(f"{path}.countries", f"unknown zone {zone!r} (zones: {', '.join(sorted(zones)) or 'none'})")
+                errs.add(f"{path}.countries", f"unknown zone {shown(zone)} (zones: {', '.join(sorted(zones)) or 'none'})")
             countries = set(zones.get(zone, ()))
         elif isinstance(countries_raw, list) and countries_raw:
             for j, c in enumerate(countries_raw):
                 if isinstance(c, str) and c.startswith("zone:"):
                     if c[5:] not in zones:
-                        errs.add(f"{path}.countries[{j}]", f"unknown zone {c[5:]!r}")
+                        errs.add(f"{path}.countries[{j}]", f"unknown zone {shown(c[5:])}")
                     countries |= zones.get(c[5:], frozenset())
                 elif isinstance(c, str) and _COUNTRY_RE.fullmatch(c):
                     countries.add(c)
                 else:
-                    errs.add(f"{path}.countries[{j}]", f"expected an ISO alpha-2 code or zone:NAME, got {c!r}")
+                    errs.add(f"{path}.countries[{j}]", f"expected an ISO alpha-2 code or zone:NAME, got {shown(c)}")
         else:
-            errs.add(f"{path}.countries", f"expected a list of countries or \"zone:NAME\", got {countries_raw!r}")
+            errs.add(f"{path}.countries", f"expected a list of countries or \"zone:NAME\", got {shown(countries_raw)}")
         classes_raw = spec.get("classes")
         classes: set[str] = set()
         if not isinstance(classes_raw, list) or not classes_raw:
-            errs.add(f"{path}.classes", f"expected a non-empty list of classes, got {classes_raw!r}")
+            errs.add(f"{path}.classes", f"expected a non-empty list of classes, got {shown(classes_raw)}")
         else:
             for j, c in enumerate(classes_raw):
                 if c in NEVER_COVERED:
-                    errs.add(f"{path}.classes[{j}]", f"class {c!r} is never covered by a package")
+                    errs.add(f"{path}.classes[{j}]", f"class {shown(c)} is never covered by a package")
                 elif c not in DEST_CLASSES:
-                    errs.add(f"{path}.classes[{j}]", f"expected fixed or mobile, got {c!r}")
+                    errs.add(f"{path}.classes[{j}]", f"expected fixed or mobile, got {shown(c)}")
                 else:
                     classes.add(c)
         scope = spec.get("scope", "international")
         if scope not in SCOPES:
-            errs.add(f"{path}.scope", f"expected domestic or international, got {scope!r}")
+            errs.add(f"{path}.scope", f"expected domestic or international, got {shown(scope)}")
         minutes: Any = spec.get("minutes")
         fair: Any = spec.get("fair_use_minutes")
         allowance_s: int | None = None
         fair_s: int | None = None
         if minutes == "unlimited":
             if fair is not None and not _pos_int(fair):
-                errs.add(f"{path}.fair_use_minutes", f"expected a positive integer, got {fair!r}")
+                errs.add(f"{path}.fair_use_minutes", f"expected a positive integer, got {shown(fair)}")
             fair_s = int(fair) * 60 if _pos_int(fair) else None
         elif _pos_int(minutes):
             allowance_s = int(minutes) * 60
             if fair is not None:
                 errs.add(f"{path}.fair_use_minutes", "only unlimited packages have a fair-use limit")
         else:
-            errs.add(f"{path}.minutes", f"expected a positive integer or \"unlimited\", got {minutes!r}")
+            errs.add(f"{path}.minutes", f"expected a positive integer or \"unlimited\", got {shown(minutes)}")
         packages[str(name)] = Package(str(name), frozenset(countries), frozenset(classes), str(scope), allowance_s, fair_s)
 
     # plans
@@ -430,27 +432,27 @@ def _validate(data: Any, source: str) -> Catalog:
     for name, spec in raw_plans.items():
         path = f"plans.{name}"
         if not isinstance(spec, dict):
-            errs.add(path, f"expected a mapping, got {spec!r}")
+            errs.add(path, f"expected a mapping, got {shown(spec)}")
             continue
         _unknown_keys(errs, path, spec, _PLAN_KEYS)
         billing = spec.get("billing", "prepaid")
         if billing not in BILLING_MODES:
-            errs.add(f"{path}.billing", f"expected prepaid or postpaid, got {billing!r}")
+            errs.add(f"{path}.billing", f"expected prepaid or postpaid, got {shown(billing)}")
         table_name = spec.get("rate_table")
         if table_name not in raw_rates:
-            errs.add(f"{path}.rate_table", f"names a missing rate table {table_name!r} (tables: {', '.join(sorted(raw_rates)) or 'none'})")
+            errs.add(f"{path}.rate_table", f"names a missing rate table {shown(table_name)} (tables: {', '.join(sorted(raw_rates)) or 'none'})")
         inbound = spec.get("inbound_rate_table")
         if inbound is not None and inbound not in raw_rates:
-            errs.add(f"{path}.inbound_rate_table", f"names a missing rate table {inbound!r}")
+            errs.add(f"{path}.inbound_rate_table", f"names a missing rate table {shown(inbound)}")
         pkgs = spec.get("packages", []) or []
         if not isinstance(pkgs, list):
-            errs.add(f"{path}.packages", f"expected a list of package names, got {pkgs!r}")
+            errs.add(f"{path}.packages", f"expected a list of package names, got {shown(pkgs)}")
             pkgs = []
         for j, p in enumerate(pkgs):
             if p not in packages:
-                errs.add(f"{path}.packages[{j}]", f"names a missing package {p!r}")
+                errs.add(f"{path}.packages[{j}]", f"names a missing package {shown(p)}")
             elif p in pkgs[:j]:
-                errs.add(f"{path}.packages[{j}]", f"lists package {p!r} twice")
+                errs.add(f"{path}.packages[{j}]", f"lists package {shown(p)} twice")
         sms = _mapping(errs, f"{path}.sms", spec.get("sms"), required=False)
         _unknown_keys(errs, f"{path}.sms", sms, {"outbound", "inbound"})
         sms_out = _price(errs, f"{path}.sms.outbound", sms.get("outbound", "0"))
@@ -468,7 +470,7 @@ def _validate(data: Any, source: str) -> Catalog:
                 errs.add(f"{path}.meters.{m}", "meter names may use letters, digits and _ . : - (1..64 chars)")
         allow_premium = spec.get("allow_premium", True)
         if not isinstance(allow_premium, bool):
-            errs.add(f"{path}.allow_premium", f"expected true or false, got {allow_premium!r}")
+            errs.add(f"{path}.allow_premium", f"expected true or false, got {shown(allow_premium)}")
         fee = _price(errs, f"{path}.monthly_fee", spec.get("monthly_fee", "0"))
         plans[str(name)] = Plan(
             plan_id=str(name),

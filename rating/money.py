@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from rating.shown import shown
+
 MICROS = 1_000_000
 PICO = 1_000_000_000_000
 PICO_PER_MICRO = PICO // MICROS
@@ -32,9 +34,9 @@ _DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 def _decimal(text: object, example: str) -> Decimal:
     if not isinstance(text, str | int) or isinstance(text, bool):
-        raise MoneyError(f"expected a decimal string like \"{example}\", got {text!r}")
+        raise MoneyError(f"expected a decimal string like \"{example}\", got {shown(text)}")
     if isinstance(text, str) and not _DECIMAL_TEXT.fullmatch(text):
-        raise MoneyError(f"expected a decimal string like \"{example}\", got {text!r}")
+        raise MoneyError(f"expected a decimal string like \"{example}\", got {shown(text)}")
     return Decimal(text)
 
 
@@ -42,10 +44,10 @@ def parse_price_pico(text: object) -> int:
     """Decimal text ("0.0125") -> integer pico-units. Rejects floats, negatives, >12 places."""
     value = _decimal(text, "0.0125")
     if value < 0:
-        raise MoneyError(f"price must be >= 0, got {text!r}")
+        raise MoneyError(f"price must be >= 0, got {shown(text)}")
     scaled = value.scaleb(PRICE_DECIMALS)
     if scaled != scaled.to_integral_value():
-        raise MoneyError(f"at most {PRICE_DECIMALS} decimal places, got {text!r}")
+        raise MoneyError(f"at most {PRICE_DECIMALS} decimal places, got {shown(text)}")
     return int(scaled)
 
 
@@ -53,10 +55,10 @@ def parse_micros(text: object, *, allow_negative: bool = True) -> int:
     """Decimal text ("12.34") -> integer micros; more than 6 places is an error, not a rounding."""
     value = _decimal(text, "12.50")
     if value < 0 and not allow_negative:
-        raise MoneyError(f"must be >= 0, got {text!r}")
+        raise MoneyError(f"must be >= 0, got {shown(text)}")
     scaled = value.scaleb(6)
     if scaled != scaled.to_integral_value():
-        raise MoneyError(f"at most 6 decimal places, got {text!r}")
+        raise MoneyError(f"at most 6 decimal places, got {shown(text)}")
     return int(scaled)
 
 

@@ -280,3 +280,43 @@ def test_yaml_values_python_cannot_hold_are_yaml_errors(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert "(yaml): cannot read this value:" in proc.stderr and f'in "{path}", line 1, column 10' in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def _alias_bomb(anchor: str = "l", levels: int = 9) -> str:
+    """A YAML flow list of a few hundred bytes whose repr() is hundreds of megabytes."""
+    items = [f"&{anchor}0 [" + ", ".join(["lol"] * 9) + "]"]
+    items += [f"&{anchor}{n} [" + ", ".join([f"*{anchor}{n - 1}"] * 9) + "]" for n in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+def test_error_messages_show_values_shortened(tmp_path: Path) -> None:
+    """A value 1 000 lists deep made repr() raise RecursionError (a traceback); an alias bomb
+    under currency made a 522 MB message. Every message shows a shortened value."""
+    data = catalog_dict()
+    deep: list[Any] = []
+    for _ in range(1000):
+        deep = [deep]
+    data["version"] = deep
+    data["rate_tables"]["standard"][0]["per_minute"] = "9" * 1000
+    errors = _errors(data)
+    assert "version: expected a non-empty string like \"2026-11-01\", got [[[...]]]" in errors, errors
+    assert any(e.startswith("rate_tables.standard[0].per_minute: expected a decimal string")
+               or e.startswith("rate_tables.standard[0]: a 86400 s call") for e in errors), errors
+    assert max(len(e) for e in errors) < 300, errors
+    text = (ROOT / "tests/data/spec_catalog.yaml").read_text(encoding="utf-8")
+    bombed = tmp_path / "bomb.yaml"
+    bombed.write_text(text.replace("currency: USD", "currency: " + _alias_bomb())
+                      .replace('per_minute: "0.0100"', "per_minute: " + _alias_bomb("p")),
+                      encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(bombed)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr) < 1000, proc.stderr[:2000]
+    assert "currency: expected an ISO 4217 code like USD, got [['lol', 'lol', 'lol', 'lol', ...], [[...], [...]" in proc.stderr
+    assert "rate_tables.standard[0].per_minute: expected a decimal string" in proc.stderr
+    accounts = tmp_path / "accounts.yaml"
+    accounts.write_text(f"accounts:\n  - {{id: a1, plan: starter, home_country: {_alias_bomb()}, balance: {_alias_bomb('b')}}}\n",
+                        encoding="utf-8")
+    with pytest.raises(AccountsError) as info:
+        load_accounts(accounts, load_catalog(ROOT / "tests/data/spec_catalog.yaml"))
+    assert [e.split(":")[0] for e in info.value.errors] == ["accounts[0] (a1).home_country", "accounts[0] (a1).balance"]
+    assert max(len(e) for e in info.value.errors) < 300, info.value.errors
