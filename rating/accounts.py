@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rating.catalog import BILLING_MODES, Catalog
+from rating.catalog import BILLING_MODES, Catalog, name_text
 from rating.money import MoneyError, parse_micros
 from rating.shown import shown
 from rating.yaml_text import YAMLError, parse_yaml
@@ -78,9 +78,14 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
         if acc_id in seen_ids:
             errors.append(f"{path}.id: duplicate account id")
         seen_ids.add(acc_id)
-        plan_id = item.get("plan")
-        plan = catalog.plans.get(str(plan_id))
-        if plan is None:
+        plan_id = name_text(item.get("plan"))  # `plan: 2026` is plan "2026", as in the catalog
+        plan = None if plan_id is None else catalog.plans.get(plan_id)
+        if "plan" not in item or item["plan"] is None:
+            errors.append(f"{path}.plan: missing (plans: {', '.join(sorted(catalog.plans))})")
+        elif plan_id is None:
+            errors.append(f"{path}.plan: expected a plan name, got {shown(item.get('plan'))} "
+                          f"(plans: {', '.join(sorted(catalog.plans))})")
+        elif plan is None:
             errors.append(f"{path}.plan: unknown plan {shown(plan_id)} (plans: {', '.join(sorted(catalog.plans))})")
         home = item.get("home_country")
         if not isinstance(home, str) or not re.fullmatch(r"[A-Z]{2}", home):

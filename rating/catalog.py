@@ -8,7 +8,7 @@ prices as integer pico-units, intervals as tuples.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,47 @@ def _mapping(errs: _Errors, path: str, value: Any, *, required: bool = True) -> 
     return value
 
 
+def name_text(value: object) -> str | None:
+    """A name as the catalog knows it: text, or an integer (YAML reads unquoted `2026` as one)
+    as its digits, so that `rate_table: 2026` finds `rate_tables: {2026: ...}` and an
+    account's `plan: 2026` finds plan 2026. None for anything else (a list, a date, true...)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _named(errs: _Errors, section: str, entries: Mapping[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """(name, value) for the entries of a section whose key is a name (name_text); the others
+    are errors, and so is a name given twice (`2026:` and `"2026":`)."""
+    seen: set[str] = set()
+    for key, value in entries.items():
+        name = name_text(key)
+        if name is None:
+            errs.add(f"{section}.{shown(key)}", f"a name must be text, got the {type(key).__name__} "
+                                                f"{shown(key)} (quote it)")
+        elif name in seen:
+            errs.add(f"{section}.{name}", "given twice (once as a number, once as text)")
+        else:
+            seen.add(name)
+            yield name, value
+
+
+def _reference(errs: _Errors, path: str, value: Any, what: str, known: Mapping[str, Any]) -> str | None:
+    """The name `value` refers to when it is one in `known`; otherwise an error and None."""
+    name = name_text(value)
+    if value is None:
+        errs.add(path, f"missing: the name of a {what} ({what}s: {', '.join(sorted(known)) or 'none'})")
+    elif name is None:
+        errs.add(path, f"expected a {what} name, got {shown(value)}")
+    elif name not in known:
+        errs.add(path, f"names a missing {what} {shown(name)} ({what}s: {', '.join(sorted(known)) or 'none'})")
+    else:
+        return name
+    return None
+
+
 def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
     if not isinstance(item, dict):
         errs.add(path, f"expected a mapping with prefix and prices, got {shown(item)}")
@@ -340,18 +381,18 @@ def _validate(data: Any, source: str) -> Catalog:
 
     # zones
     zones: dict[str, frozenset[str]] = {}
-    for name, members in _mapping(errs, "zones", data.get("zones"), required=False).items():
+    for name, members in _named(errs, "zones", _mapping(errs, "zones", data.get("zones"), required=False)):
         path = f"zones.{name}"
         if not isinstance(members, list) or not members or not all(
             isinstance(c, str) and _COUNTRY_RE.fullmatch(c) for c in members
         ):
             errs.add(path, f"expected a non-empty list of ISO alpha-2 country codes, got {shown(members)}")
             continue
-        zones[str(name)] = frozenset(members)
+        zones[name] = frozenset(members)
 
     # rate tables
     raw_rates: dict[str, dict[str, Rate]] = {}
-    for name, items in _mapping(errs, "rate_tables", data.get("rate_tables")).items():
+    for name, items in _named(errs, "rate_tables", _mapping(errs, "rate_tables", data.get("rate_tables"))):
         path = f"rate_tables.{name}"
         if not isinstance(items, list) or not items:
             errs.add(path, "expected a non-empty list of rates")
@@ -364,11 +405,11 @@ def _validate(data: Any, source: str) -> Catalog:
             if rate.prefix in table:
                 errs.add(f"{path}[{i}].prefix", f"duplicate prefix {shown(rate.prefix)} in rate table {shown(name)}")
             table[rate.prefix] = rate
-        raw_rates[str(name)] = table
+        raw_rates[name] = table
 
     # packages
     packages: dict[str, Package] = {}
-    for name, spec in _mapping(errs, "packages", data.get("packages"), required=False).items():
+    for name, spec in _named(errs, "packages", _mapping(errs, "packages", data.get("packages"), required=False)):
         path = f"packages.{name}"
         if not isinstance(spec, dict):
             errs.add(path, f"expected a mapping, got {shown(spec)}")
@@ -399,9 +440,9 @@ def _validate(data: Any, source: str) -> Catalog:
             errs.add(f"{path}.classes", f"expected a non-empty list of classes, got {shown(classes_raw)}")
         else:
             for j, c in enumerate(classes_raw):
-                if c in NEVER_COVERED:
+                if isinstance(c, str) and c in NEVER_COVERED:
                     errs.add(f"{path}.classes[{j}]", f"class {shown(c)} is never covered by a package")
-                elif c not in DEST_CLASSES:
+                elif not isinstance(c, str) or c not in DEST_CLASSES:
                     errs.add(f"{path}.classes[{j}]", f"expected fixed or mobile, got {shown(c)}")
                 else:
                     classes.add(c)
@@ -422,14 +463,15 @@ def _validate(data: Any, source: str) -> Catalog:
                 errs.add(f"{path}.fair_use_minutes", "only unlimited packages have a fair-use limit")
         else:
             errs.add(f"{path}.minutes", f"expected a positive integer or \"unlimited\", got {shown(minutes)}")
-        packages[str(name)] = Package(str(name), frozenset(countries), frozenset(classes), str(scope), allowance_s, fair_s)
+        packages[name] = Package(name, frozenset(countries), frozenset(classes), scope if isinstance(scope, str) else "",
+                                 allowance_s, fair_s)
 
     # plans
     plans: dict[str, Plan] = {}
     raw_plans = _mapping(errs, "plans", data.get("plans"))
     if not raw_plans and isinstance(data.get("plans"), dict):
         errs.add("plans", "at least one plan is needed")
-    for name, spec in raw_plans.items():
+    for name, spec in _named(errs, "plans", raw_plans):
         path = f"plans.{name}"
         if not isinstance(spec, dict):
             errs.add(path, f"expected a mapping, got {shown(spec)}")
@@ -438,21 +480,22 @@ def _validate(data: Any, source: str) -> Catalog:
         billing = spec.get("billing", "prepaid")
         if billing not in BILLING_MODES:
             errs.add(f"{path}.billing", f"expected prepaid or postpaid, got {shown(billing)}")
-        table_name = spec.get("rate_table")
-        if table_name not in raw_rates:
-            errs.add(f"{path}.rate_table", f"names a missing rate table {shown(table_name)} (tables: {', '.join(sorted(raw_rates)) or 'none'})")
-        inbound = spec.get("inbound_rate_table")
-        if inbound is not None and inbound not in raw_rates:
-            errs.add(f"{path}.inbound_rate_table", f"names a missing rate table {shown(inbound)}")
-        pkgs = spec.get("packages", []) or []
-        if not isinstance(pkgs, list):
-            errs.add(f"{path}.packages", f"expected a list of package names, got {shown(pkgs)}")
-            pkgs = []
-        for j, p in enumerate(pkgs):
-            if p not in packages:
-                errs.add(f"{path}.packages[{j}]", f"names a missing package {shown(p)}")
-            elif p in pkgs[:j]:
-                errs.add(f"{path}.packages[{j}]", f"lists package {shown(p)} twice")
+        table_name = _reference(errs, f"{path}.rate_table", spec.get("rate_table"), "rate table", raw_rates)
+        inbound_raw = spec.get("inbound_rate_table")
+        inbound = None
+        if inbound_raw is not None:
+            inbound = _reference(errs, f"{path}.inbound_rate_table", inbound_raw, "rate table", raw_rates)
+        pkgs_raw = spec.get("packages", []) or []
+        if not isinstance(pkgs_raw, list):
+            errs.add(f"{path}.packages", f"expected a list of package names, got {shown(pkgs_raw)}")
+            pkgs_raw = []
+        pkgs: list[str] = []
+        for j, p in enumerate(pkgs_raw):
+            pkg_name = _reference(errs, f"{path}.packages[{j}]", p, "package", packages)
+            if pkg_name is not None and pkg_name in pkgs:
+                errs.add(f"{path}.packages[{j}]", f"lists package {shown(pkg_name)} twice")
+            elif pkg_name is not None:
+                pkgs.append(pkg_name)
         sms = _mapping(errs, f"{path}.sms", spec.get("sms"), required=False)
         _unknown_keys(errs, f"{path}.sms", sms, {"outbound", "inbound"})
         sms_out = _price(errs, f"{path}.sms.outbound", sms.get("outbound", "0"))
@@ -472,13 +515,13 @@ def _validate(data: Any, source: str) -> Catalog:
         if not isinstance(allow_premium, bool):
             errs.add(f"{path}.allow_premium", f"expected true or false, got {shown(allow_premium)}")
         fee = _price(errs, f"{path}.monthly_fee", spec.get("monthly_fee", "0"))
-        plans[str(name)] = Plan(
-            plan_id=str(name),
+        plans[name] = Plan(
+            plan_id=name,
             monthly_fee_pico=fee,
-            billing=str(billing),
-            rate_table=str(table_name),
-            inbound_rate_table=None if inbound is None else str(inbound),
-            packages=tuple(str(p) for p in pkgs),
+            billing=billing if isinstance(billing, str) else "",
+            rate_table=table_name or "",
+            inbound_rate_table=inbound,
+            packages=tuple(pkgs),
             sms_outbound_pico=sms_out,
             sms_inbound_pico=sms_in,
             meters_pico=meters,

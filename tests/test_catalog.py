@@ -320,3 +320,73 @@ def test_error_messages_show_values_shortened(tmp_path: Path) -> None:
         load_accounts(accounts, load_catalog(ROOT / "tests/data/spec_catalog.yaml"))
     assert [e.split(":")[0] for e in info.value.errors] == ["accounts[0] (a1).home_country", "accounts[0] (a1).balance"]
     assert max(len(e) for e in info.value.errors) < 300, info.value.errors
+
+
+def test_a_name_that_is_a_list_or_mapping_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """A list or mapping where a name belongs raised TypeError (unhashable) from a set or
+    dict lookup: a traceback and exit 1 from `metering catalog check`."""
+    data = catalog_dict()
+    data["plans"]["starter"]["rate_table"] = ["standard"]
+    data["plans"]["starter"]["inbound_rate_table"] = {"a": 1}
+    data["plans"]["starter"]["packages"] = [["us-domestic"], "europe"]
+    data["packages"]["europe"]["classes"] = [["fixed"], "mobile"]
+    data["plans"]["payg"]["rate_table"] = True
+    data["plans"]["business"]["billing"] = [[["x"] * 9] * 9] * 9
+    del data["plans"]["business"]["rate_table"]
+    errors = _errors(data)
+    assert errors == [
+        "packages.europe.classes[0]: expected fixed or mobile, got ['fixed']",
+        "plans.starter.rate_table: expected a rate table name, got ['standard']",
+        "plans.starter.inbound_rate_table: expected a rate table name, got {'a': 1}",
+        "plans.starter.packages[0]: expected a package name, got ['us-domestic']",
+        "plans.payg.rate_table: expected a rate table name, got True",
+        "plans.business.billing: expected prepaid or postpaid, got [[[...], [...], [...], [...], ...], [[...], [...], "
+        "[...], [...], ...], [[...], [...], [...], [...], ...], [[...], [.....",
+        "plans.business.rate_table: missing: the name of a rate table (rate tables: inbound, standard)",
+    ], errors
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [account(plan=["starter"]), account("a2", plan=None)]}, parse_catalog(catalog_dict()))
+    assert info.value.errors == [
+        "accounts[0] (acc-1).plan: expected a plan name, got ['starter'] (plans: business, payg, starter)",
+        "accounts[1] (a2).plan: missing (plans: business, payg, starter)",
+    ]
+    path = tmp_path / "listed.yaml"
+    path.write_text((ROOT / "tests/data/spec_catalog.yaml").read_text(encoding="utf-8")
+                    .replace("rate_table: standard", "rate_table: [standard]"), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "  - plans.starter.rate_table: expected a rate table name, got ['standard']\n" in proc.stderr
+
+
+def test_numeric_names_are_found_by_numeric_references(tmp_path: Path) -> None:
+    """`rate_tables: {2026: ...}` and `rate_table: 2026` are both the integer 2026 in YAML: the
+    table was stored as "2026" but looked up as 2026 ("names a missing rate table 2026 (tables:
+    2026)"). An integer reference is its text; other non-text names and references are errors."""
+    data = catalog_dict()
+    data["rate_tables"][2026] = data["rate_tables"].pop("standard")
+    data["packages"][7] = data["packages"].pop("europe")
+    data["plans"][100] = data["plans"].pop("starter")
+    for plan in data["plans"].values():
+        plan["rate_table"] = 2026
+        plan["packages"] = [7 if p == "europe" else p for p in plan.get("packages", [])]
+    cat = parse_catalog(data)
+    assert (cat.plans["100"].rate_table, cat.plans["100"].packages) == ("2026", ("us-domestic", "7"))
+    accounts = parse_accounts({"accounts": [account(plan=100), account("a2", plan="100")]}, cat)
+    assert accounts["acc-1"].plan_id == accounts["a2"].plan_id == "100"
+    data["rate_tables"]["2026"] = data["rate_tables"][2026]
+    data["zones"][True] = ["GB"]
+    data["plans"][1.5] = {"rate_table": "2026", "sms": {"outbound": "0", "inbound": "0"}}
+    data["plans"]["payg"]["rate_table"] = 2026.0
+    assert _errors(data) == [
+        "zones.True: a name must be text, got the bool True (quote it)",
+        "rate_tables.2026: given twice (once as a number, once as text)",
+        "plans.payg.rate_table: expected a rate table name, got 2026.0",
+        "plans.1.5: a name must be text, got the float 1.5 (quote it)",
+    ]
+    path = tmp_path / "numeric.yaml"
+    path.write_text((ROOT / "tests/data/spec_catalog.yaml").read_text(encoding="utf-8")
+                    .replace("  standard:", "  2026:").replace("rate_table: standard", "rate_table: 2026"), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "plan starter: prepaid, rates 2026," in proc.stdout, proc.stderr
