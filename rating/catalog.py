@@ -446,15 +446,20 @@ def _validate(data: Any, source: str) -> Catalog:
                     errs.add(f"{path}.classes[{j}]", f"expected fixed or mobile, got {shown(c)}")
                 else:
                     classes.add(c)
-        scope = spec.get("scope", "international")
-        if scope not in SCOPES:
+        scope = spec.get("scope")
+        if "scope" not in spec:  # no default: SPEC lists it as required, and a guess changes coverage
+            errs.add(f"{path}.scope", "missing: domestic (calls to the account's home country only) or international")
+        elif scope not in SCOPES:
             errs.add(f"{path}.scope", f"expected domestic or international, got {shown(scope)}")
         minutes: Any = spec.get("minutes")
         fair: Any = spec.get("fair_use_minutes")
         allowance_s: int | None = None
         fair_s: int | None = None
         if minutes == "unlimited":
-            if fair is not None and not _pos_int(fair):
+            if fair is None:  # SPEC rule 4: an unlimited package covers calls until its fair use is used up
+                errs.add(f"{path}.fair_use_minutes", "missing: an unlimited package needs its fair-use limit "
+                                                     "(minutes per period covered before calls are charged)")
+            elif not _pos_int(fair):
                 errs.add(f"{path}.fair_use_minutes", f"expected a positive integer, got {shown(fair)}")
             fair_s = int(fair) * 60 if _pos_int(fair) else None
         elif _pos_int(minutes):
@@ -496,7 +501,15 @@ def _validate(data: Any, source: str) -> Catalog:
                 errs.add(f"{path}.packages[{j}]", f"lists package {shown(pkg_name)} twice")
             elif pkg_name is not None:
                 pkgs.append(pkg_name)
-        sms = _mapping(errs, f"{path}.sms", spec.get("sms"), required=False)
+        # No default: a plan without SMS prices would rate every SMS free. "0" says so.
+        sms: dict[str, Any] = {}
+        if "sms" not in spec:
+            errs.add(f"{path}.sms", 'missing: SMS prices per segment, e.g. {outbound: "0.0075", inbound: "0"} ("0": free)')
+        else:
+            sms = _mapping(errs, f"{path}.sms", spec["sms"])
+            for direction in ("outbound", "inbound"):
+                if sms and direction not in sms:
+                    errs.add(f"{path}.sms.{direction}", 'missing: a price per segment like "0.0075" ("0": free)')
         _unknown_keys(errs, f"{path}.sms", sms, {"outbound", "inbound"})
         sms_out = _price(errs, f"{path}.sms.outbound", sms.get("outbound", "0"))
         sms_in = _price(errs, f"{path}.sms.inbound", sms.get("inbound", "0"))

@@ -75,7 +75,7 @@ BASE_CATALOG: dict[str, Any] = {
         "payg": {"rate_table": "standard", "sms": {"outbound": "0.0100", "inbound": "0.0010"}},
         "business": {
             "billing": "postpaid", "rate_table": "standard", "inbound_rate_table": "inbound",
-            "packages": ["europe"],
+            "packages": ["europe"], "sms": {"outbound": "0", "inbound": "0"},
         },
     },
 }

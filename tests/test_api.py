@@ -119,7 +119,8 @@ def env(tmp_path: Path, redis_url: str) -> Env:
     client = connect(redis_url)
     client.flushdb()
     data = catalog_dict()
-    data["plans"]["nopremium"] = {"rate_table": "standard", "allow_premium": False}
+    data["plans"]["nopremium"] = {"rate_table": "standard", "allow_premium": False,
+                                  "sms": {"outbound": "0", "inbound": "0"}}
     path = tmp_path / "catalog.yaml"
     e = Env(redis_url, path, data, client)
     e.write_catalog(data)

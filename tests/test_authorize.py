@@ -3,6 +3,7 @@ examples and a cross-check against the rating engine's own charges."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -122,10 +123,10 @@ def test_no_limit_is_null() -> None:
     acc = _acc("business", billing="postpaid", balance="-1000.00")
     d = _decide(acc, JP_FIXED, -1_000_000_000)
     assert d.as_json() == {"allowed": True, "reason": "ok", "max_duration_s": None, "balance": "-1000.000000"}
-    # Unlimited package without fair use: whatever was used, whatever the balance.
-    cat = catalog_dict()
-    del cat["packages"]["us-domestic"]["fair_use_minutes"]
-    unlimited = parse_catalog(cat)
+    # Unlimited package without fair use: whatever was used, whatever the balance. The catalog
+    # refuses one (fair_use_minutes is required); Package still allows it, so it is checked here.
+    unlimited = parse_catalog(catalog_dict())
+    unlimited.packages["us-domestic"] = dataclasses.replace(unlimited.packages["us-domestic"], fair_use_s=None)
     d = _decide(_acc("starter"), US_FIXED, 1, catalog=unlimited, used_s={"us-domestic": 10**9})
     assert (d.allowed, d.max_duration_s) == (True, None)
     # A free destination.

@@ -82,13 +82,20 @@ def test_single_errors_name_their_path(change, path: str) -> None:  # noqa: ANN0
 
 
 def test_optional_keys_take_their_defaults() -> None:
+    """Exactly SPEC's optional keys: a catalog with only the required ones loads."""
     data = catalog_dict()
     del data["zones"]
     data["packages"]["europe"]["countries"] = ["GB", "DE"]
+    del data["rate_tables"]["standard"][0]["connect_fee"]
     cat = parse_catalog(data)
     payg = cat.plans["payg"]
+    assert set(data["plans"]["payg"]) == {"rate_table", "sms"}
     assert payg.billing == "prepaid" and payg.allow_premium and payg.packages == ()
     assert payg.inbound_rate_table is None and payg.monthly_fee_pico == 0 and dict(payg.meters_pico) == {}
+    assert cat.rate_tables["standard"].lookup("1").connect_fee_pico == 0  # type: ignore[union-attr]
+    del data["packages"]
+    data["plans"] = {"payg": data["plans"]["payg"]}
+    assert parse_catalog(data).packages == {}
 
 
 def test_longest_prefix_wins_and_lookup_ignores_table_size() -> None:
@@ -226,7 +233,7 @@ def test_more_mistakes_are_each_listed() -> None:
     data["zones"]["empty"] = []
     data["plans"]["starter"]["packages"] = ["europe", "europe"]
     data["plans"]["starter"]["meters"] = {"": "0.1"}
-    data["plans"]["bad name!"] = {"rate_table": "standard"}
+    data["plans"]["bad name!"] = {"rate_table": "standard", "sms": {"outbound": "0", "inbound": "0"}}
     errors = _errors(data)
     n = len(data["rate_tables"]["standard"]) - 1
     for want in (f"rate_tables.standard[{n}].intervals[0].increment_s: expected a positive integer",
@@ -390,3 +397,26 @@ def test_numeric_names_are_found_by_numeric_references(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(path)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "plan starter: prepaid, rates 2026," in proc.stdout, proc.stderr
+
+
+def test_keys_spec_does_not_list_as_optional_are_required() -> None:
+    """SPEC lists the optional keys; sms, scope and an unlimited package's fair_use_minutes are
+    not among them. Defaulting them rated SMS free, made a package international and an
+    unlimited package limitless."""
+    data = catalog_dict()
+    del data["plans"]["payg"]["sms"]
+    del data["plans"]["starter"]["sms"]["inbound"]
+    data["plans"]["business"]["sms"] = None
+    del data["packages"]["europe"]["scope"]
+    del data["packages"]["us-domestic"]["fair_use_minutes"]
+    assert _errors(data) == [
+        "packages.us-domestic.fair_use_minutes: missing: an unlimited package needs its fair-use limit "
+        "(minutes per period covered before calls are charged)",
+        "packages.europe.scope: missing: domestic (calls to the account's home country only) or international",
+        "plans.starter.sms.inbound: missing: a price per segment like \"0.0075\" (\"0\": free)",
+        "plans.payg.sms: missing: SMS prices per segment, e.g. {outbound: \"0.0075\", inbound: \"0\"} (\"0\": free)",
+        "plans.business.sms: expected a mapping, got NoneType",
+    ]
+    free = catalog_dict()
+    free["plans"]["payg"]["sms"] = {"outbound": "0", "inbound": "0"}
+    assert parse_catalog(free).plans["payg"].sms_outbound_pico == 0
