@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rating.catalog import BILLING_MODES, Catalog, name_text
-from rating.money import MoneyError, parse_micros
+from rating.money import MAX_CHARGE_MICROS, MoneyError, format_micros, parse_micros
 from rating.shown import shown
 from rating.yaml_text import YAMLError, parse_yaml
 
@@ -47,10 +47,15 @@ def _money(errors: list[str], path: str, value: Any, *, allow_negative: bool = T
         errors.append(f'{path}: money must be a quoted decimal string like "10.00", got the float {shown(value)}')
         return None
     try:
-        return parse_micros(value, allow_negative=allow_negative)
+        micros = parse_micros(value, allow_negative=allow_negative)
     except MoneyError as exc:
         errors.append(f"{path}: {exc}")
         return None
+    if abs(micros) > MAX_CHARGE_MICROS:  # the same bound as one event's charge
+        errors.append(f"{path}: at most {format_micros(MAX_CHARGE_MICROS)} in magnitude, got {shown(value)} "
+                      "(Redis scripts are exact below 2^53 micros, ClickHouse Decimal(18, 6) below 1e12)")
+        return None
+    return micros
 
 
 def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dict[str, Account]:

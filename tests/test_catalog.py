@@ -420,3 +420,24 @@ def test_keys_spec_does_not_list_as_optional_are_required() -> None:
     free = catalog_dict()
     free["plans"]["payg"]["sms"] = {"outbound": "0", "inbound": "0"}
     assert parse_catalog(free).plans["payg"].sms_outbound_pico == 0
+
+
+def test_account_money_is_bounded_by_what_the_stores_hold_exactly() -> None:
+    """A balance of 99999999999999999999.5 was accepted: Redis scripts (doubles) are exact
+    below 2^53 micros and ClickHouse Decimal(18, 6) below 1e12 units. Every account amount is
+    at most rating.money.MAX_CHARGE_MICROS (1 000 000 000 units) in magnitude."""
+    cat = parse_catalog(catalog_dict())
+    big, limit = "99999999999999999999.5", "1000000000.000000"
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [
+            account("a1", balance=big), account("a2", balance="-1000000000.000001"),
+            account("a3", auto_topup={"threshold": big, "amount": big}),
+            account("a4", low_balance_alert=big, plan="business", billing="postpaid", credit_limit=big),
+        ]}, cat)
+    paths = ["a1).balance", "a2).balance", "a3).auto_topup.threshold", "a3).auto_topup.amount",
+             "a4).low_balance_alert", "a4).credit_limit"]
+    assert [e.split(" (")[1].split(":")[0] for e in info.value.errors] == paths, info.value.errors
+    assert info.value.errors[0] == (f"accounts[0] (a1).balance: at most {limit} in magnitude, got '{big}' (Redis "
+                                    "scripts are exact below 2^53 micros, ClickHouse Decimal(18, 6) below 1e12)")
+    ok = parse_accounts({"accounts": [account(balance="-" + limit, auto_topup={"threshold": limit, "amount": limit})]}, cat)
+    assert ok["acc-1"].balance == -10**15 and ok["acc-1"].topup_amount == 10**15
