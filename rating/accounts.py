@@ -78,11 +78,12 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
         acc_id = item.get("id")
         if not isinstance(acc_id, str) or not 1 <= len(acc_id) <= 128:
             errors.append(f"{path}.id: expected a string of 1..128 chars, got {shown(acc_id)}")
-            continue
-        path = f"accounts[{i}] ({acc_id})"
-        if acc_id in seen_ids:
-            errors.append(f"{path}.id: duplicate account id")
-        seen_ids.add(acc_id)
+            acc_id = None  # check the rest all the same: every error is listed
+        else:
+            path = f"accounts[{i}] ({acc_id})"
+            if acc_id in seen_ids:
+                errors.append(f"{path}.id: duplicate account id")
+            seen_ids.add(acc_id)
         plan_id = name_text(item.get("plan"))  # `plan: 2026` is plan "2026", as in the catalog
         plan = None if plan_id is None else catalog.plans.get(plan_id)
         if "plan" not in item or item["plan"] is None:
@@ -118,7 +119,7 @@ def parse_accounts(data: Any, catalog: Catalog, source: str = "<memory>") -> dic
                     errors.append(f"{path}.auto_topup.amount: must be > 0")
         alert = _money(errors, f"{path}.low_balance_alert", item.get("low_balance_alert"))
         limit = _money(errors, f"{path}.credit_limit", item.get("credit_limit"), allow_negative=False)
-        if errors:  # keep checking the rest: every error is listed
+        if errors or acc_id is None:  # keep checking the rest: every error is listed
             continue
         accounts[acc_id] = Account(
             account_id=acc_id,

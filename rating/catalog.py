@@ -302,23 +302,26 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             return None
         if starts[0] != 0:
             errs.add(f"{path}.intervals[0].from_s", f"the first interval must start at 0, got {starts[0]}")
+        unordered = False  # still check every interval: every error is listed
         for i in range(1, len(parsed)):
             if parsed[i][0] <= parsed[i - 1][0]:
                 errs.add(f"{path}.intervals[{i}].from_s", "intervals must be ordered by strictly increasing from_s")
-                return None
+                unordered = True
         for i, (start, pm, inc) in enumerate(parsed):
             end = parsed[i + 1][0] if i + 1 < len(parsed) else None
-            if end is not None and (end - start) % inc:
+            if end is not None and end > start and (end - start) % inc:
                 errs.add(
                     f"{path}.intervals[{i}]",
                     f"interval length {end - start}s (from_s {start} to {end}) is not a multiple of increment_s {inc}",
                 )
             intervals.append(Interval(start, end, pm, inc))
-    else:
-        if "per_minute" not in item:
-            errs.add(f"{path}.per_minute", "missing: give per_minute + increments, or intervals")
+        if unordered:
             return None
-        pm = _price(errs, f"{path}.per_minute", item["per_minute"])
+    else:
+        simple_ok = "per_minute" in item  # check increments too: every error is listed
+        if not simple_ok:
+            errs.add(f"{path}.per_minute", "missing: give per_minute + increments, or intervals")
+        pm = _price(errs, f"{path}.per_minute", item.get("per_minute", "0"))
         inc_raw = item.get("increments")
         if (
             not isinstance(inc_raw, list)
@@ -326,7 +329,10 @@ def _validate_rate(errs: _Errors, path: str, item: Any) -> Rate | None:
             or not all(_pos_int(x) for x in inc_raw)
         ):
             errs.add(f"{path}.increments", f"expected [first, next] positive integers, got {shown(inc_raw)}")
+            simple_ok = False
+        if not simple_ok:
             return None
+        assert isinstance(inc_raw, list)
         first, nxt = inc_raw
         intervals = [Interval(0, first, pm, first), Interval(first, None, pm, nxt)]
     # The longest call, rounded up by at most one increment, at the dearest stretch's price.

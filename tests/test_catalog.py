@@ -441,3 +441,31 @@ def test_account_money_is_bounded_by_what_the_stores_hold_exactly() -> None:
                                     "scripts are exact below 2^53 micros, ClickHouse Decimal(18, 6) below 1e12)")
     ok = parse_accounts({"accounts": [account(balance="-" + limit, auto_topup={"threshold": limit, "amount": limit})]}, cat)
     assert ok["acc-1"].balance == -10**15 and ok["acc-1"].topup_amount == 10**15
+
+
+def test_each_rate_and_account_reports_all_its_errors() -> None:
+    """A rate without per_minute reported that alone (its increments were not checked); after
+    an unordered interval the later intervals were not checked; an account with a bad id
+    skipped all its other checks."""
+    data = catalog_dict()
+    data["rate_tables"]["standard"].append({"prefix": "99", "increments": [0, 60]})
+    data["rate_tables"]["standard"].append({"prefix": "98", "intervals": [
+        {"from_s": 0, "per_minute": "0.1", "increment_s": 60},
+        {"from_s": 120, "per_minute": "0.1", "increment_s": 60},
+        {"from_s": 60, "per_minute": "0.1", "increment_s": 60},
+        {"from_s": 200, "per_minute": "0.1", "increment_s": 60},
+        {"from_s": 250, "per_minute": "0.1", "increment_s": 1}]})
+    assert _errors(data) == [
+        "rate_tables.standard[9].per_minute: missing: give per_minute + increments, or intervals",
+        "rate_tables.standard[9].increments: expected [first, next] positive integers, got [0, 60]",
+        "rate_tables.standard[10].intervals[2].from_s: intervals must be ordered by strictly increasing from_s",
+        "rate_tables.standard[10].intervals[2]: interval length 140s (from_s 60 to 200) is not a multiple of "
+        "increment_s 60",
+        "rate_tables.standard[10].intervals[3]: interval length 50s (from_s 200 to 250) is not a multiple of "
+        "increment_s 60",
+    ]
+    with pytest.raises(AccountsError) as info:
+        parse_accounts({"accounts": [account(5, plan="gold", balance=1.5, home_country="gb")]},  # type: ignore[arg-type]
+                       parse_catalog(catalog_dict()))
+    assert [e.split(":")[0] for e in info.value.errors] == [
+        "accounts[0].id", "accounts[0].plan", "accounts[0].home_country", "accounts[0].balance"]
