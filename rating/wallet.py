@@ -239,6 +239,7 @@ class MemoryWalletStore:
         pack = _PRIOR.pack
         add = out.append
         for account_id, event_id, amount, allowance_key, covered, fp, source, outcome, reservation in debits:
+            o_covered, o_charge, o_fue, o_thresholds = outcome  # packed below without a star-args tuple
             wallet = wallets.get(account_id) or self.wallet(account_id)
             seq = 0
             bits = 0
@@ -255,7 +256,7 @@ class MemoryWalletStore:
             # rate` of 1 M lines peaks at 344 MB instead of 604 MB; a value out of the
             # packed ranges (a balance beyond +-9.2e12 units) is kept unpacked
             try:
-                entry: bytes | Prior = pack(fp, balance, bits, *outcome, seq) + source.encode()
+                entry: bytes | Prior = pack(fp, balance, bits, o_covered, o_charge, o_fue, o_thresholds, seq) + source.encode()
             except struct.error:
                 entry = Prior(fp, source, outcome, balance, bits, seq)
             dedupe[(intern(account_id), event_id)] = entry

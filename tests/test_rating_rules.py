@@ -328,3 +328,31 @@ def test_a_conflicting_repeat_is_counted_and_logged_with_its_ids(caplog: pytest.
     [record] = [x for x in caplog.records if "other content" in x.getMessage()]
     fields = record.fields  # type: ignore[attr-defined]
     assert (fields["account_id"], fields["event_id"]) == ("acc-1", "e1") and fields["source"] == rows[1][26]
+
+
+def test_hot_path_shortcuts_agree_with_the_schema_and_the_fingerprint() -> None:
+    """The fingerprint (persisted in dedupe entries: it must never change) is BLAKE2b-64,
+    little-endian, of the event's msgpack form; the engine's own E.164 check is the schema's
+    pattern, and the error reported is still the schema's first in the document."""
+    import hashlib
+    import re
+
+    from rating.engine import P_FINGERPRINT, _e164
+    from schemas.events import E164, event_decoder
+
+    pattern = re.compile(E164.__metadata__[0].pattern)
+    for number in ("+1", "+123456789012345", "+1234567890123456", "+", "", "1", "++1", "+12\n", "+12\r",
+                   " +12", "+12 ", "+1\u00b2", "+\u0661\u0662", "+\uff11", "+12\x00", "+1a"):
+        assert _e164(number) == bool(pattern.search(number)), number
+    raw = call("e1", "+442071234567", 61)
+    row = make_rater([account(plan="payg")]).pricer.price([(raw, "0:1")], _now())[0]
+    canon = msgspec.msgpack.encode(event_decoder().decode(raw))
+    assert row[P_FINGERPRINT] == int.from_bytes(hashlib.blake2b(canon, digest_size=8).digest(), "little")
+    assert row[P_FINGERPRINT] == 3914204990477460262
+    body = ('{"kind":"call","event_id":"x","account_id":"acc-1","direction":"outbound","from":"+1555",'
+            '"started_at":"2026-11-10T10:00:00Z",')
+    bad_to_first = (body + '"to":"+44\\u0661","duration_s":-1}').encode()
+    bad_duration_first = (body + '"duration_s":-1,"to":"+44\\u0661"}').encode()
+    r = make_rater([account(plan="payg")])
+    assert [(x.reason, (x.detail or "").split(":")[0]) for x in records(r, bad_to_first, bad_duration_first)] == [
+        ("invalid_field", "to"), ("invalid_field", "duration_s")]
