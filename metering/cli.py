@@ -213,7 +213,8 @@ def setup(partitions: int | None) -> None:
 
 @main.command("run")
 @click.option("--catalog", "catalog_path", help="Catalog YAML (default METERING_CATALOG).")
-@click.option("--until-idle", type=float, help="Exit once nothing arrived for this many seconds and lag is 0.")
+@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True),
+              help="Exit once nothing arrived for this many seconds and lag is 0.")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics, /healthz, /readyz port (0: off).")
 def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | None) -> None:
     """Every stage in one process: usage.events -> rating -> Redis -> ClickHouse."""
@@ -267,7 +268,8 @@ def _stop_on_signals() -> threading.Event:
 
 @main.command("worker")
 @click.argument("stage", type=click.Choice(["rating", "debit", "sink", "alerts"]))
-@click.option("--until-idle", type=float, help="Exit once nothing arrived for this many seconds.")
+@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True),
+              help="Exit once nothing arrived for this many seconds.")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics, /healthz, /readyz port (0: off).")
 def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> None:
     """One stage as its own process; scale out by running more (Kafka consumer groups)."""
@@ -340,7 +342,7 @@ def accounts_show(account_id: str) -> None:
     store = RedisWalletStore(connect(_settings().redis_url))
     w = store.wallet(account_id)
     if w is None:
-        _fail(f"error: account {account_id!r} is not in Redis (metering accounts import FILE)", 1)
+        _fail(f"error: account {account_id!r} is not in Redis (metering accounts import FILE)")
     assert w is not None
     for key in ("plan", "billing", "home_country", "period_anchor_day"):
         click.echo(f"{key}: {w[key]}")
@@ -350,9 +352,20 @@ def accounts_show(account_id: str) -> None:
     for key in ("topup_threshold", "topup_amount", "low_balance_alert", "credit_limit"):
         if w[key]:
             click.echo(f"{key}: {format_micros(int(w[key]))}")
+    held_s: dict[str, int] = {}
     for field_name, seconds in sorted(store.allowance_used(account_id).items()):
         pkg, period = field_name.split("|")
         click.echo(f"package {pkg}, period from {period}: {seconds // 60} min {seconds % 60} s used")
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    holds = [h for h in store.holds(account_id).values() if h.expires_at_ms > now_ms]
+    for hold in holds:
+        if hold.field:
+            held_s[hold.field] = held_s.get(hold.field, 0) + hold.seconds
+    click.echo(f"holds (dialer reservations live now): {len(holds)}, money "
+               f"{format_micros(sum(h.amount for h in holds))}")
+    for field_name, seconds in sorted(held_s.items()):
+        pkg, period = field_name.split("|")
+        click.echo(f"package {pkg}, period from {period}: {seconds // 60} min {seconds % 60} s held")
 
 
 @accounts.command("credit", context_settings={"ignore_unknown_options": True})  # "-0.03" is an amount
@@ -366,22 +379,26 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     from confluent_kafka import KafkaException
 
     from metering import kafka_io
-    from rating.money import MoneyError, format_micros, parse_micros
+    from rating.money import MAX_CHARGE_MICROS, MoneyError, format_micros, parse_micros
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings()
     store = RedisWalletStore(connect(settings.redis_url))
     if store.wallet(account_id) is None:
-        _fail(f"error: account {account_id!r} is not in Redis", 1)
+        _fail(f"error: account {account_id!r} is not in Redis (metering accounts import FILE)")
     if topup_failed:
         if amount is not None:
             _fail("error: amount: --topup-failed moves no money; give no AMOUNT")
-        store.settle_topup_failed(account_id)
-        click.echo(f"{account_id}: open top-up request settled as failed")
+        if store.settle_topup_failed(account_id):
+            click.echo(f"{account_id}: open top-up request settled as failed (the next one may be requested)")
+        else:
+            click.echo(f"{account_id}: no open top-up request: nothing changed")
         return
     if amount is None or reference is None:
         _fail("error: AMOUNT and --reference are required (or --topup-failed)")
     assert amount is not None and reference is not None
+    if not reference.strip():
+        _fail("error: --reference: empty; give the payment's own id (it is the idempotency key)")
     try:
         micros = parse_micros(amount)
     except MoneyError as exc:
@@ -390,11 +407,17 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
     if micros == 0:
         _fail("error: amount: an adjustment of 0 changes nothing")
+    if abs(micros) > MAX_CHARGE_MICROS:
+        _fail(f"error: amount: at most {format_micros(MAX_CHARGE_MICROS)} per credit (what a wallet holds exactly)")
     producer = kafka_io.make_producer(settings)
     from metering.wallet_ops import apply_credit
+    from wallet_debiter.redis_store import BalanceOutOfRange
 
-    balance, record_kind, record_micros, replayed, _ = apply_credit(settings, store, producer, account_id, micros,
-                                                                    kind, reference)
+    try:
+        balance, record_kind, record_micros, replayed, _ = apply_credit(settings, store, producer, account_id,
+                                                                        micros, kind, reference)
+    except BalanceOutOfRange as exc:
+        _fail(f"error: amount: {exc}")
     try:
         kafka_io.flush(producer)
     except KafkaException as exc:
@@ -406,10 +429,9 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     elif (record_kind, record_micros) == (kind, micros):
         click.echo(f"{account_id}: {kind} {format_micros(micros)} already applied earlier with this reference: "
                    f"nothing changed (balance after it {format_micros(balance)})")
-    else:
-        click.echo(f"warning: {account_id}: reference {reference!r} was already used for a {record_kind} of "
-                   f"{format_micros(record_micros)}: nothing changed (not a {kind} of {format_micros(micros)})",
-                   err=True)
+    else:  # exit 2: a payment script must not take this for the credit it asked for
+        _fail(f"error: {account_id}: reference {reference!r} was already used for a {record_kind} of "
+              f"{format_micros(record_micros)}: nothing changed (not a {kind} of {format_micros(micros)})")
 
 
 @main.group()
@@ -503,8 +525,10 @@ def movements_export(account_id: str, start: datetime, end: datetime, out_path: 
     `at` is ISO 8601 UTC with milliseconds; money is a 6-place decimal string
     (amount signed: debits negative). Read from wallet_movements FINAL, so a replayed
     movement is one line. Rows are ordered by seq, the wallet's balance-change number in the
-    order Redis applied them: each balance_after is the previous line's plus its amount, also
-    after a CDR that arrived late (rows written before seq existed, seq 0, come first).
+    order Redis applied them: each balance_after is the previous line's plus its amount where
+    seq has no gap, also after a CDR that arrived late; a range selects rows by `at`, so a
+    movement applied in between with its `at` outside the range leaves a gap in seq, and the
+    chain resumes there (rows written before seq existed, seq 0, come first).
     --from is inclusive and --to exclusive on `at`: --from 2026-11-01 --to 2026-12-01 is all
     of November (UTC). A debit's `at` is its usage event's own time, a credit's the time it
     was applied.
@@ -590,11 +614,13 @@ def demo(seconds: float, rate: float, seed: int, metrics_port: int | None) -> No
 
 
 @main.command("simulate")
-@click.option("--count", type=int, default=100_000, show_default=True, help="Events to produce.")
-@click.option("--rate", "per_second", type=float, default=0, help="Events per second (0: as fast as possible).")
+@click.option("--count", type=click.IntRange(min=0), default=100_000, show_default=True, help="Events to produce.")
+@click.option("--rate", "per_second", type=click.FloatRange(min=0), default=0,
+              help="Events per second (0: as fast as possible).")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--duplicates", type=float, default=0.01, show_default=True, help="Share re-sent.")
-@click.option("--malformed", type=float, default=0.005, show_default=True, help="Share of bad input.")
+@click.option("--duplicates", type=click.FloatRange(0, 1), default=0.01, show_default=True, help="Share re-sent.")
+@click.option("--malformed", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Share of bad input.")
 @click.option("--accounts", "accounts_path", help="Accounts YAML (default METERING_ACCOUNTS).")
 def simulate(count: int, per_second: float, seed: int, duplicates: float, malformed: float,
              accounts_path: str | None) -> None:

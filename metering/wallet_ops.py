@@ -35,14 +35,17 @@ class CreditApplied(NamedTuple):
 
 
 def apply_credit(settings: Settings, store: RedisWalletStore, producer: Any, account_id: str, micros: int,
-                 kind: str, reference: str) -> CreditApplied:
+                 kind: str, reference: str, *, once_prefix: str = "") -> CreditApplied:
     """Apply a credit / top-up / adjustment once per reference (Redis), then produce its
     movement and the wallet events it caused (the caller flushes the producer). A replay
     re-sends both (the first run may have died before producing them) as first applied —
     same ids, amount, type and time, from Redis's record — so consumers drop them and
-    ClickHouse replaces the rows. A top-up settles the wallet's open top-up request."""
-    _, _, replayed = store.credit(account_id, micros, kind=kind, reference=reference,
-                                  settles_topup=kind == "topup", at=datetime.now(UTC))
+    ClickHouse replaces the rows. A top-up settles the wallet's open top-up request.
+    `once_prefix`: a credit recorded under any reference starting with it is this one (its
+    replay). Raises BalanceOutOfRange (nothing applied) past what a wallet holds exactly."""
+    _, _, replayed, reference = store.credit_once(account_id, micros, kind=kind, reference=reference,
+                                                  once_prefix=once_prefix, settles_topup=kind == "topup",
+                                                  at=datetime.now(UTC))
     record = store.credit_record(account_id, reference)
     if record is None:  # written just now by the same script: cannot happen
         raise RuntimeError(f"credit {reference!r} of {account_id!r} applied but not recorded in Redis")
@@ -70,9 +73,12 @@ class FeesCharged(NamedTuple):
 def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, catalog: Catalog, on: datetime,
                 warn: Callable[[str], None]) -> FeesCharged:
     """Charge every imported account its plan's monthly_fee for its billing period holding
-    `on`, once: the reference `fee:<period start>:<plan>` makes a second run in the same
-    period change nothing. A fee is a negative `adjustment` (the analyst views count it as
-    recurring) and follows the wallet rules of a debit (block, top-up request, alert)."""
+    `on`, once per period: the reference is `fee:<period start>:<plan>`, and a fee already
+    recorded for that period under any plan (`fee:<period start>:`) makes the run change
+    nothing for the account (a plan change mid-period does not charge a second fee; the new
+    plan's fee starts with the next period). A fee is a negative `adjustment` (the analyst
+    views count it as recurring) and follows the wallet rules of a debit (block, top-up
+    request, alert)."""
     charged = replayed = skipped = total = 0
     for account_id, account in sorted(store.load_accounts().items()):
         plan = catalog.plans.get(account.plan_id)
@@ -86,7 +92,7 @@ def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, cata
             continue
         period = period_start(on, account.period_anchor_day).isoformat()
         if apply_credit(settings, store, producer, account_id, -fee, "adjustment",
-                        f"fee:{period}:{plan.plan_id}").replayed:
+                        f"fee:{period}:{plan.plan_id}", once_prefix=f"fee:{period}:").replayed:
             replayed += 1
         else:
             charged += 1

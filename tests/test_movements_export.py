@@ -276,7 +276,7 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     # movement is the one Redis recorded (5.00), not the mistaken 7.00
     replay = subprocess.run([*cli, "accounts", "credit", account, "7.00", "--reference", "pay-1"], env=env,
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert replay.returncode == 2, replay.stderr[-3000:]  # a payment script must not take it for success
     assert "reference 'pay-1' was already used for a credit of 5.000000: nothing changed" in replay.stderr
 
     settings = Settings.from_env(env)

@@ -37,7 +37,7 @@ from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
 from tests.helpers import read_topic
-from wallet_debiter.redis_store import RedisWalletStore, connect
+from wallet_debiter.redis_store import RedisWalletStore, connect, wallet_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -731,6 +731,15 @@ def test_monthly_fees_charged_once_per_period_and_counted_as_recurring(live: dic
     after = store.balances(accounts)
     assert all(after[a] == before[a] - fees[acc.plan_id] for a, acc in accounts.items())
     assert f"fees: 0 accounts charged 0.000000 in all, {charged} already charged" in charge()
+    assert store.balances(accounts) == after
+    # a plan change within the period (what `accounts import` writes) charges no second fee:
+    # the new plan's fee starts with the next period
+    moved = next(a for a, acc in accounts.items() if acc.plan_id == "starter")
+    store.client.hset(wallet_key(moved), "plan", "pro")
+    try:
+        assert f"fees: 0 accounts charged 0.000000 in all, {charged} already charged" in charge()
+    finally:
+        store.client.hset(wallet_key(moved), "plan", "starter")
     assert store.balances(accounts) == after
     assert _run(live) == 0  # the sink takes the movements from wallet.movements
     anchor28 = next(a for a, acc in accounts.items() if acc.period_anchor_day == 28 and fees[acc.plan_id])

@@ -34,9 +34,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from rating.accounts import Account
+from rating.money import MAX_CHARGE_MICROS, format_micros
 from rating.wallet import (
     AllowanceKey,
     Applied,
@@ -48,6 +49,7 @@ from rating.wallet import (
     WalletState,
     decode_prior,
 )
+from wallet_debiter.reservations import Hold, decode_hold
 
 ACCOUNT_SET = "accounts"
 ACCOUNTS_VERSION = "accounts:version"  # bumped by every import: workers reload on change
@@ -191,6 +193,9 @@ class RedisWalletStore:
         self._apply = client.register_script(_lua("apply.lua"))
         self._credit = client.register_script(_lua("credit.lua"))
         self._positions_cas = client.register_script(_lua("positions.lua"))
+        self._topup_failed = client.register_script(
+            "if redis.call('HGET', KEYS[1], 'topup_pending') == '1' then "
+            "redis.call('HSET', KEYS[1], 'topup_pending', '0') return 1 end return 0")
         # positions the next apply checks and writes with the debits (standalone, see
         # bind_positions); positions_applied says whether a successful apply did
         self._bound: tuple[str, list[list[Any]]] | None = None
@@ -556,6 +561,12 @@ class RedisWalletStore:
             pipe.hget(wallet_key(a), "balance")
         return {a: int(b) for a, b in zip(ids, pipe.execute(), strict=True) if b is not None}
 
+    def holds(self, account_id: str) -> dict[str, Hold]:
+        """The dialer's reservations of a wallet (`h:{A}`), expired ones included (scripts drop
+        those lazily): reservation_id -> Hold."""
+        raw = cast(dict[bytes, bytes], self.client.hgetall(_keys(account_id)[3]))
+        return {k.decode(): decode_hold(v) for k, v in raw.items()}
+
     def allowance_used(self, account_id: str) -> dict[str, int]:
         raw = self.client.hgetall(_keys(account_id)[1])
         return {cast(bytes, k).decode(): int(v) for k, v in raw.items()}
@@ -565,14 +576,33 @@ class RedisWalletStore:
         settles_topup: bool = False, at: datetime | None = None,
     ) -> tuple[int, int, bool]:
         """Credit (or, negative, adjust) a wallet once per `reference`.
-        Returns (balance_after, EV_* bits, replayed)."""
+        Returns (balance_after, EV_* bits, replayed). Raises BalanceOutOfRange (nothing
+        applied) for a balance beyond what the stores hold exactly."""
+        balance, bits, replayed, _ = self.credit_once(account_id, amount, kind=kind, reference=reference,
+                                                      settles_topup=settles_topup, at=at)
+        return balance, bits, replayed
+
+    def credit_once(
+        self, account_id: str, amount: int, *, kind: str, reference: str, once_prefix: str = "",
+        settles_topup: bool = False, at: datetime | None = None,
+    ) -> tuple[int, int, bool, str]:
+        """`credit`, where a credit recorded under any reference starting with `once_prefix`
+        also counts as applied (e.g. `fee:2026-11-01:` for one fee per period whatever the
+        plan). Returns (balance_after, bits, replayed, the reference holding the record)."""
         at = at or datetime.now(UTC)
         tag = f"{{{account_id}}}"
-        balance, bits, replayed = self._credit(
-            keys=[f"w:{tag}", f"c:{tag}"],
-            args=[amount, kind, reference, "1" if settles_topup else "0", int(at.timestamp() * 1000)],
-        )
-        return int(balance), int(bits), bool(replayed)
+        try:
+            balance, bits, replayed, held_by = self._credit(
+                keys=[f"w:{tag}", f"c:{tag}"],
+                args=[amount, kind, reference, "1" if settles_topup else "0", int(at.timestamp() * 1000),
+                      MAX_CHARGE_MICROS, once_prefix],
+            )
+        except ResponseError as exc:
+            if "balance out of range" in str(exc):
+                raise BalanceOutOfRange(account_id, amount) from None
+            raise
+        held = held_by.decode() if isinstance(held_by, bytes) else str(held_by)
+        return int(balance), int(bits), bool(replayed), held
 
     def credit_record(self, account_id: str, reference: str) -> CreditRecord | None:
         """What `credit` stored for `reference` when it applied it (None: never applied)."""
@@ -586,9 +616,10 @@ class RedisWalletStore:
             return CreditRecord(balance, bits, at, None, None)
         return CreditRecord(balance, bits, at, int(parts[3]), parts[4], int(parts[5]) if len(parts) > 5 else 0)
 
-    def settle_topup_failed(self, account_id: str) -> None:
-        """A requested top-up failed: allow the next request (no money moves)."""
-        self.client.hset(wallet_key(account_id), "topup_pending", "0")
+    def settle_topup_failed(self, account_id: str) -> bool:
+        """A requested top-up failed: allow the next request (no money moves). False: there
+        was no open request (nothing changed)."""
+        return bool(self._topup_failed(keys=[wallet_key(account_id)]))
 
     def accounts_map(self) -> Mapping[str, Account]:
         return self.load_accounts()
@@ -597,6 +628,17 @@ class RedisWalletStore:
 def _position_entries(expected: Mapping[int, int], new: Mapping[int, int]) -> list[list[Any]]:
     """{partition, expected (-1: no check), new} as apply.lua and positions.lua read them."""
     return [[str(p), expected.get(p, -1), str(o)] for p, o in new.items()]
+
+
+class BalanceOutOfRange(ValueError):
+    """A credit or adjustment that would take a balance beyond +-MAX_CHARGE_MICROS (Redis
+    scripts are exact below 2^53 micros, ClickHouse's Decimal(18, 6) below 1e12 units):
+    refused, nothing applied."""
+
+    def __init__(self, account_id: str, amount: int) -> None:
+        super().__init__(f"{account_id}: a change of {format_micros(amount)} would take the balance beyond "
+                         f"+-{format_micros(MAX_CHARGE_MICROS)}, the most a wallet holds exactly; nothing applied")
+        self.account_id = account_id
 
 
 class PositionsLost(RuntimeError):

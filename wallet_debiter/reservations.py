@@ -87,6 +87,11 @@ class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 
 _encode_hold = msgspec.json.Encoder().encode
 _decode_hold = msgspec.json.Decoder(Hold).decode
+
+
+def decode_hold(raw: bytes | str) -> Hold:
+    """One `h:{A}` entry (JSON) as a Hold."""
+    return _decode_hold(raw)
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 

@@ -572,19 +572,23 @@ wipe() {
 }
 
 usage() {
-  echo "usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all] | fetch | env | wipe | wipe-redis-cluster" >&2
+  echo "usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all ...] | fetch | env | wipe | wipe-redis-cluster" >&2
   exit 1
 }
 
 main() {
-  local cmd=${1:-} target=${2:-all} services=() s rc=0
-  case $target in
-    all) services=(kafka redis) ;;
-    kafka | redis) services=("$target") ;;
-    redis-cluster) services=(redis_cluster) ;;
-    kfake) services=(kfake) ;;
-    *) usage ;;
-  esac
+  local cmd=${1:-} services=() s t rc=0
+  shift || true
+  (($# > 0)) || set -- all
+  for t in "$@"; do # every service named, in order (`start kafka redis`)
+    case $t in
+      all) services+=(kafka redis) ;;
+      kafka | redis) services+=("$t") ;;
+      redis-cluster) services+=(redis_cluster) ;;
+      kfake) services+=(kfake) ;;
+      *) usage ;;
+    esac
+  done
   case $cmd in
     start | stop | restart | wipe | wipe-redis-cluster)
       mkdir -p "$STATE_DIR"

@@ -9,8 +9,12 @@ Read from ClickHouse's ``wallet_movements`` with ``FINAL``, so a replayed moveme
 Range: ``start`` inclusive, ``end`` exclusive, both instants (a bare date is 00:00 UTC), on
 ``at``: a debit's usage-event time, a credit's wall-clock time.
 Order: ``seq``, the wallet's balance-change number, i.e. the order Redis applied them in: each
-line's ``balance_after`` is the previous line's plus its ``amount`` (the first line's previous
-balance is the one before the range), even when CDRs arrived late and their ``at`` is earlier.
+line's ``balance_after`` is the previous line's plus its ``amount`` wherever ``seq`` runs
+without a gap, even when CDRs arrived late and their ``at`` is earlier. Rows are selected by
+``at`` (the call's time), so a range can leave out a movement applied in between (a late CDR
+whose call falls outside the range, or a credit applied after the range's end while the CDRs
+before it arrived): ``seq`` then skips, and the chain resumes from that line's own
+``balance_after - amount``. The whole history (a range covering every ``at``) chains end to end.
 Rows written before seq existed (seq 0) come first, by ``at`` then ``movement_id``.
 """
 

@@ -201,6 +201,21 @@ class CatalogWatcher:
 STARTUP_WAIT_S = 60.0  # how long a starting worker waits for Redis before it gives up (exit 1)
 
 
+def warn_missing_plans(catalog: Any, accounts: Mapping[str, Any]) -> None:
+    """Log once per load when imported accounts are on plans the catalog lacks: their events
+    are all rejected `unknown_account` (the detail names the plan), which an operator should
+    hear about at start, not from the rejected topic."""
+    missing: dict[str, list[str]] = {}
+    for account_id, account in accounts.items():
+        if account.plan_id not in catalog.plans:
+            missing.setdefault(account.plan_id, []).append(account_id)
+    if missing:
+        log(LOG, logging.WARNING, "accounts on plans missing from the catalog: their events are rejected "
+            "unknown_account until the catalog has the plan or the accounts are re-imported",
+            catalog=catalog.version, plans={p: len(ids) for p, ids in sorted(missing.items())},
+            accounts=sorted(a for ids in missing.values() for a in ids)[:10])
+
+
 class AccountsWatcher:
     """The accounts the pricer knows, reloaded from Redis only when `metering accounts import`
     bumped the version (one GET every `every_s`; a full reload of 10 k wallets takes seconds)."""

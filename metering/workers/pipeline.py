@@ -56,6 +56,7 @@ from metering.workers.common import (
     produce_rejected,
     produce_wallet_events,
     rejected_rows_for_sink,
+    warn_missing_plans,
     with_retry,
 )
 from rating.catalog import Catalog
@@ -222,6 +223,7 @@ class Pipeline:
         self.store = RedisWalletStore(self.redis)
         self.accounts = AccountsWatcher(self.store, stop=self.stop)
         self.rater = Rater(self.watcher.catalog, self.accounts.accounts, self.store)
+        warn_missing_plans(self.watcher.catalog, self.accounts.accounts)
         self.rater.pricer.max_bytes = settings.max_message_bytes
         self.sink = sink or ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
         self._own_sink = sink is None
@@ -239,6 +241,7 @@ class Pipeline:
         # operator credits/top-ups, and the wallet events operator commands produced
         self.movements = kafka_io.make_consumer(settings, "movements", [t.movements, t.wallet_events])
         self._lag_state: dict[str, float] = {}
+        self._movements_lag: dict[str, float] = {}  # the idle exit checks wallet.movements too
         self.ready_events = ReadyOffsets()  # written by the writer, committed by this thread
         self.ready_movements = ReadyOffsets()
 
@@ -291,8 +294,11 @@ class Pipeline:
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
                     self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
-                    if lags and not any(lags.values()):  # assigned and caught up
-                        reason = "idle"
+                    # operator movements too (credits, fees): read means handed to the writer,
+                    # which drain() above has finished
+                    moves = kafka_io.update_lag(self.movements, "movements", 0, self._movements_lag, cached=False)
+                    if lags and not any(lags.values()) and moves and not any(moves.values()):
+                        reason = "idle"  # both consumers assigned and caught up
                         break
         except Stopping as exc:  # SIGTERM while Redis or ClickHouse was away
             log(LOG, logging.WARNING, "stopping with a batch not settled; it will be replayed", detail=str(exc))
@@ -315,6 +321,8 @@ class Pipeline:
         accounts = self.accounts.changed()
         if accounts is not None:
             self.rater.set_accounts(accounts)
+        if catalog is not None or accounts is not None:
+            warn_missing_plans(self.rater.catalog, self.rater.accounts)
         lags = kafka_io.update_lag(self.consumer, "debit", 2.0, self._lag_state)
         if lags:
             self.progress.lag = sum(lags.values())

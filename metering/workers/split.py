@@ -42,6 +42,7 @@ from metering.workers.common import (
     event_times,
     produce_rejected,
     produce_wallet_events,
+    warn_missing_plans,
     with_retry,
 )
 from metering.workers.pipeline import CH_TRANSIENT, package_allowances
@@ -133,6 +134,7 @@ class RatingWorker(_Worker):
         self.store = RedisWalletStore(connect(settings.redis_url))
         self.accounts = AccountsWatcher(self.store, stop=self.stop)
         self.pricer = Pricer(self.watcher.catalog, self.accounts.accounts)
+        warn_missing_plans(self.watcher.catalog, self.accounts.accounts)
         self.pricer.max_bytes = settings.max_message_bytes
         self._subscribe([settings.topics.events])
 
@@ -144,6 +146,8 @@ class RatingWorker(_Worker):
         accounts = self.accounts.changed()
         if accounts is not None:
             self.pricer.set_accounts(accounts)
+        if catalog is not None or accounts is not None:
+            warn_missing_plans(self.pricer.catalog, self.pricer.accounts)
 
     def handle(self, msgs: list[Message]) -> bool:
         items = [(m.value() or b"", f"{m.partition()}:{m.offset()}") for m in msgs]
