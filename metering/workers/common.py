@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
-from confluent_kafka import Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -107,6 +107,28 @@ def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any, 
             raise Stopping(f"stopped while waiting for {what}: {error_text(exc)}") from exc
         raise
     raise AssertionError("unreachable")
+
+
+def flush_waiting(producer: Producer, where: str, stop: threading.Event | None = None,
+                  give_up_s: float = 600.0) -> None:
+    """Wait until the broker has taken every queued message, waiting out a broker that is away
+    (restarting, failing over) as Redis and ClickHouse are: librdkafka keeps re-sending each
+    message until its message.timeout.ms (5 min by default; then the delivery callback fails
+    the batch). Logged every 10 s and counted in metering_kafka_errors_total; SIGTERM (`stop`)
+    ends the wait within a second with Stopping, nothing committed."""
+    started = last_log = time.monotonic()
+    while remaining := producer.flush(1.0):
+        waited = time.monotonic() - started
+        if stop is not None and stop.is_set():
+            raise Stopping(f"stopped while waiting for the Kafka broker: {remaining} messages not delivered")
+        if waited > give_up_s:
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} messages not delivered "
+                                            f"after {waited:.0f} s"))
+        if time.monotonic() - last_log >= 10:
+            last_log = time.monotonic()
+            metrics.KAFKA_ERRORS.labels(where=where).inc()
+            log(LOG, logging.WARNING, "kafka flush waiting for the broker", where=where, undelivered=remaining,
+                waited_s=round(waited, 1))
 
 
 # ---------------------------------------------------------------------- crash points

@@ -52,6 +52,7 @@ from metering.workers.common import (
     decode_wallet_event,
     error_text,
     event_times,
+    flush_waiting,
     is_operator_event,
     produce_rejected,
     produce_wallet_events,
@@ -163,6 +164,11 @@ class OrderedWriter:
             except queue.Full:
                 if on_wait is not None:
                     on_wait()
+
+    def check(self) -> None:
+        """Raise the writer's failure, if any: the loop stops at once instead of when the
+        next batch is submitted (with no traffic, e.g. during a Kafka outage, never)."""
+        self._raise()
 
     def drain(self) -> None:
         """Wait until every submitted batch is written and committed."""
@@ -282,6 +288,7 @@ class Pipeline:
         reason = "signal"
         try:
             while not self.stop.is_set():
+                self.writer.check()
                 msgs = kafka_io.split_errors(self.consumer.consume(s.batch_size, s.batch_timeout_s), "debit")
                 self.assigned = bool(self.consumer.assignment())
                 if msgs:
@@ -375,7 +382,7 @@ class Pipeline:
             produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
             produce_wallet_events(self.producer, s.topics.wallet_events, events, ats, self.delivery)
             crash_point("before_flush")
-            kafka_io.flush(self.producer)
+            flush_waiting(self.producer, "debit-flush", stop=self.stop)  # a broker away is waited out
             self.delivery.raise_if_failed()
             crash_point("before_commit")
             self.ready_events.add(msgs)  # committed by the loop's thread (see ReadyOffsets)
