@@ -22,9 +22,10 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from metering import metrics
 from metering.config import Settings
-from metering.logs import log
+from metering.logs import RepeatFilter, log
 
 LOG = logging.getLogger("metering.kafka")
+LOG.addFilter(RepeatFilter())  # a broker away: one line per kind per 30 s, not one per retry
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
