@@ -243,12 +243,15 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
             return {}
         positions = consumer.committed(assignment, timeout=5) if from_committed else consumer.position(assignment)
         unknown = [tp for tp in positions if tp.offset < 0]  # nothing fetched there yet
-        committed = {tp.partition: tp.offset for tp in consumer.committed(unknown, timeout=5)} if unknown else {}
+        # keyed by topic too: a consumer of several topics (the sink's, the operator movements')
+        # has a partition 3 in each
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in consumer.committed(unknown, timeout=5)} if unknown else {}
         for tp in positions:
             lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=cached)
             if hi < 0 or lo < 0:  # nothing fetched yet for this partition: ask the broker
                 lo, hi = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-            pos = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
+            pos = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             if pos < 0:
                 pos = lo
             lag = max(0, hi - pos)
