@@ -52,6 +52,9 @@ def print_report(dsn: str, db: str, echo: Callable[[str], None] = print) -> None
         for title, sql in queries(db):
             res = sink.client.query(sql)
             echo(f"\n== {title}")
+            if not res.result_rows:  # (chDB names no columns for an empty result)
+                echo("(no rows yet)")
+                continue
             widths = [max(len(str(c)), *(len(str(r[i])) for r in res.result_rows)) if res.result_rows
                       else len(str(c)) for i, c in enumerate(res.column_names)]
             echo("  ".join(f"{c:>{w}}" for c, w in zip(res.column_names, widths, strict=True)))

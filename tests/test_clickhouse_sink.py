@@ -674,3 +674,14 @@ def test_chdb_directory_is_locked_by_the_process_holding_it(tmp_path: Path) -> N
     finally:
         s.close()
     assert other_process() == "opened 5"
+
+
+def test_report_on_an_empty_schema_says_so_per_section(sink: ClickHouseSink) -> None:
+    """chDB names no columns for an empty result: each section said nothing but a blank line."""
+    from metering.report import print_report
+
+    lines: list[str] = []
+    print_report(sink.dsn, sink.database, lines.append)
+    titles = [i for i, line in enumerate(lines) if line.startswith("\n== ")]
+    assert titles and all(lines[i + 1] == "(no rows yet)" for i in titles), lines
+    assert "" not in lines
