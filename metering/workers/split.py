@@ -40,6 +40,7 @@ from metering.workers.common import (
     decode_movement,
     decode_wallet_event,
     event_times,
+    flush_waiting,
     produce_rejected,
     produce_wallet_events,
     warn_missing_plans,
@@ -97,7 +98,7 @@ class _Worker:
                     started = time.perf_counter()
                     if not self.handle(msgs):
                         continue
-                    kafka_io.flush(self.producer)
+                    flush_waiting(self.producer, f"{self.stage}-flush", stop=self.stop)  # waits a broker out
                     self.delivery.raise_if_failed()
                     crash_point(f"{self.stage}_before_commit")
                     kafka_io.commit_offsets(self.consumer, msgs)
