@@ -445,16 +445,20 @@ def fees() -> None:
 @click.option("--catalog", "catalog_path", help="Catalog YAML (default METERING_CATALOG).")
 def fees_charge(on: datetime, catalog_path: str | None) -> None:
     """Charge every imported account its plan's monthly_fee for the billing period holding
-    --on (each account's own period, from its anchor day), once: the reference
-    `fee:<period start>:<plan>` makes a second run in the same period change nothing. The fee
-    is an `adjustment` movement (negative), which the analyst views count as *recurring*; a
-    prepaid wallet it takes to <= 0 (a postpaid one past its credit_limit) is blocked and
-    `blocked` goes to wallet.events. Plans without a fee are skipped."""
+    --on (each account's own period, from its anchor day), once per period: the reference is
+    `fee:<period start>:<plan>`, and any fee already recorded for that period (whatever the
+    plan) makes a second run change nothing. The fee is an `adjustment` movement (negative),
+    which the analyst views count as *recurring*; a prepaid wallet it takes to <= 0 (a
+    postpaid one past its credit_limit) is blocked and `blocked` goes to wallet.events. Plans
+    without a fee are skipped. A --on day after today warns: that period is charged ahead."""
     from metering import kafka_io
     from metering.wallet_ops import charge_fees
     from rating.money import format_micros
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
+    if on.astimezone(UTC).date() > datetime.now(UTC).date():
+        click.echo(f"warning: --on {on.date().isoformat()} is after today (UTC): the periods holding it are "
+                   "charged ahead of time", err=True)
     settings = _settings(catalog_path=catalog_path)
     try:
         catalog = load_catalog(settings.catalog_path)

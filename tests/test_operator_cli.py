@@ -133,3 +133,13 @@ def test_accounts_show_lists_live_holds(op: dict[str, str]) -> None:
     out = _cli(op, "accounts", "show", account).stdout
     assert "holds (dialer reservations live now): 1, money 1.230000" in out, out
     assert "package europe, period from 2026-11-01: 10 min 0 s held" in out, out
+
+
+def test_fees_for_a_future_day_warn_that_they_charge_ahead(op: dict[str, str]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    ahead = (datetime.now(UTC) + timedelta(days=40)).date().isoformat()
+    proc = _cli(op, "fees", "charge", "--on", ahead)
+    assert f"warning: --on {ahead} is after today" in proc.stderr and "accounts charged" in proc.stdout
+    today = datetime.now(UTC).date().isoformat()
+    assert "warning" not in _cli(op, "fees", "charge", "--on", today).stderr
