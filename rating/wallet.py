@@ -162,30 +162,18 @@ class WalletState:
 
     def credit(self, amount: int, *, settles_topup: bool) -> int:
         """A credit, top-up or adjustment (signed); returns EV_* bits. A top-up (or its failure)
-        settles the outstanding request. The block follows the balance either way; a negative
-        adjustment (a fee) on a prepaid wallet crosses the top-up threshold and the low-balance
-        alert as a usage debit does (the same rules as `wallet_debiter/lua/credit.lua`)."""
-        before = self.balance
-        self.balance = after = before + amount
-        bits = 0
-        should = self.should_block()
-        if self.blocked and not should:
-            self.blocked = False
-            bits |= EV_UNBLOCKED
-        elif not self.blocked and should:
-            self.blocked = True
-            bits |= EV_BLOCKED
+        settles the outstanding request. A negative adjustment (a fee) is a debit for the wallet
+        rules: it blocks, requests a top-up and alerts as a usage debit does (`credit.lua` the
+        same); a credit clears the block once the balance allows calls again."""
+        if amount < 0 and not settles_topup:
+            return self.debit(-amount)
+        self.balance += amount
         if settles_topup:
             self.topup_pending = False
-        elif self.billing == "prepaid" and after < before:
-            t = self.topup_threshold
-            if t is not None and not self.topup_pending and before >= t > after:
-                self.topup_pending = True
-                bits |= EV_TOPUP_REQUESTED
-            a = self.low_balance_alert
-            if a is not None and before >= a > after:
-                bits |= EV_LOW_BALANCE
-        return bits
+        if self.blocked and not self.should_block():
+            self.blocked = False
+            return EV_UNBLOCKED
+        return 0
 
 
 # fingerprint, balance_after, event bits, covered_s, charge, fair use, threshold bits; + source
