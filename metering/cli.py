@@ -379,7 +379,7 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     from confluent_kafka import KafkaException
 
     from metering import kafka_io
-    from rating.money import MAX_CHARGE_MICROS, MoneyError, format_micros, parse_micros
+    from rating.money import MoneyError, format_micros, parse_micros
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings()
@@ -407,8 +407,6 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
     if micros == 0:
         _fail("error: amount: an adjustment of 0 changes nothing")
-    if abs(micros) > MAX_CHARGE_MICROS:
-        _fail(f"error: amount: at most {format_micros(MAX_CHARGE_MICROS)} per credit (what a wallet holds exactly)")
     producer = kafka_io.make_producer(settings)
     from metering.wallet_ops import apply_credit
     from wallet_debiter.redis_store import BalanceOutOfRange

@@ -15,15 +15,14 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 
 import msgspec
-from confluent_kafka import Consumer
 
 from metering import kafka_io
 from metering.config import Settings
 from metering.logs import log
 from metering.wallet_ops import apply_credit
+from metering.workers.common import decode_wallet_event
 from rating.accounts import Account
 from rating.wallet import EV_UNBLOCKED
-from schemas.messages import WalletEventOut
 from wallet_debiter.redis_store import RedisWalletStore, wallet_key
 
 LOG = logging.getLogger("metering.demo")
@@ -35,7 +34,6 @@ class _Attempt(msgspec.Struct):
 
 
 _decode_attempt = msgspec.json.Decoder(_Attempt).decode
-_decode_wallet_event = msgspec.json.Decoder(WalletEventOut).decode
 
 
 class DialerGate:
@@ -122,6 +120,7 @@ class TopupPayer:
         consumer = kafka_io.make_consumer(s, "demo-payments", [s.topics.wallet_events])
         producer = kafka_io.make_producer(s)
         due: deque[tuple[float, str, str]] = deque()  # (when, account, cause event id)
+        lag_state: dict[str, float] = {}
         try:
             while True:
                 stopping = self._stop.is_set()
@@ -129,7 +128,7 @@ class TopupPayer:
                     value = msg.value()
                     if msg.error() or not value:
                         continue
-                    event = _decode_wallet_event(value)
+                    event, _ = decode_wallet_event(value)
                     if event.type == "topup_requested":
                         self.requested += 1
                         due.append((time.monotonic() + self._delay_s, event.account_id, event.event_id or ""))
@@ -138,8 +137,10 @@ class TopupPayer:
                     _, account_id, cause = due.popleft()
                     self._pay(producer, account_id, cause)
                 producer.poll(0)
-                if stopping and not due and (_caught_up(consumer) or time.monotonic() > self._deadline):
-                    break
+                if stopping and not due:
+                    lags = kafka_io.update_lag(consumer, "demo-payments", 0, lag_state, cached=False)
+                    if (lags and not any(lags.values())) or time.monotonic() > self._deadline:
+                        break  # every request on wallet.events read (and paid), or out of time
             kafka_io.flush(producer)
         finally:
             consumer.close()
@@ -156,14 +157,3 @@ class TopupPayer:
             if done.bits & EV_UNBLOCKED:
                 self.unblocked += 1
 
-
-def _caught_up(consumer: Consumer) -> bool:
-    """The consumer has read everything its partitions held (False before its assignment)."""
-    assignment = consumer.assignment()
-    if not assignment:
-        return False
-    for tp in consumer.position(assignment):
-        low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-        if (tp.offset if tp.offset >= 0 else low) < high:
-            return False
-    return True

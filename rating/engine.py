@@ -5,7 +5,7 @@ passes in. The same code runs offline (`metering rate`, memory store) and in the
 worker (Redis store), which is why the two agree record for record.
 
 Hot-path notes: one msgspec decode per event (types and ranges checked in C, E.164 numbers by
-`_e164`; any event either refuses is decoded again by the full schema for its error); the
+a check in the loop; any event either refuses is decoded again by the full schema for its error); the
 number's first digits map to its longest catalog prefix and that to a cached route (with its
 package choice and pricing constants precomputed); integer arithmetic (interval rates memoised
 per duration); one plain tuple per event as the output row (`ROW_FIELDS`). Settling builds
@@ -66,7 +66,7 @@ _KIND_REPRS = frozenset({"'call'", "'sms'", "'meter'"})
 
 class _CallNumbersUnchecked(CallEvent, tag="call", frozen=True, kw_only=True):
     """CallEvent without msgspec's E.164 pattern (a Python `re` call per number, ~0.4 us
-    each): the engine checks the numbers itself (`_e164`) and leaves anything it would refuse
+    each): the engine checks the numbers itself and leaves anything it would refuse
     to the full `event_decoder()`. Same fields, order and encoding as CallEvent."""
 
     from_: str = msgspec.field(name="from")
@@ -80,8 +80,8 @@ class _SmsNumbersUnchecked(SmsEvent, tag="sms", frozen=True, kw_only=True):
     to: str
 
 
-_TIME_FIELD: dict[type, str] = {CallEvent: "started_at", SmsEvent: "sent_at", MeterEvent: "at",
-                                _CallNumbersUnchecked: "started_at", _SmsNumbersUnchecked: "sent_at"}
+_TIME_FIELD: dict[type, str] = {_CallNumbersUnchecked: "started_at", _SmsNumbersUnchecked: "sent_at",
+                                MeterEvent: "at"}  # the types price() decodes to
 
 # One output row per input event, in this column order (RatedRecord has the same fields).
 ROW_FIELDS = (
@@ -187,8 +187,8 @@ class Pricer:
 
     def __init__(self, catalog: Catalog, accounts: Mapping[str, Account]) -> None:
         self._decoder: msgspec.json.Decoder[Any] = event_decoder()  # narrowed by type() below
-        # The same events with the numbers' E.164 pattern left to `_e164`: decodes the same
-        # values, and whatever it or `_e164` refuses is decoded again by `_decoder`, whose
+        # The same events with the numbers' E.164 pattern left to price(): decodes the same
+        # values, and whatever it or that check refuses is decoded again by `_decoder`, whose
         # error (the first in the document) is the one reported, as before.
         self._fast_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
             _CallNumbersUnchecked | _SmsNumbersUnchecked | MeterEvent, float_hook=Decimal)
@@ -341,8 +341,8 @@ class Pricer:
         # The conflict fingerprint is taken over the decoded event re-encoded as msgpack (fixed
         # key order, unknown fields dropped, each timestamp as its UTC instant, a meter's
         # quantity normalized): a resend with other formatting is the same content, one with
-        # another duration or number is not. = _fingerprint(encode(ev)), spelled out: encoded
-        # into one buffer per batch, hashed by a copy of a ready BLAKE2b-64 state.
+        # another duration or number is not. Encoded into one buffer per batch, hashed by a copy of
+        # a ready BLAKE2b-64 state (_FP_STATE).
         canon_into = self._encoder.encode_into
         canon_buf = bytearray()
         fp_new = _FP_STATE.copy
@@ -365,7 +365,7 @@ class Pricer:
                     raise
                 t = type(ev)
                 if t is not _MeterEvent:
-                    # = _e164(to) and _e164(fr), spelled out (two calls less per event)
+                    # = schemas.events' E164 pattern for both numbers: "+" and 1 to 15 ASCII digits
                     to = ev.to
                     fr = ev.from_
                     if not (len(to) <= 16 and len(fr) <= 16 and to[:1] == "+" and fr[:1] == "+" and to.isascii()
@@ -691,24 +691,12 @@ class Rater:
         return self.settler.settle(self.pricer.price(items, now))
 
 
-# BLAKE2b-64 before any data: a copy of it hashes like blake2b(data, digest_size=8), without
-# setting up the parameter block again (~0.2 us less per event).
+# The conflict fingerprint: 64 bits of BLAKE2b over the canonical event, little-endian (a
+# content change goes unnoticed with odds of 2^-64; CRC32's 32 bits collided within ~70 k
+# variants of one event). Persisted in dedupe entries: it must never change (a test pins one).
+# This is BLAKE2b-64 before any data: a copy of it hashes like blake2b(data, digest_size=8)
+# without setting up the parameter block again (~0.2 us less per event).
 _FP_STATE = blake2b(digest_size=8)
-
-
-def _fingerprint(canonical: bytes | bytearray) -> int:
-    """64 bits of BLAKE2b over the canonical event: a content change goes unnoticed with odds
-    of 2^-64 (CRC32's 32 bits collided within ~70 k variants of one event). Persisted (dedupe
-    entries): the value must never change."""
-    h = _FP_STATE.copy()
-    h.update(canonical)
-    return int.from_bytes(h.digest(), "little")
-
-
-def _e164(number: str) -> bool:
-    """= the E164 pattern of schemas.events (`^\\+[0-9]{1,15}(?!\\n)$`): "+" then 1 to 15
-    ASCII digits, nothing else."""
-    return len(number) <= 16 and number[:1] == "+" and number.isascii() and number[1:].isdigit()
 
 
 def _as_utc(ts: datetime) -> datetime:

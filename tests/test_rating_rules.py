@@ -337,13 +337,17 @@ def test_hot_path_shortcuts_agree_with_the_schema_and_the_fingerprint() -> None:
     import hashlib
     import re
 
-    from rating.engine import P_FINGERPRINT, _e164
+    from rating.engine import P_FINGERPRINT
     from schemas.events import E164, event_decoder
 
     pattern = re.compile(E164.__metadata__[0].pattern)
+    pricer = make_rater([account(plan="payg")]).pricer
     for number in ("+1", "+123456789012345", "+1234567890123456", "+", "", "1", "++1", "+12\n", "+12\r",
                    " +12", "+12 ", "+1\u00b2", "+\u0661\u0662", "+\uff11", "+12\x00", "+1a"):
-        assert _e164(number) == bool(pattern.search(number)), number
+        for field, raw in (("to", call("n", number, 5)), ("from", call("n", "+12025550123", 5, **{"from": number}))):
+            row = pricer.price([(raw, "0:1")], _now())[0]
+            refused = row[2] == "rejected" and row[4] == "invalid_field" and row[5].startswith(f"{field}:")
+            assert refused != bool(pattern.search(number)), (field, number, row[2:6])
     raw = call("e1", "+442071234567", 61)
     row = make_rater([account(plan="payg")]).pricer.price([(raw, "0:1")], _now())[0]
     canon = msgspec.msgpack.encode(event_decoder().decode(raw))

@@ -86,12 +86,7 @@ class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 
 
 _encode_hold = msgspec.json.Encoder().encode
-_decode_hold = msgspec.json.Decoder(Hold).decode
-
-
-def decode_hold(raw: bytes | str) -> Hold:
-    """One `h:{A}` entry (JSON) as a Hold."""
-    return _decode_hold(raw)
+decode_hold = msgspec.json.Decoder(Hold).decode  # one `h:{A}` entry (JSON) as a Hold
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 
@@ -265,7 +260,7 @@ class ReservationStore:
         if len(reply) == 1:  # ['unknown']
             return None
         if reply[0] == "exists":
-            return _decode_hold(reply[1])
+            return decode_hold(reply[1])
         return _parse_state(reply, candidates)
 
     def hold_expiry_ms(self, created_at_ms: int, duration_s: int | None) -> int:
@@ -319,7 +314,7 @@ class ReservationStore:
             if status == "ok":
                 return ReserveResult("created", rid, decision, hold, retries)
             if status == "exists":
-                return ReserveResult("existing", rid, None, _decode_hold(reply[1]), retries)
+                return ReserveResult("existing", rid, None, decode_hold(reply[1]), retries)
             if status == "unknown":
                 return ReserveResult(UNKNOWN_ACCOUNT, rid, retries=retries)
             snap = _parse_state(reply[1], candidates)  # 'stale': re-size on the fresh state
@@ -337,7 +332,7 @@ class ReservationStore:
         if doc is None:
             return False
         try:
-            hold = _decode_hold(doc)
+            hold = decode_hold(doc)
         except msgspec.DecodeError:
             return False
         return hold.expires_at_ms > self.now()[1]
@@ -349,7 +344,7 @@ class ReservationStore:
         out: dict[str, Hold] = {}
         for rid, doc in raw.items():
             try:
-                hold = _decode_hold(doc)
+                hold = decode_hold(doc)
             except msgspec.DecodeError:
                 continue
             if include_expired or hold.expires_at_ms > now_ms:

@@ -30,6 +30,7 @@ from metering import metrics
 from metering.config import Settings
 from metering.kafka_io import next_offsets
 from metering.logs import log
+from rating.accounts import Account
 from rating.catalog import Catalog, CatalogError, load_catalog
 from rating.engine import COL, Row
 from rating.money import format_micros, parse_micros
@@ -223,7 +224,7 @@ class CatalogWatcher:
 STARTUP_WAIT_S = 60.0  # how long a starting worker waits for Redis before it gives up (exit 1)
 
 
-def warn_missing_plans(catalog: Any, accounts: Mapping[str, Any]) -> None:
+def warn_missing_plans(catalog: Catalog, accounts: Mapping[str, Account]) -> None:
     """Log once per load when imported accounts are on plans the catalog lacks: their events
     are all rejected `unknown_account` (the detail names the plan), which an operator should
     hear about at start, not from the rejected topic."""

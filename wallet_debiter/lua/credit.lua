@@ -30,7 +30,7 @@ if not v[1] then return redis.error_reply('unknown account') end
 local before = tonumber(v[1])
 local balance = before + tonumber(ARGV[1])
 if ARGV[6] and math.abs(balance) > tonumber(ARGV[6]) then
-  return redis.error_reply('balance out of range: ' .. string.format('%d', balance) .. ' micros')
+  return redis.error_reply('balance out of range')
 end
 local limit = v[4] and tonumber(v[4]) or nil
 local blocked = v[3] == '1'
