@@ -356,7 +356,7 @@ def test_account_ids_with_braces_reach_their_routes(env: Env) -> None:
         assert resp.status == 204
 
     env.run(body)
-    assert env.holds("x{1}") == {}
+    assert json.loads(env.holds("x{1}")["r-1"])["closed"] == "released"  # holds nothing now
 
 
 def test_content_encodings_the_api_cannot_read_are_415_json(env: Env) -> None:
@@ -551,8 +551,31 @@ def test_release(env: Env) -> None:
         assert (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == 66
         resp = await client.delete(f"/v1/accounts/acc-1/reservations/{rid}")
         assert resp.status == 404 and (await resp.json())["field"] == "reservation_id"
+        assert "already released" in (await resp.json())["error"]
+        # a late retry of the released reservation's POST holds nothing
+        status, doc = await _reserve(client, "acc-1", to=GB_MOBILE, reservation_id=rid)
+        assert (status, doc["field"]) == (409, "reservation_id") and "released" in doc["error"]
+        assert (await _get(client, "acc-1", GB_MOBILE))[1]["max_duration_s"] == 66
 
     env.run(body)
+
+
+def test_a_closed_reservation_id_is_free_again_once_its_hold_would_have_expired(env: Env) -> None:
+    env.accounts(account(plan="payg", balance="0.10"))
+    clock = FakeClock()
+
+    async def body(client: Client) -> None:
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=60, reservation_id="r")
+        assert status == 201  # expires after the 60 s call + the 60 s grace
+        assert (await client.delete("/v1/accounts/acc-1/reservations/r")).status == 204
+        clock.t += 119.9
+        assert (await _reserve(client, "acc-1", to=US_FIXED, reservation_id="r"))[0] == 409
+        clock.t += 0.2
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, reservation_id="r")
+        assert (status, doc["max_duration_s"]) == (201, 600)
+        assert "closed" not in json.loads(env.holds("acc-1")["r"])
+
+    env.run(body, hold_ttl_s=60, clock=clock)
 
 
 def test_holds_expire(env: Env) -> None:
@@ -638,11 +661,23 @@ def test_rated_cdr_releases_its_hold(env: Env) -> None:
         rater = Rater(cat, store.load_accounts(), store)
         row = rater.rate_batch([(call("e1", US_FIXED, 45, reservation_id="r-1"), "p0:1")], NOW).records()[0]
         assert (row.status, row.charge, row.balance_after) == ("rated", 10_000, 90_000)
-        assert env.holds("acc-1") == {}
+        # The hold is closed: it holds nothing, and its id stays taken until it would have expired.
+        marker = json.loads(env.holds("acc-1")["r-1"])
+        assert (marker["closed"], marker["amount"], marker["seconds"], marker["field"]) == ("settled", 0, 0, "")
+        assert await _get(client, "acc-1", US_FIXED) == (200, {
+            "allowed": True, "reason": "ok", "max_duration_s": 540, "balance": "0.090000"})
+        # A late retry of the reservation's POST does not hold money for a call already rated.
+        status, doc = await _reserve(client, "acc-1", to=US_FIXED, max_duration_s=600, reservation_id="r-1")
+        assert (status, doc["field"]) == (409, "reservation_id") and "settled" in doc["error"]
         assert await _get(client, "acc-1", US_FIXED) == (200, {
             "allowed": True, "reason": "ok", "max_duration_s": 540, "balance": "0.090000"})
         resp = await client.delete("/v1/accounts/acc-1/reservations/r-1")
-        assert resp.status == 404
+        assert resp.status == 404 and "settled" in (await resp.json())["error"]
+        assert RedisWalletStore(env.client).holds("acc-1") == {}
+        # The same CDR redelivered changes nothing (and leaves the marker as it is).
+        again = rater.rate_batch([(call("e1", US_FIXED, 45, reservation_id="r-1"), "p0:1")], NOW).records()[0]
+        assert (again.status, again.balance_after) == ("rated", 90_000)
+        assert json.loads(env.holds("acc-1")["r-1"])["closed"] == "settled"
 
     env.run(body)
 
@@ -670,7 +705,9 @@ def test_reserved_calls_settled_in_any_order_never_overspend(env: Env) -> None:
         assert (rows[0].covered_s, rows[0].charge, rows[0].balance_after) == (0, 200_000, 0)
         rows = rater.rate_batch([(call("x", GB_MOBILE, 600, reservation_id="X", started_at=at), "p0:2")], now).records()
         assert (rows[0].covered_s, rows[0].charge, rows[0].balance_after) == (600, 0, 0)
-        assert env.holds("acc-1") == {}
+        assert {rid: json.loads(doc)["closed"] for rid, doc in env.holds("acc-1").items()} == {
+            "X": "settled", "Y": "settled"}
+        assert store.holds("acc-1") == {}
 
     env.run(body)
 

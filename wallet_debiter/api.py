@@ -9,7 +9,8 @@ Routes
              (whatever the balance now: a retry, concurrent or late, never holds twice)
          expires_at = created + max_duration_s (null: 86 400) + the hold TTL (a grace)
          409 refused: {"error": reason, "allowed": false, "reason", "max_duration_s", "balance"}
-             or {"error", "field": "reservation_id"} when the id holds a call to another number
+             or {"error", "field": "reservation_id"} when the id holds a call to another number,
+             or was settled by its CDR or released (remembered until the hold would have expired)
   DELETE /v1/accounts/{id}/reservations/{rid}   204 released; 404 no such hold
   GET    /v1/accounts/{id}/wallet   200 what a billing page shows, live from Redis: balance,
          held, available, blocked, the billing period and, per package of the plan, seconds
@@ -340,6 +341,11 @@ async def create_reservation(request: web.Request) -> web.Response:
             return _json(404, UNKNOWN_ACCOUNT_BODY)
         return _json(409, {"error": decision.reason, **decision.as_json()})
     assert result.hold is not None
+    if result.status == "closed":
+        request[REASON] = "reservation_closed"
+        how = "settled by its call's record" if result.hold.closed == "settled" else "released"
+        return _json(409, {"error": f"reservation_id: already {how}; take a new reservation for a new call",
+                           "field": "reservation_id"})
     if result.status == "existing":
         if result.hold.to != to:
             request[REASON] = "reservation_conflict"
@@ -359,11 +365,13 @@ async def release_reservation(request: web.Request) -> web.Response:
     rid = request.match_info["rid"]
     if not _RID_RE.fullmatch(rid):
         raise bad_request("reservation_id", f"reservation_id: not a valid id {_short(rid)}")
-    if await st.store.release(account_id, rid):
+    outcome = await st.store.release(account_id, rid)
+    if outcome == "released":
         request[REASON] = "released"
         return web.Response(status=204)
     request[REASON] = "unknown_reservation"
-    return _json(404, {"error": "no such reservation (released, settled or expired)",
+    why = {"settled": "already settled by its call's record", "already_released": "already released"}
+    return _json(404, {"error": f"no live reservation: {why.get(outcome, 'never taken or expired')}",
                        "field": "reservation_id"})
 
 

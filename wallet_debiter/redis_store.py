@@ -563,9 +563,11 @@ class RedisWalletStore:
 
     def holds(self, account_id: str) -> dict[str, Hold]:
         """The dialer's reservations of a wallet (`h:{A}`), expired ones included (scripts drop
-        those lazily): reservation_id -> Hold."""
+        those lazily), closed ones (settled or released: they hold nothing) left out:
+        reservation_id -> Hold."""
         raw = cast(dict[bytes, bytes], self.client.hgetall(_keys(account_id)[3]))
-        return {k.decode(): decode_hold(v) for k, v in raw.items()}
+        holds = {k.decode(): decode_hold(v) for k, v in raw.items()}
+        return {k: h for k, h in holds.items() if h.closed is None}
 
     def allowance_used(self, account_id: str) -> dict[str, int]:
         raw = self.client.hgetall(_keys(account_id)[1])

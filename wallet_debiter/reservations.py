@@ -69,7 +69,7 @@ RESERVATION_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
 _LUA: Final = resources.files("wallet_debiter").joinpath("lua/reserve.lua").read_text(encoding="utf-8")
 
 
-class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, omit_defaults=True):
     """One reservation as stored in `h:{A}` (JSON)."""
 
     to: str
@@ -79,6 +79,9 @@ class Hold(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     duration_s: int | None  # the call duration held for (None: no limit applies)
     created_at_ms: int
     expires_at_ms: int
+    # "settled" (its CDR was rated) or "released" (DELETE): the entry holds nothing and only
+    # keeps the id taken until the hold would have expired (lua/reserve.lua)
+    closed: str | None = None
 
     @property
     def expires_at(self) -> str:
@@ -119,8 +122,9 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
-    """`status`: created | existing (a live hold with this id already) | refused (see
-    `decision`) | unknown_account."""
+    """`status`: created | existing (a live hold with this id already) | closed (this id's
+    hold was settled or released: `hold.closed` says which) | refused (see `decision`) |
+    unknown_account."""
 
     status: str
     reservation_id: str
@@ -255,11 +259,11 @@ class ReservationStore:
 
     async def _snapshot_or_hold(self, account_id: str, rid: str, candidates: Sequence[str],
                                 now: datetime, now_ms: int) -> Snapshot | Hold | None:
-        """`snapshot`, or the live hold `rid` when there is one (one atomic read)."""
+        """`snapshot`, or the hold `rid` when there is one, live or closed (one atomic read)."""
         reply = await self._call(account_id, "peek", now, now_ms, candidates, rid.encode())
         if len(reply) == 1:  # ['unknown']
             return None
-        if reply[0] == "exists":
+        if reply[0] in ("exists", "closed"):
             return decode_hold(reply[1])
         return _parse_state(reply, candidates)
 
@@ -287,7 +291,7 @@ class ReservationStore:
         candidates = authorizer.candidate_packages(to)
         found = await self._snapshot_or_hold(account_id, rid, candidates, now, now_ms)
         if isinstance(found, Hold):
-            return ReserveResult("existing", rid, None, found)
+            return ReserveResult("closed" if found.closed else "existing", rid, None, found)
         snap = found
         for retries in range(self.max_attempts):
             if snap is None:
@@ -313,29 +317,26 @@ class ReservationStore:
             status = reply[0]
             if status == "ok":
                 return ReserveResult("created", rid, decision, hold, retries)
-            if status == "exists":
-                return ReserveResult("existing", rid, None, decode_hold(reply[1]), retries)
+            if status in ("exists", "closed"):
+                hold = decode_hold(reply[1])
+                return ReserveResult("closed" if hold.closed else "existing", rid, None, hold, retries)
             if status == "unknown":
                 return ReserveResult(UNKNOWN_ACCOUNT, rid, retries=retries)
             snap = _parse_state(reply[1], candidates)  # 'stale': re-size on the fresh state
         raise ReservationContention(f"account {account_id!r}: wallet kept changing, try again")
 
-    async def release(self, account_id: str, reservation_id: str) -> bool:
-        """Delete a hold; False when there was no live one (released, settled, expired,
-        unreadable or never taken): an expired hold held nothing any more, so releasing it is
-        "not found" as for the reads, and it is deleted all the same."""
-        key = self.keys(account_id)[2]
-        async with self.client.pipeline(transaction=True) as pipe:  # read and delete at once
-            pipe.hget(key, reservation_id)
-            pipe.hdel(key, reservation_id)
-            doc, _ = await pipe.execute()
-        if doc is None:
-            return False
-        try:
-            hold = decode_hold(doc)
-        except msgspec.DecodeError:
-            return False
-        return hold.expires_at_ms > self.now()[1]
+    async def release(self, account_id: str, reservation_id: str) -> str:
+        """Release a live hold: "released". Else nothing changes: "settled" (its CDR was
+        rated) or "already_released" (the id stays taken until the hold would have expired),
+        or "none" (expired, unreadable, never taken, or an unknown account; an expired hold
+        held nothing any more and is deleted)."""
+        now, now_ms = self.now()
+        reply = await self._call(account_id, "release", now, now_ms, (), reservation_id.encode())
+        if reply[0] == "released":
+            return "released"
+        if reply[0] == "closed":
+            return "settled" if decode_hold(reply[1]).closed == "settled" else "already_released"
+        return "none"
 
     async def holds(self, account_id: str, *, include_expired: bool = False) -> dict[str, Hold]:
         """The account's holds (active ones unless include_expired), for operators and tests."""
@@ -347,6 +348,6 @@ class ReservationStore:
                 hold = decode_hold(doc)
             except msgspec.DecodeError:
                 continue
-            if include_expired or hold.expires_at_ms > now_ms:
+            if hold.closed is None and (include_expired or hold.expires_at_ms > now_ms):
                 out[rid.decode() if isinstance(rid, bytes) else rid] = hold
         return out

@@ -106,6 +106,29 @@ local function chunked(cmd, key, items)
     redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
   end
 end
+-- A settled hold stays as a closed marker (no money, no seconds) until the hold would have
+-- expired, so a dialer retrying the reservation's POST after its call was rated gets a
+-- conflict instead of a fresh hold (reserve.lua). Holds already expired are deleted.
+local function close_holds(key, rids)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  for s = 1, #rids, 1000 do
+    local part = {unpack(rids, s, math.min(s + 999, #rids))}
+    local docs = redis.call('HMGET', key, unpack(part))
+    for j, rid in ipairs(part) do
+      local ok, h = false, nil
+      if docs[j] then ok, h = pcall(cjson.decode, docs[j]) end
+      if ok and type(h) == 'table' and (tonumber(h.expires_at_ms) or 0) > now and type(h.closed) ~= 'string' then
+        h.amount, h.seconds, h.field, h.closed = 0, 0, '', 'settled'
+        redis.call('HSET', key, rid, cjson.encode(h))
+      elseif docs[j] and not (ok and type(h) == 'table' and type(h.closed) == 'string') then
+        redis.call('HDEL', key, rid)
+      end
+    end
+  end
+end
 for i = 1, nacc do
   local w = W[i]
   if w.touched then
@@ -115,7 +138,7 @@ for i = 1, nacc do
   end
   for field, secs in pairs(w.used) do redis.call('HINCRBY', k(i, 2), field, secs) end
   if #w.dedupe > 0 then chunked('HSET', k(i, 3), w.dedupe) end
-  if #w.holds > 0 then chunked('HDEL', k(i, 4), w.holds) end
+  if #w.holds > 0 then close_holds(k(i, 4), w.holds) end
 end
 if positions then
   local fields = {}

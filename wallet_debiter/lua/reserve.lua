@@ -1,18 +1,25 @@
 -- Dialer reads and reservation holds of one account (SPEC "Dialer authorization").
 -- KEYS: w:{A} (wallet hash), u:{A} (allowance used), h:{A} (holds: reservation_id -> JSON)
--- ARGV[1]   mode: 'peek' (read only, one round trip per authorize) | 'reserve'
+-- ARGV[1]   mode: 'peek' (read only, one round trip per authorize) | 'reserve' | 'release'
 -- ARGV[2]   now_ms (the API's clock; a hold is active while now_ms < expires_at_ms)
 -- ARGV[3-5] today's UTC year, month, day (for the billing period of the account's anchor day)
 -- ARGV[6]   reserve: msgpack {reservation_id, hold_json, amount_micros, package_id|'',
 --           period, limit_s (-1: none), billable_s, held_s, life_ms (the hold's
---           expires_at_ms - now_ms)}; peek: '' or a reservation_id (see Replies)
+--           expires_at_ms - now_ms)}; peek: '' or a reservation_id (see Replies);
+--           release: the reservation_id
 -- ARGV[7..] candidate package ids (packages that could cover the destination)
 --
 -- State = {wallet {balance, billing, blocked, credit_limit, plan, home_country,
 --          period_anchor_day}, held_money, period, used_s {per candidate}, held_s {per candidate}}
 -- Replies: peek -> state | {'unknown'} | {'exists', hold_json} (only with a reservation_id:
 --                   a live hold with that id, checked in the same atomic step as the state)
---          reserve -> {'ok'} | {'exists', hold_json} | {'unknown'} | {'stale', state}
+--                   | {'closed', hold_json} (that id's hold was settled or released)
+--          reserve -> {'ok'} | {'exists', hold_json} | {'closed', hold_json} | {'unknown'}
+--                     | {'stale', state}
+--          release -> {'released'} | {'closed', hold_json} | {'none'} | {'unknown'}
+-- A closed hold ("closed": "settled" by its CDR in apply.lua, or "released" here) keeps its
+-- entry with no money and no seconds until it would have expired: its id stays taken, so a
+-- late retry of the POST gets a conflict instead of holding money for a call already over.
 -- A live hold with the reservation_id always wins over the money checks: a retry of a hold
 -- returns it, whatever the balance (the state would count the hold against itself).
 -- 'stale': the hold the caller sized is no longer right for the live state (money short,
@@ -39,12 +46,15 @@ local raw = redis.call('HGETALL', KEYS[3])
 local held_money = 0
 local held_by_field = {}
 local active = {}
+local closed = {}  -- settled or released, remembered until the hold would have expired
 local expired = {}
 for i = 1, #raw, 2 do
   local ok, h = pcall(cjson.decode, raw[i + 1])
   local exp = nil
   if ok and type(h) == 'table' then exp = tonumber(h.expires_at_ms) end
-  if exp and exp > now then
+  if exp and exp > now and type(h.closed) == 'string' then
+    closed[raw[i]] = raw[i + 1]
+  elseif exp and exp > now then
     held_money = held_money + (tonumber(h.amount) or 0)
     local f = h.field
     if type(f) == 'string' and f ~= '' then
@@ -54,6 +64,19 @@ for i = 1, #raw, 2 do
   else
     expired[#expired + 1] = raw[i]
   end
+end
+
+if mode == 'release' then
+  local rid = ARGV[6]
+  if active[rid] then
+    local h = cjson.decode(active[rid])
+    h.amount, h.seconds, h.field, h.closed = 0, 0, '', 'released'
+    redis.call('HSET', KEYS[3], rid, cjson.encode(h))
+    return cmsgpack.pack({'released'})
+  end
+  if closed[rid] then return cmsgpack.pack({'closed', closed[rid]}) end
+  redis.call('HDEL', KEYS[3], rid)  -- expired or unreadable: it held nothing any more
+  return cmsgpack.pack({'none'})
 end
 
 local used, held = {}, {}
@@ -70,6 +93,7 @@ end
 local state = {w, held_money, period, used, held}
 if mode == 'peek' then
   if ARGV[6] ~= '' and active[ARGV[6]] then return cmsgpack.pack({'exists', active[ARGV[6]]}) end
+  if ARGV[6] ~= '' and closed[ARGV[6]] then return cmsgpack.pack({'closed', closed[ARGV[6]]}) end
   return cmsgpack.pack(state)
 end
 
@@ -81,6 +105,7 @@ for s = 1, #expired, 1000 do
   redis.call('HDEL', KEYS[3], unpack(expired, s, math.min(s + 999, #expired)))
 end
 if active[rid] then return cmsgpack.pack({'exists', active[rid]}) end
+if closed[rid] then return cmsgpack.pack({'closed', closed[rid]}) end
 local stale = cmsgpack.pack({'stale', state})
 if w[3] == '1' then return stale end
 if pkg ~= '' then
