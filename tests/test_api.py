@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from metering.local_services import ensure_started
 from rating.accounts import parse_accounts
 from rating.catalog import parse_catalog
 from rating.engine import Rater
-from rating.periods import period_start
+from rating.periods import next_period_start, period_start
 from tests.helpers import NOW, account, call, catalog_dict
 from wallet_debiter.api import make_app
 from wallet_debiter.authorize import Authorizer
@@ -181,6 +181,7 @@ def test_wallet_view_shows_balance_holds_and_package_usage_this_period(env: Env)
                  account("post", plan="business", billing="postpaid", balance="-0.50", credit_limit="1.00"),
                  account("payg", plan="payg", balance="2.00"), account("gb", home_country="GB"))
     period = period_start(datetime.now(UTC), 28).isoformat()
+    next_start = next_period_start(date.fromisoformat(period)).isoformat()
     # europe: 8 of 10 minutes used this period (last period's 10 do not count); us-domestic
     # (unlimited, fair use 10 minutes): 1 minute
     env.client.hset("u:{s}", mapping={f"europe|{period}": 480, "europe|2000-01-28": 600,
@@ -196,7 +197,8 @@ def test_wallet_view_shows_balance_holds_and_package_usage_this_period(env: Env)
         assert await resp.json() == {
             "account_id": "s", "plan": "starter", "billing": "prepaid", "balance": "0.100000",
             "held": "0.000000", "available": "0.100000", "credit_limit": None, "blocked": False,
-            "period_start": period, "packages": [
+            "monthly_fee": "49.000000", "period_start": period, "next_billing_date": next_start,
+            "packages": [
                 {"package_id": "us-domestic", "unlimited": True, "minutes": None, "fair_use_minutes": 10,
                  "used_s": 60, "held_s": 0, "remaining_s": 540, "percent_used": 10},
                 {"package_id": "europe", "unlimited": False, "minutes": 10, "fair_use_minutes": None,

@@ -13,7 +13,8 @@ Routes
              or was settled by its CDR or released (remembered until the hold would have expired)
   DELETE /v1/accounts/{id}/reservations/{rid}   204 released; 404 no such hold
   GET    /v1/accounts/{id}/wallet   200 what a billing page shows, live from Redis: balance,
-         held, available, blocked, the billing period and, per package of the plan, seconds
+         held, available, blocked, monthly fee, the billing period and next billing date and,
+         per package of the plan, seconds
          used / held / remaining this period; 404 unknown account
   GET    /healthz (process alive)  /readyz (Redis PING and a catalog loaded)  /metrics
 
@@ -34,6 +35,7 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import date
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -55,7 +57,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from metering.logs import log
 from metering.logs import setup as setup_logs
 from rating.catalog import CatalogError, load_catalog
-from rating.money import format_micros
+from rating.money import PICO_PER_MICRO, div_half_up, format_micros
+from rating.periods import next_period_start
 from wallet_debiter.authorize import E164_RE, MAX_CALL_S, UNKNOWN_ACCOUNT, Authorizer, Decision
 from wallet_debiter.redis_store import connect_async
 from wallet_debiter.reservations import (
@@ -265,7 +268,10 @@ async def wallet(request: web.Request) -> web.Response:
         "available": None if available is None else format_micros(available),
         "credit_limit": None if w.credit_limit is None else format_micros(w.credit_limit),
         "blocked": snap.blocked,
+        "monthly_fee": format_micros(div_half_up(plan.monthly_fee_pico, PICO_PER_MICRO)),
         "period_start": snap.period,
+        # the next period's first day: allowances restart and `fees charge` bills the next fee
+        "next_billing_date": next_period_start(date.fromisoformat(snap.period)).isoformat(),
         "packages": packages,
     })
 
