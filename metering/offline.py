@@ -12,7 +12,7 @@ from typing import IO
 
 import msgspec
 
-from rating.engine import ROW_FIELDS, Rater, Row
+from rating.engine import ROW_FIELDS, Rater, Rejection, Row, rejected_row
 from rating.money import format_micros
 from schemas.messages import OfflineLine, OfflineWalletEvent
 from schemas.records import WalletEvent
@@ -38,20 +38,57 @@ def offline_wallet_event(e: WalletEvent) -> OfflineWalletEvent:
     )
 
 
-def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[tuple[bytes, str]]]:
+def _read_lines(lines: IO[bytes] | Iterable[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line without its end, its length). From a file, a line longer than `limit` is not held
+    whole: its first `limit + 1` bytes come with its real length (it is rejected as oversize
+    either way), so a huge line without newlines cannot take the memory."""
+    readline = getattr(lines, "readline", None)
+    if readline is None:
+        for line in lines:
+            raw = line.rstrip(b"\r\n")
+            yield raw, len(raw)
+        return
+    cap = limit + 3  # room for the limit, one byte over it and "\r\n"
+    while True:
+        line = readline(cap)
+        if not line:
+            return
+        if len(line) < cap or line.endswith(b"\n"):
+            raw = line.rstrip(b"\r\n")
+            yield raw, len(raw)
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):  # skip the rest of the line, counting it
+            line = readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        if line.endswith(b"\r\n"):
+            size -= 2
+        elif line.endswith(b"\n"):
+            size -= 1
+        yield b"", size
+
+
+def _batches(lines: IO[bytes] | Iterable[bytes], size: int,
+             limit: int) -> Iterator[tuple[list[tuple[bytes, str]], dict[int, int]]]:
+    """Batches of (line, "line:N"), with {index in batch: real length} of lines cut short."""
     batch: list[tuple[bytes, str]] = []
-    for n, line in enumerate(lines, start=1):
-        batch.append((line.rstrip(b"\r\n"), f"line:{n}"))
+    cut: dict[int, int] = {}
+    for n, (raw, length) in enumerate(_read_lines(lines, limit), start=1):
+        if length != len(raw):
+            cut[len(batch)] = length
+        batch.append((raw, f"line:{n}"))
         if len(batch) >= size:
-            yield batch
-            batch = []
+            yield batch, cut
+            batch, cut = [], {}
     if batch:
-        yield batch
+        yield batch, cut
 
 
 def rate_stream(
     rater: Rater,
-    lines: Iterable[bytes],
+    lines: IO[bytes] | Iterable[bytes],
     out: IO[bytes],
     wallet_out: IO[bytes] | None,
     now: datetime,
@@ -62,10 +99,15 @@ def rate_stream(
     """Rate every line; returns counts by status. Blank lines are rejected like any bad input."""
     encoder = msgspec.json.Encoder()
     counts = {"rated": 0, "rejected": 0, "duplicate": 0}
-    for batch in _batches(lines, batch_lines):
+    limit = rater.pricer.max_bytes
+    for batch, cut in _batches(lines, batch_lines, limit):
         result = rater.rate_batch(batch, now)
+        rows = result.rows
+        for i, length in cut.items():  # rated as empty: reject it for what it is
+            rows[i] = rejected_row(b"", batch[i][1], Rejection(
+                "invalid_json", f"(event): oversize, {length} bytes > {limit}"))
         buf = bytearray()
-        for row in result.rows:
+        for row in rows:
             counts[row[2]] += 1
             encoder.encode_into(offline_line(row), buf, len(buf))
             buf += b"\n"
@@ -77,5 +119,5 @@ def rate_stream(
                 wbuf += b"\n"
             wallet_out.write(wbuf)
         if on_batch is not None:
-            on_batch(sum(len(raw) + 1 for raw, _ in batch))
+            on_batch(sum(len(raw) + 1 for raw, _ in batch) + sum(cut.values()))
     return counts
