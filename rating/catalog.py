@@ -599,8 +599,15 @@ def summarize(catalog: Catalog) -> Iterable[str]:
         + ", ".join(f"{c} {by_class[c]}" for c in DEST_CLASSES)
         + ")"
     )
+    known = set(countries)
+
+    def unreachable(members: Iterable[str]) -> str:
+        # a typo (UK for GB) or a country whose destinations are not loaded yet: never matched
+        missing = sorted(set(members) - known)
+        return f"; warning: no destination in {', '.join(missing)}" if missing else ""
+
     for name, members in sorted(catalog.zones.items()):
-        yield f"zone {name}: {', '.join(sorted(members))}"
+        yield f"zone {name}: {', '.join(sorted(members))}{unreachable(members)}"
     for name, table in sorted(catalog.rate_tables.items()):
         rates = catalog.raw_rates[name].values()
         with_intervals = sum(1 for r in rates if len({iv.per_minute_pico for iv in r.intervals}) > 1 or len(r.intervals) > 2)
@@ -615,7 +622,7 @@ def summarize(catalog: Catalog) -> Iterable[str]:
             size += f" (fair use {pkg.fair_use_s // 60} min)"
         yield (
             f"package {name}: {size}, {pkg.scope}, classes {', '.join(sorted(pkg.classes))}, "
-            f"covers {', '.join(sorted(pkg.countries))}"
+            f"covers {', '.join(sorted(pkg.countries))}{unreachable(pkg.countries)}"
         )
     for name, plan in sorted(catalog.plans.items()):
         yield (

@@ -469,3 +469,17 @@ def test_each_rate_and_account_reports_all_its_errors() -> None:
                        parse_catalog(catalog_dict()))
     assert [e.split(":")[0] for e in info.value.errors] == [
         "accounts[0].id", "accounts[0].plan", "accounts[0].home_country", "accounts[0].balance"]
+
+
+def test_check_warns_of_zone_and_package_countries_no_destination_has() -> None:
+    """The SPEC-based catalog's europe zone lists six countries, its destinations only US, GB, DE, PT:
+    a package can never apply to the others (often a typo: UK for GB). Valid, but said."""
+    from rating.catalog import summarize
+
+    lines = list(summarize(load_catalog(ROOT / "tests/data/spec_catalog.yaml")))
+    zone = next(line for line in lines if line.startswith("zone europe:"))
+    assert zone.endswith("; warning: no destination in ES, FR, IT, NL")
+    europe = next(line for line in lines if line.startswith("package europe:"))
+    assert europe.endswith("covers DE, ES, FR, GB, IT, NL; warning: no destination in ES, FR, IT, NL")
+    us = next(line for line in lines if line.startswith("package us-domestic:"))
+    assert "warning" not in us
