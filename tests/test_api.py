@@ -257,6 +257,9 @@ def test_bad_input_is_400(env: Env) -> None:
 
         cases: list[tuple[Any, str | None]] = [
             (b"{", None), (b"[]", None), (b"", None), (b'"x"', None),
+            # a key twice: which number would be held? (JSON parsers keep the last silently)
+            (b'{"to": "+12025550123", "to": "+447700900123"}', "to"),
+            (b'{"to": "+12025550123", "max_duration_s": 60, "max_duration_s": 600}', "max_duration_s"),
             ({}, "to"), ({"to": 44}, "to"), ({"to": "+44 20"}, "to"),
             ({"to": US_FIXED, "max_duration_s": 0}, "max_duration_s"),
             ({"to": US_FIXED, "max_duration_s": -5}, "max_duration_s"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -306,6 +307,16 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise bad_request(None, "body: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise bad_request(None, "body: expected a JSON object")
+    # A key given twice: msgspec keeps the last one silently (which number is held?)
+    try:
+        pairs = json.loads(raw, object_pairs_hook=lambda kv: kv)
+    except (ValueError, RecursionError):  # msgspec read it; this check has nothing to add
+        pairs = []
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise bad_request(key if key in _BODY_KEYS else None, f"{key}: given more than once")
+        seen.add(key)
     for key in doc:
         if key not in _BODY_KEYS:
             raise bad_request(str(key), f"{key}: unknown field (allowed: {', '.join(_BODY_KEYS)})")
