@@ -80,6 +80,11 @@ class _SmsNumbersUnchecked(SmsEvent, tag="sms", frozen=True, kw_only=True):
     to: str
 
 
+# rated_usage.period_start is a ClickHouse Date (1970-01-01 to 2149-06-06): an event in an earlier
+# period (a switch clock reset to the epoch) is rejected invalid_field by price()'s ValueError
+# handler, before anything is charged. (Later ones are future_timestamp long before 2149.)
+_FIRST_PERIOD_START = date(1970, 1, 1)
+
 _TIME_FIELD: dict[type, str] = {_CallNumbersUnchecked: "started_at", _SmsNumbersUnchecked: "sent_at",
                                 MeterEvent: "at"}  # the types price() decodes to
 
@@ -324,6 +329,9 @@ class Pricer:
         hit = by_day.get(day)
         if hit is None:
             start = period_start(ts, anchor)
+            if start < _FIRST_PERIOD_START:  # not cached: each such event is rejected
+                raise ValueError(f"{ts.isoformat()} falls in the billing period from {start}, before "
+                                 f"{_FIRST_PERIOD_START} (the earliest period_start stored)")
             hit = by_day[day] = (start, start.isoformat())
         return hit
 

@@ -26,6 +26,8 @@ from metering.storage.clickhouse_sink import (
     split_sql,
 )
 from schemas.records import Movement, RatedRecord, WalletEvent
+from tests.helpers import NOW, account, make_rater
+from tests.helpers import call as rate_call
 
 pytestmark = pytest.mark.integration
 
@@ -638,6 +640,29 @@ def test_insert_rated_checks_lineage_lengths_and_skips_empty(sink: ClickHouseSin
     assert sink.insert_rated([], topic=TOPIC, partitions=[], offsets=[]) == 0
     only_rejects = [RatedRecord(event_id="b", account_id="a", status="rejected")]
     assert sink.insert_rated(only_rejects, topic=TOPIC, partitions=[0], offsets=[0]) == 0
+
+
+def test_every_row_the_engine_rates_fits_the_tables(sink: ClickHouseSink) -> None:
+    """The engine's rows go to rated_usage as they are (the pipeline's insert_rated_rows). A CDR
+    stamped at the epoch (a switch clock reset) on an anchor-28 account fell in a billing period
+    from 1969-12-28, which `period_start Date` cannot hold: it was rated and debited, then its
+    batch's insert failed ("Unable to create native array for column `period_start`") on every
+    replay, stopping the pipeline. It is rejected now; the first storable period is stored."""
+    rater = make_rater([account(period_anchor_day=28)])
+    events = [
+        rate_call("epoch", "+442071234567", 60, started_at="1970-01-01T00:00:00Z"),
+        rate_call("first", "+442071234567", 60, started_at="1970-01-28T00:00:00Z"),
+        rate_call("late", "+442071234567", 60, started_at="1970-01-27T23:59:59.999-00:01"),
+    ]
+    rows = rater.rate_batch([(e, f"0:{i}") for i, e in enumerate(events)], NOW).rows
+    assert [(r[0], r[2]) for r in rows] == [("epoch", "rejected"), ("first", "rated"), ("late", "rated")]
+    assert sink.insert_rated_rows(rows, topic=TOPIC) == 2
+    got = sink.client.query(
+        f"SELECT event_id, period_start, toString(started_at) FROM {sink.database}.rated_usage FINAL"
+        " ORDER BY event_id"
+    ).result_rows
+    assert got == [("first", date(1970, 1, 28), "1970-01-28 00:00:00.000"),
+                   ("late", date(1970, 1, 28), "1970-01-28 00:00:59.999")]
 
 
 def test_split_sql_ignores_semicolons_in_strings_and_comments() -> None:

@@ -128,6 +128,21 @@ def test_period_boundary_by_anchor_day_and_allowance_per_period() -> None:
     assert january.period_start == date(2025, 12, 15)  # year boundary
 
 
+def test_a_period_starting_before_1970_is_rejected_not_rated() -> None:
+    """rated_usage.period_start is a ClickHouse Date (1970-01-01 and later): an event whose
+    billing period starts earlier (a switch clock reset to the epoch, anchor day 28: period
+    1969-12-28) is rejected invalid_field naming the field, never rated nor charged; the
+    first storable period is rated."""
+    r = make_rater([account(period_anchor_day=28)])
+    epoch = one(r, call("epoch", "+442071234567", 60, started_at="1970-01-01T00:00:00Z"))
+    assert (epoch.status, epoch.reason) == ("rejected", "invalid_field")
+    assert epoch.detail == ("started_at: 1970-01-01T00:00:00+00:00 falls in the billing period "
+                            "from 1969-12-28, before 1970-01-01 (the earliest period_start stored)")
+    assert epoch.charge == 0 and epoch.balance_after is None
+    first = one(r, call("first", "+442071234567", 60, started_at="1970-01-28T00:00:00Z"))
+    assert first.status == "rated" and first.period_start == date(1970, 1, 28)
+
+
 def test_inbound_calls_free_or_on_inbound_table() -> None:
     r = make_rater([account(), account("acc-b", plan="business", billing="postpaid", balance="0")])
     rec = one(r, call("e1", "+442071234567", 300, direction="inbound"))
@@ -196,6 +211,11 @@ def test_sms_and_meters() -> None:
         (call("x", "+8610123456", 5), "no_rate", "to"),
         (meter("x", 5, name="gpu_seconds"), "unknown_meter", "meter"),
         (call("x", "+4420", 5, started_at="2026-11-21T12:00:01Z"), "future_timestamp", "started_at"),
+        # before 1970 in UTC: rated_usage.period_start (Date) cannot hold the period; once rated
+        # and debited, such a row stopped every ClickHouse insert of its batch, forever
+        (call("x", "+4420", 5, started_at="1970-01-01T00:30:00+01:00"), "invalid_field", "started_at"),
+        (sms("x", "+4420", sent_at="1960-05-01T00:00:00Z"), "invalid_field", "sent_at"),
+        (meter("x", 5, at="1899-12-31T23:00:00-05:00"), "invalid_field", "at"),
     ],
 )
 def test_each_reject_reason_names_the_field(raw: bytes, reason: str, field: str | None) -> None:
