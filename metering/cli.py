@@ -448,13 +448,20 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     plan) makes a second run change nothing. The fee is an `adjustment` movement (negative),
     which the analyst views count as *recurring*; a prepaid wallet it takes to <= 0 (a
     postpaid one past its credit_limit) is blocked and `blocked` goes to wallet.events. Plans
-    without a fee are skipped. A --on day after today warns: that period is charged ahead."""
+    without a fee are skipped. A --on day after today warns: that period is charged ahead; one
+    before 1970-01-28 is refused (a period before 1970 cannot be stored in ClickHouse)."""
     from metering import kafka_io
     from metering.wallet_ops import charge_fees
     from rating.money import format_micros
+    from rating.periods import FIRST_PERIOD_START, earliest_period_start
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
-    if on.astimezone(UTC).date() > datetime.now(UTC).date():
+    day = on.astimezone(UTC).date()
+    earliest = earliest_period_start(on)
+    if earliest < FIRST_PERIOD_START:  # ClickHouse's Date would clamp the fee's period to 1970-01-01
+        _fail(f"error: --on {day.isoformat()} is in billing periods starting as early as {earliest}, before "
+              f"{FIRST_PERIOD_START}, the earliest period stored: nothing charged")
+    if day > datetime.now(UTC).date():
         click.echo(f"warning: --on {on.date().isoformat()} is after today (UTC): the periods holding it are "
                    "charged ahead of time", err=True)
     settings = _settings(catalog_path=catalog_path)

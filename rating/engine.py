@@ -28,7 +28,7 @@ import msgspec
 from rating.accounts import Account
 from rating.catalog import Catalog, Destination, Package, Plan, Rate
 from rating.money import MAX_CHARGE_MICROS, PICO_PER_MICRO, format_micros
-from rating.periods import period_start
+from rating.periods import FIRST_PERIOD_START, period_start
 from rating.pricing import billed_parts, charge_micros
 from rating.wallet import (
     BALANCE_EVENTS,
@@ -79,11 +79,6 @@ class _SmsNumbersUnchecked(SmsEvent, tag="sms", frozen=True, kw_only=True):
     from_: str = msgspec.field(name="from")
     to: str
 
-
-# rated_usage.period_start is a ClickHouse Date (1970-01-01 to 2149-06-06): an event in an earlier
-# period (a switch clock reset to the epoch) is rejected invalid_field by price()'s ValueError
-# handler, before anything is charged. (Later ones are future_timestamp long before 2149.)
-_FIRST_PERIOD_START = date(1970, 1, 1)
 
 _TIME_FIELD: dict[type, str] = {_CallNumbersUnchecked: "started_at", _SmsNumbersUnchecked: "sent_at",
                                 MeterEvent: "at"}  # the types price() decodes to
@@ -329,9 +324,13 @@ class Pricer:
         hit = by_day.get(day)
         if hit is None:
             start = period_start(ts, anchor)
-            if start < _FIRST_PERIOD_START:  # not cached: each such event is rejected
+            if start < FIRST_PERIOD_START:
+                # rated_usage.period_start is a ClickHouse Date (from 1970-01-01): such an event
+                # (a switch clock reset to the epoch) is rejected invalid_field by price()'s
+                # ValueError handler before anything is charged; not cached, so every time.
+                # (Date ends in 2149: later events are future_timestamp long before.)
                 raise ValueError(f"{ts.isoformat()} falls in the billing period from {start}, before "
-                                 f"{_FIRST_PERIOD_START} (the earliest period_start stored)")
+                                 f"{FIRST_PERIOD_START} (the earliest period_start stored)")
             hit = by_day[day] = (start, start.isoformat())
         return hit
 

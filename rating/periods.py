@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
+# The earliest billing period stored: ClickHouse's `period_start Date` (rated_usage, and the fee
+# periods of v_usage_by_category) starts at 1970-01-01 and clamps anything earlier to it.
+FIRST_PERIOD_START = date(1970, 1, 1)
+
 
 def period_start(ts: datetime, anchor_day: int) -> date:
     """First day of the billing period holding `ts` (an aware datetime)."""
@@ -21,3 +25,8 @@ def period_start(ts: datetime, anchor_day: int) -> date:
 def next_period_start(start: date) -> date:
     year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
     return date(year, month, start.day)
+
+
+def earliest_period_start(ts: datetime) -> date:
+    """The earliest start, over every anchor day (1..28), of a billing period holding `ts`."""
+    return min(period_start(ts, anchor) for anchor in range(1, 29))

@@ -143,3 +143,20 @@ def test_fees_for_a_future_day_warn_that_they_charge_ahead(op: dict[str, str]) -
     assert f"warning: --on {ahead} is after today" in proc.stderr and "accounts charged" in proc.stdout
     today = datetime.now(UTC).date().isoformat()
     assert "is after today" not in _cli(op, "fees", "charge", "--on", today).stderr  # (other warnings: other tests' accounts)
+
+
+def test_fees_for_a_period_before_1970_are_refused_and_charge_nothing(op: dict[str, str]) -> None:
+    """`fees charge --on 1926-11-01` (a typo) charged every account a fee `fee:1926-11-01:...`;
+    ClickHouse's Date clamps that period to 1970-01-01, so v_usage_by_category showed the fees
+    under a period that is neither the reference's nor any account's. Refused now, in one line,
+    before any wallet is touched; the first day whose every period is storable is charged."""
+    account = op["ACCOUNT"]
+    store = RedisWalletStore(connect(op["METERING_REDIS_URL"]))
+    before = store.balances([account])[account]
+    _refused(op, "fees", "charge", "--on", "1926-11-01", needle="--on 1926-11-01")
+    _refused(op, "fees", "charge", "--on", "1970-01-27", needle="1969-12-28")  # anchor 28: 1969-12-28
+    assert store.balances([account])[account] == before
+    assert store.credit_record(account, "fee:1926-11-01:starter") is None
+    _cli(op, "fees", "charge", "--on", "1970-01-28")  # every anchor's period starts in 1970
+    assert store.balances([account])[account] == before - 19_000_000
+    assert store.credit_record(account, "fee:1970-01-01:starter") is not None
