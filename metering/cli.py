@@ -226,7 +226,7 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
     health = metrics.serve_metrics(settings.metrics_port)
     stop = _stop_on_signals()  # before the start: SIGTERM while waiting for Redis ends it
     pipeline = _start_or_fail(lambda: Pipeline(settings, stop=stop))
-    metrics.set_ready(health, pipeline.ready)
+    metrics.set_ready(health, pipeline.readiness)
     _run_or_fail(lambda: pipeline.run(max_idle_s=until_idle))
 
 
@@ -289,7 +289,7 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
     health = metrics.serve_metrics(settings.metrics_port)
     stop = _stop_on_signals()
     w = _start_or_fail(lambda: cls(settings, stop))
-    metrics.set_ready(health, w.ready)
+    metrics.set_ready(health, w.readiness)
     _run_or_fail(lambda: w.run(max_idle_s=until_idle))
 
 

@@ -39,6 +39,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_message_bytes": (64, 16 * 1024 * 1024),
     "metrics_port": (0, 65_535),
     "catalog_check_s": (0.1, 3_600),
+    "progress_s": (0, 86_400),
     "api_port": (1, 65_535),
     "hold_ttl_s": (1, 30 * 86_400),
 }
@@ -66,6 +67,7 @@ class Settings:
     max_message_bytes: int = 64 * 1024  # larger values are poison (rejected, not rated)
     metrics_port: int = 9100  # 0: no metrics/health server
     catalog_check_s: float = 2.0  # how often the catalog file's mtime is checked
+    progress_s: float = 10.0  # workers log a progress line this often while they work (0: never)
     # Kafka static membership (group.instance.id): a restarted worker with the same id gets its
     # partitions back at once instead of after the session timeout (k8s: the pod name).
     instance_id: str = ""
@@ -93,7 +95,8 @@ class Settings:
             "clickhouse_dsn": ep.clickhouse_dsn,
         }
         ints = {"partitions", "batch_size", "max_message_bytes", "metrics_port", "api_port", "hold_ttl_s"}
-        floats = {"batch_timeout_s", "catalog_check_s"}
+        floats = {"batch_timeout_s", "catalog_check_s", "progress_s"}
+        unreadable = []  # every bad setting in one error, with the out-of-range ones below
         for f in fields(cls):
             name = env_name(f.name)
             if name in env and f.name not in values:
@@ -102,12 +105,18 @@ class Settings:
                     values[f.name] = int(raw) if f.name in ints else float(raw) if f.name in floats else raw
                 except ValueError:
                     kind = "a whole number" if f.name in ints else "a number"
-                    raise ConfigError(f"{name}={raw!r}: expected {kind}") from None
+                    unreadable.append(f"{name}={raw!r}: expected {kind}")
         prefix = env.get("METERING_TOPIC_PREFIX", "")
         if prefix:  # isolated topic sets on a shared broker (tests, staging)
             values["topics"] = Topics(*(prefix + getattr(Topics(), f.name) for f in fields(Topics)))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        try:
+            settings = cls(**values)
+        except ConfigError as exc:
+            unreadable.append(str(exc))
+        if unreadable:
+            raise ConfigError("; ".join(unreadable))
+        return settings
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -97,7 +97,7 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
          f"requested top-ups are paid after 1 s)")
 
     pipeline = Pipeline(settings)
-    metrics.set_ready(health, pipeline.ready)
+    metrics.set_ready(health, pipeline.readiness)
     gate = DialerGate(store, accounts)
     payer = TopupPayer(settings, store, accounts, delay_s=1.0)
     payer.start()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+
+from schemas.records import REJECT_REASONS, WALLET_EVENT_TYPES
 
 CONSUMED = Counter("metering_consumed_total", "Messages consumed", ["stage"])
 RATED = Counter("metering_rated_total", "Events rated", ["kind"])
@@ -33,6 +37,27 @@ END_TO_END_SECONDS = Histogram(
     "Kafka produce timestamp to queryable in ClickHouse, per event", ["stage"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30),
 )
+
+# Every label value known in advance is exported at 0 from the start: a series that first
+# appears at 5 looks like "no change" to rate()/increase(), so the first rejects of a reason,
+# the first duplicates, the first blocked wallets would never show in an alert.
+for _reason in REJECT_REASONS:
+    REJECTED.labels(reason=_reason)
+for _kind in ("call", "sms", "meter"):
+    RATED.labels(kind=_kind)
+for _conflict in ("false", "true"):
+    DUPLICATES.labels(conflict=_conflict)
+for _type in WALLET_EVENT_TYPES:
+    WALLET_EVENTS.labels(type=_type)
+
+
+def init_stage(stage: str) -> None:
+    """Export a worker stage's per-stage series at 0 before its first batch."""
+    CONSUMED.labels(stage=stage)
+    BATCH_SECONDS.labels(stage=stage)
+    BATCH_SIZE.labels(stage=stage)
+
+
 STORE_REWINDS = Counter("metering_store_rewinds_total",
                         "Partitions replayed because Redis held less than Kafka had committed", ["stage"])
 STALE_RETRIES = Counter("metering_stale_snapshot_total", "Batches re-settled after a concurrent write")
@@ -49,6 +74,11 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
+# What /readyz asks the worker: True/False, or a mapping with "ready" and what is wrong
+# (e.g. {"ready": False, "redis": True, "waiting": ["clickhouse insert"]}), shown when not ready.
+Readiness = Callable[[], bool | Mapping[str, Any]]
+
+
 class HealthServer:
     """/metrics, /healthz (alive) and /readyz (`ready()`, False until the worker sets it) on
     0.0.0.0:port, served from a thread. Bound before the worker starts, so a port in use is a
@@ -57,7 +87,7 @@ class HealthServer:
     def __init__(self, port: int) -> None:
         from metering.config import ConfigError
 
-        self.ready: Callable[[], bool] = lambda: False
+        self.ready: Readiness = lambda: False
         metrics_app = make_wsgi_app(REGISTRY)
 
         def app(environ, start_response):  # type: ignore[no-untyped-def]
@@ -66,9 +96,11 @@ class HealthServer:
                 start_response("200 OK", [("Content-Type", "application/json")])
                 return [b'{"status":"ok"}']
             if path == "/readyz":
-                ok = self.ready()
+                state = self.ready()
+                ok = state if isinstance(state, bool) else bool(state.get("ready"))
+                body = {"ready": ok} if ok or isinstance(state, bool) else {**state, "ready": False}
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
-                return [b'{"ready":true}' if ok else b'{"ready":false}']
+                return [json.dumps(body, separators=(",", ":")).encode()]
             return metrics_app(environ, start_response)
 
         try:
@@ -80,7 +112,7 @@ class HealthServer:
         self.thread.start()
 
 
-def serve_metrics(port: int, ready: Callable[[], bool] | None = None) -> HealthServer | None:
+def serve_metrics(port: int, ready: Readiness | None = None) -> HealthServer | None:
     """Start the health/metrics server on `port` (0: none)."""
     if not port:
         return None
@@ -90,6 +122,6 @@ def serve_metrics(port: int, ready: Callable[[], bool] | None = None) -> HealthS
     return server
 
 
-def set_ready(server: HealthServer | None, ready: Callable[[], bool]) -> None:
+def set_ready(server: HealthServer | None, ready: Readiness) -> None:
     if server is not None:
         server.ready = ready

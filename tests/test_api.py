@@ -909,6 +909,24 @@ def test_redis_down_is_503_not_ready(env: Env) -> None:
     asyncio.run(main())
 
 
+def test_redis_down_is_logged_with_the_account_and_the_address(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """The log line of a request Redis could not serve names the account and Redis's own
+    message (its address); before it held repr(), which for redis-py 8 is only the category
+    ("network:ConnectionError"), and no account."""
+    async def main() -> None:
+        app = make_app(str(env.catalog_path), "redis://127.0.0.1:1/0", redis_timeout_s=0.5)
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.get(f"/v1/accounts/acc-7/authorize?to={US_FIXED}")
+            assert resp.status == 503
+
+    with caplog.at_level(logging.ERROR, logger="metering.api"):
+        asyncio.run(main())
+    fields = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "redis unavailable"]
+    assert fields, caplog.text
+    assert fields[0]["account_id"] == "acc-7", fields
+    assert "127.0.0.1:1" in fields[0]["error"], fields
+
+
 def test_corrupt_wallet_is_503_and_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     env.accounts(account(plan="payg"))
     env.client.hset("w:{acc-1}", "balance", "lots")

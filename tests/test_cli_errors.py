@@ -53,6 +53,16 @@ def test_numeric_settings_out_of_range_are_refused_with_every_name() -> None:
     assert Settings.from_env({"METERING_BATCH_SIZE": "1", "METERING_METRICS_PORT": "0"}).batch_size == 1
 
 
+def test_unreadable_and_out_of_range_settings_are_named_together() -> None:
+    """A setting that is not a number and one out of range, given together, are both named
+    in the one error (before, the unreadable one stopped the check: fix one, run again, then
+    hear about the next)."""
+    proc = _cli("run", METERING_BATCH_SIZE="5k", METERING_METRICS_PORT="-1", METERING_PROGRESS_S="soon")
+    _one_line_error(proc, 2, "METERING_BATCH_SIZE='5k': expected a whole number",
+                    "metrics_port=-1 (METERING_METRICS_PORT): expected 0 to 65,535",
+                    "METERING_PROGRESS_S='soon': expected a number")
+
+
 def test_bad_settings_end_the_command_with_exit_2() -> None:
     _one_line_error(_cli("run", METERING_BATCH_TIMEOUT_S="0"), 2, "METERING_BATCH_TIMEOUT_S")
     _one_line_error(_cli("setup", "--partitions", "0"), 2, "METERING_PARTITIONS")

@@ -301,16 +301,30 @@ def test_redis_losing_its_last_writes_after_kafka_committed_is_replayed(live: di
 @BROKERS
 def test_split_workers_rating_debit_sink_match_offline(live: dict[str, str]) -> None:
     """`metering worker rating|debit|sink` as separate processes (the scale-out mode) give the
-    same rows, balances and rejects as `metering rate`."""
+    same rows, balances and rejects as `metering rate`. Each logs JSON `progress` lines while
+    it works and a `worker stopped` line with what it did (before: only `worker started`)."""
     now = datetime.now(UTC).replace(microsecond=0)
     settings = Settings.from_env(live)
     produce_traffic(settings, count=20_000, seed=31, duplicate_rate=0.05, malformed_rate=0.01,
                     start=now.replace(hour=0))
     rater, rows = _offline(20_000, 31, 0.05, 0.01, now)
+    stopped = {}
     for stage in ("rating", "debit", "sink"):
         proc = subprocess.run([sys.executable, "-m", "metering.cli", "worker", stage, "--until-idle", "3"],
-                              env=live, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                              env={**live, "METERING_PROGRESS_S": "0.1"}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode == 0, f"worker {stage}: {proc.stderr[-3000:]}"
+        lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+        assert any(line["msg"] == "progress" and line["stage"] == stage for line in lines), (stage, lines)
+        stopped[stage] = lines[-1]
+        assert stopped[stage]["msg"] == "worker stopped" and stopped[stage]["stage"] == stage, lines[-1]
+    rejected = sum(1 for r in rows if r[2] == "rejected")
+    assert stopped["rating"]["consumed"] == 20_000 and stopped["rating"]["rejected"] == rejected
+    assert stopped["debit"]["consumed"] == stopped["rating"]["priced"] == 20_000 - rejected
+    assert stopped["debit"]["rated"] == sum(1 for r in rows if r[2] == "rated")
+    assert stopped["debit"]["duplicates"] == sum(1 for r in rows if r[2] == "duplicate")
+    assert stopped["sink"]["rated_rows"] == stopped["debit"]["consumed"]
+    assert stopped["sink"]["rejected_rows"] == rejected
     _check_equal(live, rater, rows)
 
 

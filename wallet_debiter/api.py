@@ -446,12 +446,15 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             resp.headers["Allow"] = exc.headers["Allow"]
         reason = "http_error"
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        log(logger, logging.ERROR, "redis unavailable", route=route, error=repr(exc))
+        # str(): redis-py's repr() of its errors is only their category ("network:ConnectionError")
+        log(logger, logging.ERROR, "redis unavailable", route=route, account_id=request.match_info.get("id"),
+            error=f"{type(exc).__name__}: {exc}")
         resp, reason = _json(503, {"error": "storage unavailable, try again", "field": None}), "unavailable"
     except asyncio.CancelledError:
         raise
     except Exception:
-        logger.exception("request failed", extra={"fields": {"route": route, "path": request.path}})
+        logger.exception("request failed", extra={"fields": {"route": route, "path": request.path,
+                                                             "account_id": request.match_info.get("id")}})
         resp, reason = _json(503, {"error": "internal error, try again", "field": None}), "internal_error"
     LATENCY.labels(route).observe(time.perf_counter() - start)
     REQUESTS.labels(route, str(resp.status), reason).inc()

@@ -72,14 +72,43 @@ def _sleeper(stop: threading.Event | None) -> Callable[[float], None]:
     return sleep
 
 
+class Outages:
+    """What a worker is waiting out right now (a retried call to Redis or ClickHouse that keeps
+    failing), for /readyz: not ready while anything is listed. Thread-safe: `metering run`
+    settles on its main thread while its writer thread inserts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, tuple[float, int]] = {}  # what -> (failing since, attempts)
+
+    def failed(self, what: str) -> None:
+        with self._lock:
+            since, attempts = self._since.get(what, (time.monotonic(), 0))
+            self._since[what] = (since, attempts + 1)
+
+    def recovered(self, what: str) -> tuple[float, int] | None:
+        """Forget `what`; (seconds it failed, failed attempts) if it was failing."""
+        with self._lock:
+            entry = self._since.pop(what, None)
+        return None if entry is None else (time.monotonic() - entry[0], entry[1])
+
+    def current(self) -> list[str]:
+        with self._lock:
+            return sorted(self._since)
+
+
 def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 600.0,
-             stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None) -> Retrying:
+             stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None,
+             outages: Outages | None = None) -> Retrying:
     """Back off on transient errors (service down, restarting, overloaded): never reject for those.
     `stop` set ends the wait at once (then `with_retry` raises Stopping); `on_wait()` runs before
-    each sleep (the loop keeps its lag gauge current while it waits)."""
+    each sleep (the loop keeps its lag gauge current while it waits); `outages` lists `what`
+    while it fails (the worker is not ready meanwhile)."""
 
     def before_sleep(state: Any) -> None:
         counter.inc()
+        if outages is not None:
+            outages.failed(what)
         log(LOG, logging.WARNING, f"{what} failed, retrying", attempt=state.attempt_number,
             error=error_text(state.outcome.exception()))
         if on_wait is not None:
@@ -97,11 +126,16 @@ def retrying(what: str, errors: Transient, counter: Any, *, give_up_s: float = 6
 
 def with_retry(fn: Callable[[], T], what: str, errors: Transient, counter: Any, *,
                stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None,
-               give_up_s: float = 600.0) -> T:
+               give_up_s: float = 600.0, outages: Outages | None = None) -> T:
     try:
-        for attempt in retrying(what, errors, counter, stop=stop, on_wait=on_wait, give_up_s=give_up_s):
-            with attempt:
-                return fn()
+        for attempt in retrying(what, errors, counter, stop=stop, on_wait=on_wait, give_up_s=give_up_s,
+                                outages=outages):
+            with attempt:  # an exception ends this block (tenacity keeps it): no return then
+                result = fn()
+                if outages is not None and (outage := outages.recovered(what)) is not None:
+                    log(LOG, logging.INFO, f"{what} succeeded again", failed_s=round(outage[0], 1),
+                        failed_attempts=outage[1])
+                return result
     except Exception as exc:
         transient = isinstance(exc, errors) if isinstance(errors, tuple) else errors(exc)
         if transient and stop is not None and stop.is_set():
@@ -130,6 +164,30 @@ def flush_waiting(producer: Producer, where: str, stop: threading.Event | None =
             metrics.KAFKA_ERRORS.labels(where=where).inc()
             log(LOG, logging.WARNING, "kafka flush waiting for the broker", where=where, undelivered=remaining,
                 waited_s=round(waited, 1))
+
+
+class ProgressLog:
+    """A `progress` log line every `every_s` while a worker has work (something consumed since
+    the last line, or a lag left): its totals, events/s since the last line and the consumer
+    lag. Quiet while idle and caught up; 0 turns it off."""
+
+    def __init__(self, stage: str, every_s: float) -> None:
+        self.stage = stage
+        self.every_s = every_s
+        self._at = time.monotonic()
+        self._consumed = 0
+
+    def tick(self, consumed: int, lag: int, **totals: int) -> None:
+        if not self.every_s:
+            return
+        now = time.monotonic()
+        elapsed = now - self._at
+        if elapsed < self.every_s:
+            return
+        if consumed != self._consumed or lag:
+            log(LOG, logging.INFO, "progress", stage=self.stage, consumed=consumed,
+                events_per_s=round((consumed - self._consumed) / elapsed), lag=lag, **totals)
+        self._at, self._consumed = now, consumed
 
 
 # ---------------------------------------------------------------------- crash points
@@ -293,11 +351,12 @@ class PositionGuard:
     apply instead (see RedisWalletStore.bind_positions)."""
 
     def __init__(self, store: Any, topic: str, stop: threading.Event | None = None,
-                 on_wait: Callable[[], None] | None = None) -> None:
+                 on_wait: Callable[[], None] | None = None, outages: Outages | None = None) -> None:
         self.store = store
         self.topic = topic
         self.stop = stop  # set: stop waiting for Redis (Stopping)
         self.on_wait = on_wait  # called while Redis is waited for
+        self.outages = outages  # lists the Redis calls being waited out (for /readyz)
         self.written: dict[int, int] = {}  # partition -> next offset this worker wrote
 
     def forget(self, partitions: Sequence[int]) -> None:
@@ -318,11 +377,11 @@ class PositionGuard:
 
         try:
             result = with_retry(attempt, "redis settle", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
-                                stop=self.stop, on_wait=self.on_wait)
+                                stop=self.stop, on_wait=self.on_wait, outages=self.outages)
             if not self.store.positions_applied:  # no debits in the batch, or Redis Cluster
                 lost = with_retry(lambda: self.store.positions_cas(self.topic, expected, new),
                                   "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
-                                  stop=self.stop, on_wait=self.on_wait)
+                                  stop=self.stop, on_wait=self.on_wait, outages=self.outages)
                 if lost:
                     raise PositionsLost(lost)
         except PositionsLost as exc:

@@ -42,7 +42,9 @@ from metering.workers.common import (
     LOG,
     AccountsWatcher,
     CatalogWatcher,
+    Outages,
     PositionGuard,
+    ProgressLog,
     Stopping,
     arm_crash_timer,
     count_rows,
@@ -223,7 +225,11 @@ class Pipeline:
         self.settings = settings
         self.stop = stop or threading.Event()
         self.progress = Progress()
+        self.progress_log = ProgressLog("debit", settings.progress_s)
         self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
+        self.outages = Outages()  # Redis / ClickHouse calls being waited out (not ready meanwhile)
+        metrics.init_stage("debit")
+        metrics.BATCH_SECONDS.labels(stage="debit-write")  # the writer thread's share of a batch
         self.watcher = CatalogWatcher(settings.catalog_path, settings.catalog_check_s)
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
@@ -240,7 +246,8 @@ class Pipeline:
         self.delivery = kafka_io.DeliveryCheck()
         t = settings.topics
         self.writer = OrderedWriter()
-        self.guard = PositionGuard(self.store, t.events, self.stop, on_wait=self._lag_while_waiting)
+        self.guard = PositionGuard(self.store, t.events, self.stop, on_wait=self._lag_while_waiting,
+                                   outages=self.outages)
         self.consumer = kafka_io.make_consumer(settings, "debit", [t.events],
                                                on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                                                on_revoke=self._on_revoke)
@@ -270,13 +277,21 @@ class Pipeline:
                 except KafkaException as exc:  # not committed: replayed later, deduplicated
                     log(LOG, logging.WARNING, "offset commit failed", error=error_text(exc))
 
-    def ready(self) -> bool:
+    def readiness(self) -> dict[str, object]:
+        """/readyz: partitions assigned, Redis answering, and no Redis or ClickHouse call being
+        waited out (an insert refused again and again leaves Redis answering)."""
         # `assigned` is read by the loop's own thread: calling consumer.assignment() from the
         # HTTP thread can block behind the loop's consume() for a long time.
         try:
-            return self.assigned and bool(self.redis.ping())
+            redis_ok = bool(self.redis.ping())
         except Exception:  # noqa: BLE001 - readiness is a yes/no
-            return False
+            redis_ok = False
+        waiting = self.outages.current()
+        return {"ready": self.assigned and redis_ok and not waiting, "assigned": self.assigned,
+                "redis": redis_ok, "waiting": waiting}
+
+    def ready(self) -> bool:
+        return bool(self.readiness()["ready"])
 
     # ------------------------------------------------------------------ loop
 
@@ -298,6 +313,10 @@ class Pipeline:
                 self.handle_movements()
                 self.housekeeping()
                 self._commit_ready()
+                p = self.progress
+                self.progress_log.tick(p.consumed, p.lag, rated=p.rated, rejected=p.rejected,
+                                       duplicates=p.duplicates, wallets_blocked=p.blocked,
+                                       topups_requested=p.topups, batches=p.batches)
                 if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
                     self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
@@ -376,7 +395,7 @@ class Pipeline:
         def write_and_commit() -> None:  # on the writer thread, in batch order
             write_started = time.perf_counter()
             with_retry(write_clickhouse, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS,
-                       stop=self.stop)
+                       stop=self.stop, outages=self.outages)
             self.progress.last_latencies = queryable_latencies(msgs)
             crash_point("after_clickhouse")
             produce_rejected(self.producer, s.topics.rejected, rows, msgs, self.delivery)
@@ -431,7 +450,8 @@ class Pipeline:
             self.sink.insert_wallet_events(events, at=ats)
 
         def write() -> None:
-            with_retry(write_all, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop)
+            with_retry(write_all, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop,
+                       outages=self.outages)
             self.ready_movements.add(msgs)
 
         self.writer.submit(write, on_wait=self._lag_while_waiting)

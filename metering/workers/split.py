@@ -32,7 +32,9 @@ from metering.workers.common import (
     LOG,
     AccountsWatcher,
     CatalogWatcher,
+    Outages,
     PositionGuard,
+    ProgressLog,
     Stopping,
     count_rows,
     crash_point,
@@ -59,8 +61,13 @@ class _Worker:
         self.settings = settings
         self.stop = stop or threading.Event()
         self.assigned = False  # partitions assigned (set by the loop, read by /readyz)
+        self.outages = Outages()  # Redis / ClickHouse calls being waited out (not ready meanwhile)
         self._lag_state: dict[str, float] = {}
         self.handled = 0
+        self.lag = 0  # messages behind, all assigned partitions (the last lag check)
+        self.counts: dict[str, int] = {}  # what the stage did, for the progress and stop lines
+        self.progress_log = ProgressLog(self.stage, settings.progress_s)
+        metrics.init_stage(self.stage)
 
     def _subscribe(self, topics: Sequence[str],
                    on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
@@ -71,16 +78,28 @@ class _Worker:
         self.producer = kafka_io.make_producer(self.settings)
         self.delivery = kafka_io.DeliveryCheck()
 
+    def readiness(self) -> dict[str, object]:
+        """/readyz: partitions assigned (set by the loop's thread, see Pipeline.readiness) and
+        no Redis or ClickHouse call being waited out."""
+        waiting = self.outages.current()
+        return {"ready": self.assigned and not waiting, "assigned": self.assigned, "waiting": waiting}
+
     def ready(self) -> bool:
-        return self.assigned  # set by the loop's thread (see Pipeline.ready)
+        return bool(self.readiness()["ready"])
 
     def handle(self, msgs: list[Message]) -> bool:
         """Handle one batch; False: the batch was dropped (the consumer was moved back), do
         not commit it."""
         raise NotImplementedError
 
+    def _count(self, **done: int) -> None:
+        for name, n in done.items():
+            self.counts[name] = self.counts.get(name, 0) + n
+
     def housekeeping(self) -> None:
-        kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state)
+        lags = kafka_io.update_lag(self.consumer, self.stage, 2.0, self._lag_state)
+        if lags:
+            self.lag = sum(lags.values())
 
     def lag_while_waiting(self) -> None:
         """The loop waits for Redis or ClickHouse: keep the lag gauge current meanwhile."""
@@ -108,6 +127,7 @@ class _Worker:
                     metrics.BATCH_SECONDS.labels(stage=self.stage).observe(time.perf_counter() - started)
                     last = time.monotonic()
                 self.housekeeping()
+                self.progress_log.tick(self.handled, self.lag, **self.counts)
                 if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
                     lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
@@ -117,6 +137,7 @@ class _Worker:
                 stage=self.stage, detail=str(exc))
         finally:
             self.close()
+        log(LOG, logging.INFO, "worker stopped", stage=self.stage, consumed=self.handled, **self.counts)
 
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):
@@ -155,10 +176,13 @@ class RatingWorker(_Worker):
         rows = self.pricer.price(items, datetime.now(UTC))
         topic = self.settings.topics.priced
         produce = self.producer.produce
+        priced = 0
         for row, m in zip(rows, msgs, strict=True):
             if row[2] == "priced":
+                priced += 1
                 produce(topic, value=encode_priced(row), key=m.key(), on_delivery=self.delivery)
-        produce_rejected(self.producer, self.settings.topics.rejected, rows, msgs, self.delivery)
+        rejected = produce_rejected(self.producer, self.settings.topics.rejected, rows, msgs, self.delivery)
+        self._count(priced=priced, rejected=rejected)
         return True
 
 
@@ -173,16 +197,19 @@ class DebitWorker(_Worker):
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
         self.settler = Settler(self.watcher.catalog, self.store)
-        self.guard = PositionGuard(self.store, settings.topics.priced, self.stop, on_wait=self.lag_while_waiting)
+        self.guard = PositionGuard(self.store, settings.topics.priced, self.stop, on_wait=self.lag_while_waiting,
+                                   outages=self.outages)
         self._subscribe([settings.topics.priced],
                         on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                         on_revoke=lambda _, parts: self.guard.forget([tp.partition for tp in parts]))
 
-    def ready(self) -> bool:
+    def readiness(self) -> dict[str, object]:
         try:
-            return bool(self.redis.ping()) and super().ready()
-        except Exception:  # noqa: BLE001
-            return False
+            redis_ok = bool(self.redis.ping())
+        except Exception:  # noqa: BLE001 - readiness is a yes/no
+            redis_ok = False
+        state = super().readiness()
+        return {**state, "ready": bool(state["ready"]) and redis_ok, "redis": redis_ok}
 
     def housekeeping(self) -> None:
         super().housekeeping()
@@ -203,7 +230,10 @@ class DebitWorker(_Worker):
                                   on_delivery=self.delivery)
         produce_wallet_events(self.producer, self.settings.topics.wallet_events, result.wallet_events,
                               event_times(result.rows, result.wallet_events), self.delivery)
-        count_rows(result.rows)
+        counts = count_rows(result.rows)
+        self._count(rated=counts["rated"], duplicates=counts["duplicate"],
+                    wallets_blocked=sum(1 for e in result.wallet_events if e.type == "blocked"),
+                    topups_requested=sum(1 for e in result.wallet_events if e.type == "topup_requested"))
         return True
 
 
@@ -266,7 +296,8 @@ class SinkWorker(_Worker):
             self.sink.insert_wallet_events(events, at=ats)
 
         with_retry(write, "clickhouse insert", CH_TRANSIENT, metrics.CLICKHOUSE_ERRORS, stop=self.stop,
-                   on_wait=self.lag_while_waiting)
+                   on_wait=self.lag_while_waiting, outages=self.outages)
+        self._count(rated_rows=len(rows), movements=len(moves), rejected_rows=len(rejected), wallet_events=len(events))
         return True
 
     def close(self) -> None:
