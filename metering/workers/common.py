@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -272,7 +273,9 @@ class CatalogWatcher:
             log(LOG, logging.ERROR, "new catalog refused, keeping the running one",
                 path=str(self.path), running=self.catalog.version, errors=exc.errors)
             return None
-        metrics.CATALOG_VERSION.labels(version=self.catalog.version).set(0)
+        if catalog.version != self.catalog.version:  # one series: the version in force
+            with contextlib.suppress(KeyError):
+                metrics.CATALOG_VERSION.remove(self.catalog.version)
         metrics.CATALOG_VERSION.labels(version=catalog.version).set(1)
         log(LOG, logging.INFO, "catalog reloaded", old=self.catalog.version, new=catalog.version)
         self.catalog = catalog
