@@ -314,7 +314,7 @@ class Pricer:
         if hit is None:
             hit = self._route_miss(plan, direction, key)
         if type(hit) is str:
-            raise Rejection(hit, f"to: {number}")
+            raise _route_rejection(hit, number, plan)
         return hit  # type: ignore[return-value]
 
     def _period(self, ts: datetime, anchor: int) -> tuple[date, str]:
@@ -397,7 +397,7 @@ class Pricer:
                     if route is None:
                         route = self._route_miss(plan, direction, key)
                     if type(route) is not _Route:
-                        raise Rejection(route, f"to: {to}")  # type: ignore[arg-type]
+                        raise _route_rejection(route, to, plan)  # type: ignore[arg-type]
                     d = ev.duration_s
                     billable = amount = 0
                     if d and route.rate is not None:
@@ -446,7 +446,7 @@ class Pricer:
                     if route is None:
                         route = self._route_miss(plan, "sms", key)
                     if type(route) is not _Route:
-                        raise Rejection(route, f"to: {to}")  # type: ignore[arg-type]
+                        raise _route_rejection(route, to, plan)  # type: ignore[arg-type]
                     price = plan.sms_outbound_pico if ev.direction == "outbound" else plan.sms_inbound_pico
                     amount = (2 * ev.segments * price + PICO_PER_MICRO) // (2 * PICO_PER_MICRO)
                     if ts.tzinfo is not _UTC:
@@ -519,6 +519,15 @@ class Pricer:
             raise Rejection("invalid_field", f"quantity: {q} {ev.meter} would cost {format_micros(amount)}, more "
                                              f"than the per-event maximum {format_micros(MAX_CHARGE_MICROS)}")
         return amount
+
+
+def _route_rejection(reason: str, to: str, plan: Plan) -> Rejection:
+    """The reject of a number without a route, saying where the operator would add one."""
+    if reason == "no_rate":
+        return Rejection(reason, f"to: {to} has no prefix in rate table {plan.rate_table!r} (plan {plan.plan_id!r})")
+    if reason == "unknown_destination":
+        return Rejection(reason, f"to: {to} matches no destination prefix")
+    return Rejection(reason, f"to: {to}")
 
 
 def _quantity(value: object) -> Decimal:

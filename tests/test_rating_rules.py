@@ -229,6 +229,13 @@ def test_each_reject_reason_names_the_field(raw: bytes, reason: str, field: str 
     assert rec.charge == 0 and rec.balance_after is None
 
 
+def test_route_rejects_say_where_the_number_is_missing() -> None:
+    r = make_rater([account()])
+    assert one(r, call("x", "+8610123456", 5)).detail == (
+        "to: +8610123456 has no prefix in rate table 'standard' (plan 'starter')")
+    assert one(r, call("y", "+99912345", 5)).detail == "to: +99912345 matches no destination prefix"
+
+
 def test_quantity_and_charge_limits() -> None:
     """The largest storable quantity is rated; a meter event costing more than the per-event
     maximum (1e9 units: Redis scripts are exact below 2**53 micros) is rejected, not charged."""
