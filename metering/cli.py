@@ -204,8 +204,15 @@ def setup(partitions: int | None) -> None:
     from metering.storage.clickhouse_sink import ClickHouseSink
 
     settings = _settings(partitions=partitions)
-    created = kafka_io.ensure_topics(settings)
+    # a count asked for explicitly that existing topics do not have is refused (exit 2), not
+    # ignored; with the default, existing topics keep theirs (added by hand, say) and are listed
+    explicit = partitions is not None or "METERING_PARTITIONS" in os.environ
+    try:
+        created, counts = kafka_io.ensure_topics(settings, strict=explicit)
+    except kafka_io.PartitionCountMismatch as exc:
+        _fail(f"error: kafka {settings.kafka_bootstrap}: {exc}")
     click.echo(f"kafka {settings.kafka_bootstrap}: topics created: {', '.join(created) or 'none (all exist)'}")
+    click.echo("kafka partitions: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     with ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database) as sink:
         sink.ensure_schema()
     click.echo(f"clickhouse {settings.clickhouse_dsn}: schema {settings.clickhouse_database} ready")

@@ -72,7 +72,7 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
            "METERING_REDIS_URL": demo_redis_url(eps.redis_url)}
     settings = Settings.from_env({**os.environ, **env}, metrics_port=port)
 
-    created = kafka_io.ensure_topics(settings)
+    created, _ = kafka_io.ensure_topics(settings)
     with ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database) as sink:
         sink.ensure_schema()
     redis = connect(settings.redis_url)

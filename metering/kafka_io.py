@@ -26,21 +26,44 @@ from metering.logs import RepeatFilter, log
 
 LOG = logging.getLogger("metering.kafka")
 LOG.addFilter(RepeatFilter())  # a broker away: one line per kind per 30 s, not one per retry
+# Rebalances and store rewinds: every line counts (which partitions moved where, which were
+# replayed from Redis's position), and there are only as many as partitions change owner. A
+# child logger, since the filter above holds back lines that differ only in numbers: under
+# it, a takeover within 30 s of the first assignment, and every partition's rewind but the
+# first, were never logged.
+REBALANCE_LOG = logging.getLogger("metering.kafka.rebalance")
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
-    """Create the pipeline topics if missing; returns the names created."""
+class PartitionCountMismatch(ValueError):
+    """`setup` asked for a partition count that existing topics do not have."""
+
+    def __init__(self, wanted: int, other: dict[str, int]) -> None:
+        self.wanted = wanted
+        self.other = other
+        listed = ", ".join(f"{name} has {n}" for name, n in sorted(other.items()))
+        super().__init__(
+            f"{wanted} partitions asked for (METERING_PARTITIONS / --partitions) but existing topics have "
+            f"another count: {listed}; nothing changed. Kafka cannot remove partitions, and adding some "
+            "moves accounts to other partitions: see README, Operations, Kafka partitions")
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0, *, strict: bool = False) -> tuple[list[str], dict[str, int]]:
+    """Create the pipeline topics if missing; returns the names created and the partition
+    count of every pipeline topic. Existing topics are never changed: with `strict` (a count
+    asked for explicitly) one with another count than `settings.partitions` raises
+    PartitionCountMismatch before anything is created."""
     conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap, "enable.metrics.push": False,
                             "logger": LOG}
     admin = AdminClient(conf)
     t = settings.topics
     wanted = [t.events, t.rejected, t.wallet_events, t.priced, t.rated, t.movements]
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    new = [
-        NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
-        for name in wanted
-        if name not in existing
-    ]
+    metadata = admin.list_topics(timeout=timeout_s).topics
+    counts = {name: len(metadata[name].partitions) for name in wanted if name in metadata}
+    other = {name: n for name, n in counts.items() if n != settings.partitions}
+    if strict and other:
+        raise PartitionCountMismatch(settings.partitions, other)
+    new = [NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
+           for name in wanted if name not in counts]
     created: list[str] = []
     if new:
         for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
@@ -50,7 +73,9 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
-    return created
+    for name in created:
+        counts[name] = settings.partitions
+    return created, {name: counts[name] for name in wanted if name in counts}
 
 
 def make_producer(settings: Settings, **extra: Any) -> Producer:
@@ -116,7 +141,7 @@ def _logged(what: str, group: str, callback: Callable[[Consumer, list[TopicParti
 
     def on_rebalance(consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if partitions:
-            log(LOG, logging.INFO, f"partitions {what}", group=group,
+            log(REBALANCE_LOG, logging.INFO, f"partitions {what}", group=group,
                 partitions=[f"{tp.topic}:{tp.partition}" for tp in partitions])
         if what != "assigned":
             for tp in partitions:
@@ -173,13 +198,62 @@ def next_offsets(msgs: Iterable[Message]) -> dict[tuple[str, int], int]:
     return out
 
 
-def commit_offsets(consumer: Consumer, msgs: Iterable[Message]) -> None:
-    """Synchronously commit last+1 per partition of a fully handled batch. Only from the
-    consumer's own thread: from another one, a commit (even an asynchronous one) blocks while
-    a rebalance waits for the consumer's thread to return from its callback."""
-    nxt = next_offsets(msgs)
-    if nxt:
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=False)
+class PendingCommits:
+    """Offsets of fully handled batches, committed synchronously from the consumer's own thread
+    (from another one, a commit blocks while a rebalance waits for the consumer's thread to
+    return from its callback).
+
+    A commit fails while the group rebalances (a worker joining, leaving or killed; seen:
+    ILLEGAL_GENERATION, and Kafka may also answer REBALANCE_IN_PROGRESS or UNKNOWN_MEMBER_ID
+    then) or while the coordinator moves.
+    The batch's effects are durable by then, so that is no reason to stop: the offsets stay
+    pending and go with the next commit (the next batch, the next idle turn, or close), and the
+    ones of partitions given away are dropped (their next owner replays from the last commit,
+    deduplicated). Before 2026-11-24 the split workers raised here and exited 1 when a second
+    worker joined under traffic."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self._next: dict[tuple[str, int], int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._next)
+
+    def add(self, msgs: Iterable[Message]) -> None:
+        for key, offset in next_offsets(msgs).items():
+            if offset > self._next.get(key, -1):
+                self._next[key] = offset
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+
+    def commit(self, consumer: Consumer) -> bool:
+        """Commit everything pending; False (logged, counted): some stays pending."""
+        if not self._next:
+            return True
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._next.items()]
+        try:
+            result = consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            self._failed(offsets, err.str() if isinstance(err, KafkaError) else str(exc))
+            return False
+        failed = [tp for tp in result if tp.error is not None]
+        bad = {(tp.topic, tp.partition) for tp in failed}
+        for tp in offsets:
+            if (tp.topic, tp.partition) not in bad:
+                del self._next[(tp.topic, tp.partition)]
+        if failed:
+            self._failed(failed, str(failed[0].error))
+            return False
+        return True
+
+    def _failed(self, offsets: list[TopicPartition], error: str) -> None:
+        metrics.KAFKA_ERRORS.labels(where=f"{self.group}-commit").inc()
+        log(LOG, logging.WARNING, "offset commit failed; kept for the next commit (a partition given away "
+            "meanwhile is replayed by its next owner, deduplicated)", group=self.group, error=error,
+            partitions=[f"{tp.topic}:{tp.partition}@{tp.offset}" for tp in offsets])
 
 
 def rewind_to_store(positions: Callable[[str], dict[int, int]], stage: str) -> Callable[[Consumer, list[TopicPartition]], None]:
@@ -202,11 +276,11 @@ def rewind_to_store(positions: Callable[[str], dict[int, int]], stage: str) -> C
                 if 0 <= pos < c.offset:
                     tp.offset = pos
                     metrics.STORE_REWINDS.labels(stage=stage).inc()
-                    log(LOG, logging.WARNING, "wallet store is behind Kafka: replaying from its position",
+                    log(REBALANCE_LOG, logging.WARNING, "wallet store is behind Kafka: replaying from its position",
                         stage=stage, topic=tp.topic, partition=tp.partition, committed=c.offset,
                         store_position=pos, events=c.offset - pos)
         except Exception as exc:  # noqa: BLE001 - never lose the assignment over this check
-            log(LOG, logging.ERROR, "position check on assign failed", stage=stage, error=repr(exc))
+            log(REBALANCE_LOG, logging.ERROR, "position check on assign failed", stage=stage, error=repr(exc))
         consumer.incremental_assign(partitions)
 
     return on_assign
@@ -277,5 +351,5 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         c.close()
 
 
-__all__ = ["OFFSET_END", "DeliveryCheck", "commit_offsets", "end_offsets", "ensure_topics",
+__all__ = ["OFFSET_END", "DeliveryCheck", "PendingCommits", "end_offsets", "ensure_topics",
            "flush", "produce", "make_consumer", "make_producer", "split_errors", "update_lag"]

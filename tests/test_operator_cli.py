@@ -160,3 +160,22 @@ def test_fees_for_a_period_before_1970_are_refused_and_charge_nothing(op: dict[s
     _cli(op, "fees", "charge", "--on", "1970-01-28")  # every anchor's period starts in 1970
     assert store.balances([account])[account] == before - 19_000_000
     assert store.credit_record(account, "fee:1970-01-01:starter") is not None
+
+
+def test_setup_asked_for_another_partition_count_than_the_topics_have_is_refused(op: dict[str, str]) -> None:
+    """`metering setup --partitions 8` (or METERING_PARTITIONS=8) on topics that exist with 4:
+    before, it printed `topics created: none (all exist)` and exit 0 with the topics unchanged,
+    so an operator scaling out believed 8 debit workers would now each own a partition. Now it
+    is refused in one line naming each topic's count, and nothing changes; without a count
+    asked for, a rerun (the setup Job after a catalog change) succeeds and lists the counts."""
+    from confluent_kafka.admin import AdminClient
+
+    prefix = op["METERING_TOPIC_PREFIX"]
+    _refused(op, "setup", "--partitions", "8", needle=f"{prefix}usage.events has 4")
+    _refused({**op, "METERING_PARTITIONS": "2"}, "setup", needle="2 partitions asked for")
+    topics = AdminClient({"bootstrap.servers": op["METERING_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10).topics
+    ours = {name: len(t.partitions) for name, t in topics.items() if name.startswith(prefix)}
+    assert len(ours) == 6 and set(ours.values()) == {4}, ours
+    out = _cli(op, "setup").stdout
+    assert f"{prefix}usage.events 4, " in out and f"{prefix}usage.priced 4" in out, out
+    _cli({**op, "METERING_PARTITIONS": "4"}, "setup")  # the count they have: fine

@@ -68,13 +68,20 @@ class _Worker:
         self.counts: dict[str, int] = {}  # what the stage did, for the progress and stop lines
         self.progress_log = ProgressLog(self.stage, settings.progress_s)
         metrics.init_stage(self.stage)
+        self.pending = kafka_io.PendingCommits(self.stage)  # handled, not yet committed
 
     def _subscribe(self, topics: Sequence[str],
                    on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
                    on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None) -> None:
         """The Kafka clients, once the subclass has what its rebalance callbacks use."""
+
+        def revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            self.pending.drop(partitions)  # their next owner replays from the last commit
+            if on_revoke is not None:
+                on_revoke(consumer, partitions)
+
         self.consumer = kafka_io.make_consumer(self.settings, self.stage, list(topics), on_assign=on_assign,
-                                               on_revoke=on_revoke)
+                                               on_revoke=revoked)
         self.producer = kafka_io.make_producer(self.settings)
         self.delivery = kafka_io.DeliveryCheck()
 
@@ -120,12 +127,15 @@ class _Worker:
                     flush_waiting(self.producer, f"{self.stage}-flush", stop=self.stop)  # waits a broker out
                     self.delivery.raise_if_failed()
                     crash_point(f"{self.stage}_before_commit")
-                    kafka_io.commit_offsets(self.consumer, msgs)
+                    self.pending.add(msgs)
+                    self.pending.commit(self.consumer)  # a failure (rebalance) is retried next turn
                     self.handled += len(msgs)
                     metrics.CONSUMED.labels(stage=self.stage).inc(len(msgs))
                     metrics.BATCH_SIZE.labels(stage=self.stage).observe(len(msgs))
                     metrics.BATCH_SECONDS.labels(stage=self.stage).observe(time.perf_counter() - started)
                     last = time.monotonic()
+                elif self.pending:  # a commit refused during a rebalance: again, now it is over
+                    self.pending.commit(self.consumer)
                 self.housekeeping()
                 self.progress_log.tick(self.handled, self.lag, **self.counts)
                 if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
@@ -141,6 +151,7 @@ class _Worker:
 
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):
+            self.pending.commit(self.consumer)  # what a refused commit left behind
             self.consumer.close()
         self.producer.flush(10)
 
