@@ -288,8 +288,7 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
     if stage == "alerts":  # faust-streaming: wallet.events -> notifications (low volume, keyed state)
         from metering.workers.alerts import run_alerts_worker
 
-        metrics.serve_metrics(settings.metrics_port, lambda: True)  # /healthz, /readyz for probes
-        stats = run_alerts_worker(settings, until_idle_s=until_idle)
+        stats = run_alerts_worker(settings, until_idle_s=until_idle)  # serves /metrics, /readyz
         click.echo(f"alerts worker stopped: {stats}")
         return
     cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]

@@ -29,6 +29,8 @@ REDIS_ERRORS = Counter("metering_redis_errors_total", "Redis errors (retried)")
 CLICKHOUSE_ERRORS = Counter("metering_clickhouse_errors_total", "ClickHouse errors (retried)")
 KAFKA_ERRORS = Counter("metering_kafka_errors_total", "Kafka errors", ["where"])
 WALLET_EVENTS = Counter("metering_wallet_events_total", "Wallet events emitted", ["type"])
+ALERTS = Counter("metering_alerts_total", "Wallet events read by the alerts worker, by what became of "
+                 "them (notified, duplicate: already notified, invalid: unreadable)", ["outcome"])
 WALLETS_BLOCKED = Counter("metering_wallets_blocked_total", "Wallets that became blocked")
 TOPUPS_REQUESTED = Counter("metering_topups_requested_total", "Auto top-ups requested")
 CATALOG_VERSION = Gauge("metering_catalog_info", "Loaded catalog version", ["version"])
@@ -49,6 +51,8 @@ for _conflict in ("false", "true"):
     DUPLICATES.labels(conflict=_conflict)
 for _type in WALLET_EVENT_TYPES:
     WALLET_EVENTS.labels(type=_type)
+for _outcome in ("notified", "duplicate", "invalid"):
+    ALERTS.labels(outcome=_outcome)
 
 
 def init_stage(stage: str) -> None:

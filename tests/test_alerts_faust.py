@@ -4,8 +4,13 @@ exactly one customer notification per distinct alert, also across a restart."""
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -152,3 +157,51 @@ def test_restart_recovers_the_table_and_sends_no_duplicate(env: dict[str, str], 
     assert counts["notified"] == 1, counts
     assert counts["duplicates"] == counts["received"] - 1, counts
     _check(_notifications(env), [*EVENTS, new])
+
+
+def _http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:  # not listening yet
+        return 0, ""
+
+
+def test_not_ready_until_the_table_is_recovered_and_metrics_count_each_outcome(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """/readyz answers 503 until the dedupe table is recovered from its changelog (sending
+    before that could repeat a notification), then 200; metering_alerts_total counts what
+    became of each wallet event."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    stream = EVENTS + EVENTS[:3]
+    _produce(env, stream, raw=(b"{not json",))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metering.workers.alerts", "--until-idle", "4", "--data-dir", str(tmp_path / "faust")],
+        env={**env, "METERING_METRICS_PORT": str(port)}, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, body = _http(port, "/readyz")
+            if status and (not seen or seen[-1] != status):
+                seen.append(status)
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert seen == [503, 200], seen
+        want = {"notified": len(EVENTS), "duplicate": 3, "invalid": 1}
+        got: dict[str, float] = {}
+        while time.monotonic() < deadline and got != want:
+            _, text = _http(port, "/metrics")
+            got = {o: float(m.group(1)) for o in want
+                   if (m := re.search(rf'^metering_alerts_total{{outcome="{o}"}} (\S+)$', text, re.M))}
+            time.sleep(0.1)
+        assert got == want
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-4000:]

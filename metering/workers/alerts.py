@@ -37,6 +37,7 @@ from typing import Any
 import faust
 import msgspec
 
+from metering import metrics
 from metering.config import Settings
 from metering.local_services import state_dir
 from metering.logs import log
@@ -142,11 +143,13 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
                 event = _decode_event(value)
             except (msgspec.DecodeError, TypeError) as exc:
                 stats.invalid += 1
+                metrics.ALERTS.labels(outcome="invalid").inc()
                 log(LOG, logging.WARNING, "invalid wallet event skipped", error=str(exc))
                 continue
             key = alert_key(event)
             if sent.get(key) is not None:
                 stats.duplicates += 1
+                metrics.ALERTS.labels(outcome="duplicate").inc()
                 continue
             note = to_notification(event, key)
             await out.send(key=event.account_id.encode(), value=_encode(note))
@@ -156,6 +159,7 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
             # the same transaction as the notification and never after the offsets.
             await app.producer.buffer.flush()
             stats.notified += 1
+            metrics.ALERTS.labels(outcome="notified").inc()
 
     @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
     async def watch() -> None:
@@ -178,12 +182,16 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
 def run_alerts_worker(settings: Settings, *, data_dir: str | Path | None = None,
                       guarantee: str = "exactly_once", until_idle_s: float | None = None,
                       loglevel: str = "WARNING") -> AlertStats:
-    """Run the alerts worker in this process until SIGTERM/SIGINT (or idle, if asked).
+    """Run the alerts worker in this process until SIGTERM/SIGINT (or idle, if asked), with
+    /metrics, /healthz and /readyz on METERING_METRICS_PORT (ready once the dedupe table is
+    recovered from its changelog: before that it could send a notification twice).
 
     Must be called from the main thread (Faust installs signal handlers). Returns the counts
     once stopped.
     """
+    health = metrics.serve_metrics(settings.metrics_port)
     app, stats = make_app(settings, data_dir=data_dir, guarantee=guarantee, until_idle_s=until_idle_s)
+    metrics.set_ready(health, lambda: {"ready": stats.ready_at is not None, "table_recovered": stats.ready_at is not None})
     worker = faust.Worker(app, loglevel=loglevel, override_logging=False)
     log(LOG, logging.INFO, "alerts worker starting", app_id=app.conf.id,
         kafka=settings.kafka_bootstrap, guarantee=guarantee)
