@@ -582,7 +582,8 @@ main() {
   (($# > 0)) || set -- all
   for t in "$@"; do # every service named, in order (`start kafka redis`)
     case $t in
-      all) services+=(kafka redis) ;;
+      all) # starts Kafka + Redis; stops whatever of the four runs (kfake, the cluster: tests')
+        if [[ $cmd == stop ]]; then services+=(kafka redis redis_cluster kfake); else services+=(kafka redis); fi ;;
       kafka | redis) services+=("$t") ;;
       redis-cluster) services+=(redis_cluster) ;;
       kfake) services+=(kfake) ;;
