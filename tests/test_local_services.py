@@ -109,3 +109,31 @@ def test_redis_set_get_and_aof() -> None:
     finally:
         client.delete(key)
         client.close()
+
+
+def test_stop_without_names_stops_the_cluster_a_test_started(tmp_path: Path) -> None:
+    """`services.sh stop` (= `stop all`) must also stop the Redis Cluster and kfake when they
+    run: tests start them by name, and `all` used to mean Kafka + Redis only (left running)."""
+    import os
+    import socket
+    import subprocess
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    base = 41000 + uuid.uuid4().int % 3000 * 3
+    ports = [base, base + 1, base + 2]
+    assert all(free(p) and free(p + 10000) for p in ports)
+    env = {**os.environ, "METERING_STATE_DIR": str(tmp_path / "state"),
+           "METERING_REDIS_CLUSTER_PORTS": " ".join(map(str, ports)),
+           "METERING_KAFKA_PORT": str(base + 5), "METERING_REDIS_PORT": str(base + 6)}
+    script = str(Path(__file__).resolve().parents[1] / "deploy/local/services.sh")
+    try:
+        subprocess.run(["bash", script, "start", "redis-cluster"], env=env, check=True, capture_output=True, timeout=120)
+        assert not any(free(p) for p in ports)
+        out = subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert all(free(p) for p in ports), out.stderr
+    finally:
+        subprocess.run(["bash", script, "stop", "redis-cluster"], env=env, capture_output=True, timeout=120)
