@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from metering.report import queries
@@ -380,6 +381,19 @@ def test_report_counts_the_latest_period_and_spend_includes_fees(sink: ClickHous
         ("acc-2", "starter", 1, D("3"), D("49"), D("52"), None),
         ("acc-1", "starter", 8, D("0.068001"), D("49"), D("49.068001"), D("9.949999")),
     ]
+    # An account with a fee and no usage yet: its plan comes from the fee's reference (it was
+    # blank). acc-1's first December event is an SMS: its latest period has no package minutes,
+    # so November's 3 minutes are no longer shown as "latest".
+    sink.insert_movements([Movement(movement_id="m9", account_id="acc-3", at=datetime(2026, 11, 5, tzinfo=UTC),
+                                    type="adjustment", amount=-99_000_000, balance_after=1_000_000,
+                                    reference="fee:2026-11-05:business", seq=1)])
+    december = sms("acc-1", "dec", 1, 10_000, 9_939_999)
+    december = msgspec.structs.replace(december, at=datetime(2026, 12, 2, tzinfo=UTC), period_start=date(2026, 12, 1))
+    sink.insert_rated([december], topic=TOPIC, partitions=[0], offsets=[100], rated_at=RATED_AT)
+    results = {title: sink.client.query(sql).result_rows for title, sql in queries(sink.database)}
+    assert results["Package minutes used (each account's latest billing period)"] == []
+    assert results["Top accounts by spend (usage + fees)"][0] == (
+        "acc-3", "business", 0, D("0"), D("99"), D("99"), D("1"))
 
 
 @pytest.mark.parametrize("optimize", [False, True], ids=["unmerged", "after-OPTIMIZE-FINAL"])
