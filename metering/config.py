@@ -51,6 +51,17 @@ def env_name(setting: str) -> str:
     return special.get(setting, f"METERING_{setting.upper()}")
 
 
+# Settings not read from a variable of their own: the topic names come from
+# METERING_TOPIC_PREFIX (a variable named after the `topics` field was once read as a string in
+# place of the Topics, and every command then died with a traceback).
+_NOT_FROM_ENV = {"topics"}
+
+
+def env_names() -> list[str]:
+    """Every METERING_* variable Settings.from_env reads, besides METERING_TOPIC_PREFIX."""
+    return [env_name(f.name) for f in fields(Settings) if f.name not in _NOT_FROM_ENV]
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_bootstrap: str
@@ -99,7 +110,7 @@ class Settings:
         unreadable = []  # every bad setting in one error, with the out-of-range ones below
         for f in fields(cls):
             name = env_name(f.name)
-            if name in env and f.name not in values:
+            if name in env and f.name not in values and f.name not in _NOT_FROM_ENV:
                 raw = env[name]
                 try:
                     values[f.name] = int(raw) if f.name in ints else float(raw) if f.name in floats else raw

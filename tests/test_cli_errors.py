@@ -9,13 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from metering.cli import _service_error
-from metering.config import ConfigError, Settings
+from metering.config import ConfigError, Settings, Topics
 from metering.local_services import endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,15 @@ def test_numeric_settings_out_of_range_are_refused_with_every_name() -> None:
     with pytest.raises(ConfigError, match="METERING_BATCH_SIZE='5k': expected a whole number"):
         Settings.from_env({"METERING_BATCH_SIZE": "5k"})
     assert Settings.from_env({"METERING_BATCH_SIZE": "1", "METERING_METRICS_PORT": "0"}).batch_size == 1
+
+
+def test_topics_come_from_the_prefix_only_not_from_a_metering_topics_variable() -> None:
+    """`topics` is a field of Settings but no variable: METERING_TOPICS was read as a plain
+    string in its place, and every command then died with a traceback
+    (`AttributeError: 'str' object has no attribute 'events'` in `metering setup`)."""
+    settings = Settings.from_env({"METERING_TOPICS": "usage", "METERING_TOPIC_PREFIX": "t1."})
+    assert settings.topics == Topics(*(f"t1.{name}" for name in astuple(Topics())))
+    assert Settings.from_env({"METERING_TOPICS": "usage"}).topics == Topics()
 
 
 def test_unreadable_and_out_of_range_settings_are_named_together() -> None:

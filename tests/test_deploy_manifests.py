@@ -23,7 +23,6 @@ import os
 import re
 import urllib.request
 import zipfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import pytest
 import yaml
 
 from metering import cli
-from metering.config import Settings
+from metering.config import env_names
 from metering.local_services import state_dir
 from rating.accounts import parse_accounts
 from rating.catalog import parse_catalog
@@ -71,7 +70,7 @@ def compose_schema() -> dict[str, Any]:
 
 def known_env_names() -> set[str]:
     """Every METERING_* variable the code reads: Settings' fields plus the names spelled out."""
-    names = {f"METERING_{f.name.upper()}" for f in fields(Settings)} | {"METERING_CATALOG", "METERING_ACCOUNTS"}
+    names = set(env_names())  # METERING_CATALOG for catalog_path..., and no METERING_TOPICS
     for package in ("metering", "wallet_debiter"):
         for path in (ROOT / package).rglob("*.py"):
             names |= set(re.findall(r"METERING_[A-Z0-9_]+", path.read_text()))
