@@ -137,3 +137,29 @@ def test_stop_without_names_stops_the_cluster_a_test_started(tmp_path: Path) -> 
         assert all(free(p) for p in ports), out.stderr
     finally:
         subprocess.run(["bash", script, "stop", "redis-cluster"], env=env, capture_output=True, timeout=120)
+
+
+def test_wipe_deletes_every_folder_the_project_writes_and_nothing_else(tmp_path: Path) -> None:
+    """`services.sh wipe` ("delete state: topics, Redis data, chDB, logs") also deletes the demo's
+    chDB folders (`clickhouse-demo-<stamp>`, one per `metering demo`) and `worker alerts`'
+    Faust tables (`faust/`); it left both behind, so a wiped machine kept every demo's data."""
+    import os
+    import subprocess
+
+    state = tmp_path / "state"
+    ours = ["kafka", "redis", "redis-cluster", "kfake", "logs", "clickhouse",
+            "clickhouse-demo-20261124120000", "clickhouse-demo-20261124130000", "faust"]
+    for name in ours:
+        (state / name).mkdir(parents=True)
+        (state / name / "data").write_text("x")
+    (state / "notes.txt").write_text("the operator's own file")
+    (state / "clickhouse-old").mkdir()  # not a name the project writes: kept
+    # no service runs in this state folder (stop reads the pid files there); unused ports anyway
+    base = 44000 + uuid.uuid4().int % 3000 * 3
+    env = {**os.environ, "METERING_STATE_DIR": str(state), "METERING_KAFKA_PORT": str(base),
+           "METERING_REDIS_PORT": str(base + 1), "METERING_KFAKE_PORT": str(base + 2),
+           "METERING_REDIS_CLUSTER_PORTS": f"{base + 3} {base + 4} {base + 5}"}
+    script = str(Path(__file__).resolve().parents[1] / "deploy/local/services.sh")
+    out = subprocess.run(["bash", script, "wipe"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in state.iterdir()) == ["clickhouse-old", "notes.txt"], out.stdout

@@ -563,8 +563,10 @@ wipe() {
   stop_kfake
   # Only the folders this project owns, never the state root itself (it may be user-chosen).
   local d
-  for d in kafka redis redis-cluster kfake logs clickhouse; do
-    if [[ -e "$STATE_DIR/$d" ]]; then rm -rf "${STATE_DIR:?}/$d"; fi
+  # clickhouse-demo-<stamp>: one chDB folder per `metering demo`; faust: `worker alerts`' tables
+  for d in kafka redis redis-cluster kfake logs clickhouse "$STATE_DIR"/clickhouse-demo-* faust; do
+    d="${d##*/}"
+    if [[ -e "$STATE_DIR/$d" ]]; then rm -rf "${STATE_DIR:?}/${d:?}"; fi
   done
   rm -f "$STATE_DIR/.services.lock"
   rmdir "$STATE_DIR" 2>/dev/null || true
