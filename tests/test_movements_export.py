@@ -233,6 +233,8 @@ def test_as_a_process_chdb_held_elsewhere_missing_schema_then_success(
     held = run(env)
     assert held.returncode == 2 and held.stdout == b""
     assert b"METERING_CLICKHOUSE_DSN" in held.stderr, held.stderr
+    # who holds it (chDB's own reason went to its stderr line only; the error said "BAD_ARGUMENTS")
+    assert f"is in use by another process (pid {os.getpid()})".encode() in held.stderr, held.stderr
     empty = run({"METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'empty'}"})
     assert empty.returncode == 2 and empty.stdout == b""
     assert b"export query failed" in empty.stderr, empty.stderr

@@ -39,6 +39,8 @@ chDB and concurrency (measured with chdb 4.4 / clickhouse-connect 1.12)
 from __future__ import annotations
 
 import copy
+import fcntl
+import os
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -52,6 +54,7 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 from clickhouse_connect.datatypes import numeric as _ch_numeric
 from clickhouse_connect.driver.common import write_array as _ch_write_array
+from clickhouse_connect.driver.exceptions import ProgrammingError
 
 from schemas.records import STATUS_RATED, Movement, RatedRecord, WalletEvent
 
@@ -290,6 +293,27 @@ def schema_files(schema_dir: Path | None = None) -> list[tuple[str, str]]:
 DSN_SCHEMES = ("chdb", "http", "https", "clickhouse", "clickhousedb")
 
 
+def chdb_holder(folder: str) -> str | None:
+    """Who holds a chDB data folder: the `status` file a running engine keeps locked there
+    ("PID: 1234" ...), or None when nobody does."""
+    status = Path(folder) / "status"
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 4096).decode("utf-8", "replace")
+            pid = re.search(r"PID: *(\d+)", text)
+            return f"pid {pid.group(1)}" if pid else "a process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class ClickHouseConfigError(ValueError):
     """A DSN or database name that cannot work (refused before anything connects)."""
 
@@ -326,7 +350,17 @@ class ClickHouseSink:
         self._schema_dir = schema_dir
         # No `database=` here: on a fresh server it does not exist until ensure_schema() creates
         # it. Every statement names the database explicitly instead.
-        self._client: Any = clickhouse_connect.get_client(dsn=dsn)
+        try:
+            self._client: Any = clickhouse_connect.get_client(dsn=dsn)
+        except ProgrammingError as exc:
+            holder = chdb_holder(parts.path) if scheme == "chdb" else None
+            if holder is None:
+                raise
+            # chDB's own reason went to stderr only; the error just says "initializing failed"
+            raise ProgrammingError(
+                f"the chDB folder {parts.path} is in use by another process ({holder}); embedded "
+                "ClickHouse opens a folder in one process at a time: stop `metering run` / `worker "
+                "sink` first, or point METERING_CLICKHOUSE_DSN at a ClickHouse server") from exc
         self._column_types: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
