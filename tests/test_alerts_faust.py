@@ -70,7 +70,9 @@ def _produce(env: dict[str, str], events: list[dict[str, Any]], raw: tuple[bytes
 
 def _run_worker(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "metering.workers.alerts", "--until-idle", "2", "--data-dir", str(data_dir)],
+        # idle for 4 s: on a loaded box (CI beside other work) one partition's first fetch came
+        # over 2 s after the table was ready, and the worker stopped before reading it
+        [sys.executable, "-m", "metering.workers.alerts", "--until-idle", "4", "--data-dir", str(data_dir)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -46,7 +46,7 @@ ACCOUNTS = ROOT / "deploy/examples/accounts.yaml"
 pytestmark = pytest.mark.integration
 
 # Every label name a worker's metrics may carry: none of them is per account or per event.
-BOUNDED_LABELS = {"stage", "kind", "reason", "conflict", "topic", "partition", "where", "type", "version", "le"}
+BOUNDED_LABELS = {"stage", "kind", "reason", "conflict", "topic", "partition", "where", "type", "version", "outcome", "le"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
