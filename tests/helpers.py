@@ -87,6 +87,17 @@ def catalog_dict(**changes: Any) -> dict[str, Any]:
     return data
 
 
+def overlapping_packages_catalog() -> dict[str, Any]:
+    """starter with packages that overlap on GB, listed in the plan in another order than in
+    the catalog: gb-home (domestic GB fixed, 2 min), uk-intl (GB fixed+mobile, 1 min), europe."""
+    cat = catalog_dict()
+    cat["packages"]["gb-home"] = {"countries": ["GB"], "classes": ["fixed"], "scope": "domestic", "minutes": 2}
+    cat["packages"]["uk-intl"] = {"countries": ["GB"], "classes": ["fixed", "mobile"], "scope": "international",
+                                  "minutes": 1}
+    cat["plans"]["starter"]["packages"] = ["us-domestic", "gb-home", "uk-intl", "europe"]
+    return cat
+
+
 def account(acc_id: str = "acc-1", plan: str = "starter", **kw: Any) -> dict[str, Any]:
     base = {
         "id": acc_id, "plan": plan, "home_country": "US", "billing": "prepaid",

@@ -15,7 +15,7 @@ from rating.accounts import Account, parse_accounts
 from rating.catalog import Catalog, parse_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
-from tests.helpers import NOW, account, call, catalog_dict
+from tests.helpers import NOW, account, call, catalog_dict, overlapping_packages_catalog
 from wallet_debiter.authorize import MAX_CALL_S, Authorizer, Decision, WalletView, authorize
 
 GB_MOBILE = "+447700900123"  # 0.08/min, increments 30/6, connect 0.01; europe package
@@ -243,3 +243,40 @@ def test_max_duration_is_exactly_what_the_engine_charges(acc_id: str, to: str, b
     if longest < MAX_CALL_S:
         over = _engine_charge(acc, to, longest + 1, used_s)
         assert over > 0 and over > available
+
+
+def test_exactly_one_affordable_second_is_allowed() -> None:
+    # DE 0.0123457/min per second: 1 s = 205.761.. micros -> 206 (half-up); 2 s -> 412
+    d = _decide(_acc(), DE_FIXED, 206)
+    assert (d.allowed, d.reason, d.max_duration_s) == (True, "ok", 1)
+    assert _decide(_acc(), DE_FIXED, 411).max_duration_s == 1
+    d = _decide(_acc(), DE_FIXED, 205)
+    assert (d.allowed, d.reason, d.max_duration_s) == (False, "insufficient_balance", 0)
+
+
+def test_allowance_used_beyond_the_package_leaves_nothing_not_less() -> None:
+    # starter's europe: 600 s, 700 used (the package was made smaller mid-period): 0 left,
+    # as when exactly used up -> money only, 0.10 at 0.02/min 60/60 = 300 s
+    d = _decide(_acc("starter"), GB_FIXED, 100_000, used_s={"europe": 700})
+    assert (d.remaining_s, d.max_duration_s) == (0, 300)
+    assert d.quote(300).charge == 100_000
+
+
+def test_the_first_covering_package_in_plan_order_decides() -> None:
+    cat = parse_catalog(overlapping_packages_catalog())
+    gb = parse_accounts({"accounts": [account(plan="starter", home_country="GB")]}, cat)["acc-1"]
+    us = parse_accounts({"accounts": [account(plan="starter")]}, cat)["acc-1"]
+    # GB fixed 0.02/min 60/60, balance 0.02 buys one minute beyond the package:
+    # home GB: gb-home (2 min) -> 180 s; home US: uk-intl (1 min, before europe's 10) -> 120 s
+    d = _decide(gb, GB_FIXED, 20_000, catalog=cat)
+    assert (d.package_id, d.remaining_s, d.max_duration_s) == ("gb-home", 120, 180)
+    d = _decide(us, GB_FIXED, 20_000, catalog=cat)
+    assert (d.package_id, d.remaining_s, d.max_duration_s) == ("uk-intl", 60, 120)
+
+
+def test_a_covered_call_is_allowed_whatever_the_money() -> None:
+    # starter's europe covers GB fixed (600 s unused); holds exceed the balance: available
+    # 0.05 - 0.06 < 0, yet the package alone allows 600 s (charge 0)
+    d = _decide(_acc("starter"), GB_FIXED, 50_000, held_money=60_000)
+    assert (d.allowed, d.reason, d.available, d.max_duration_s) == (True, "ok", -10_000, 600)
+    assert d.quote(600).charge == 0 and d.quote(601).charge > 0

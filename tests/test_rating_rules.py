@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import msgspec
 import pytest
 
-from tests.helpers import account, call, catalog_dict, make_rater, meter, one, rate, records, sms
+from rating.catalog import parse_catalog
+from rating.periods import period_start
+from tests.helpers import (
+    account,
+    call,
+    catalog_dict,
+    make_rater,
+    meter,
+    one,
+    overlapping_packages_catalog,
+    rate,
+    records,
+    sms,
+)
 
 
 def test_increments_60_60() -> None:
@@ -387,3 +400,117 @@ def test_hot_path_shortcuts_agree_with_the_schema_and_the_fingerprint() -> None:
     r = make_rater([account(plan="payg")])
     assert [(x.reason, (x.detail or "").split(":")[0]) for x in records(r, bad_to_first, bad_duration_first)] == [
         ("invalid_field", "to"), ("invalid_field", "duration_s")]
+
+
+def test_a_partly_covered_charge_is_rounded_half_up_once() -> None:
+    cat = catalog_dict()
+    de = next(x for x in cat["rate_tables"]["standard"] if x["prefix"] == "49")
+    de["per_minute"] = "0.0123445"
+    r = make_rater([account()], cat)  # starter: europe 600 s covers DE
+    one(r, call("e1", "+4930123456", 540))  # 60 s of the package left
+    # 120 s: covered 60, charged 60 s at 0.0123445/min = 12344.5 micros -> half-up 12345
+    # (priced from the covered split, not the fast path: a tie rounded down would be 12344)
+    rec = one(r, call("e2", "+4930123456", 120))
+    assert (rec.covered_s, rec.charged_s, rec.charge) == (60, 60, 12_345)
+
+
+def test_sms_charge_is_rounded_half_up() -> None:
+    cat = catalog_dict()
+    cat["plans"]["payg"]["sms"]["outbound"] = "0.0000005"  # half a micro per segment
+    r = make_rater([account(plan="payg")], cat)
+    assert one(r, sms("s1", "+442071234567", 1)).charge == 1  # 0.5 micro -> 1
+    assert one(r, sms("s2", "+442071234567", 2)).charge == 1  # 1.0
+    assert one(r, sms("s3", "+442071234567", 3)).charge == 2  # 1.5 -> 2
+
+
+def test_the_first_covering_package_in_plan_order_is_used() -> None:
+    r = make_rater([account("acc-gb", home_country="GB"), account("acc-us")], overlapping_packages_catalog())
+    # GB fixed 0.02/min 60/60, 150 s -> 180 billable.
+    # Home GB: gb-home (first in the plan) covers 120, charged 60 s = 0.02
+    rec = one(r, call("e1", "+442071234567", 150, account_id="acc-gb"))
+    assert (rec.package_id, rec.covered_s, rec.charged_s, rec.charge) == ("gb-home", 120, 60, 20_000)
+    # Home US: gb-home is domestic to GB only, so uk-intl (next, before europe): covers 60,
+    # charged 120 s = 0.04
+    rec = one(r, call("e2", "+442071234567", 150, account_id="acc-us"))
+    assert (rec.package_id, rec.covered_s, rec.charged_s, rec.charge) == ("uk-intl", 60, 120, 40_000)
+    # GB mobile is not in gb-home's classes: uk-intl for the GB account too (its 60 s are left)
+    rec = one(r, call("e3", "+447911123456", 20, account_id="acc-gb"))
+    assert (rec.package_id, rec.covered_s, rec.charge) == ("uk-intl", 30, 0)
+
+
+def test_inbound_calls_never_use_packages() -> None:
+    cat = catalog_dict()
+    cat["rate_tables"]["inbound"].append({"prefix": "44", "per_minute": "0.0200", "increments": [60, 60]})
+    r = make_rater([account("acc-b", plan="business", billing="postpaid", balance="0")], cat)
+    # business has europe (covers GB fixed outbound); inbound from GB on the inbound table:
+    # 61 s -> 120 s at 0.02 = 0.04, nothing covered
+    rec = one(r, call("e1", "+442071234567", 61, direction="inbound", account_id="acc-b"))
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge, rec.package_id) == (120, 0, 120, 40_000, None)
+    out = one(r, call("e2", "+442071234567", 61, account_id="acc-b"))
+    assert (out.covered_s, out.charge, out.package_id) == (120, 0, "europe")  # outbound: covered
+
+
+def test_usage_threshold_at_exactly_80_percent_once() -> None:
+    r = make_rater([account()])  # europe: 600 s; 80 % = 480 s
+    res = rate(r, call("e1", "+4930123456", 480))  # DE 1/1: 0 -> 480 s, reaches 50 % and exactly 80 %
+    assert [(e.type, e.percent) for e in res.wallet_events] == [("usage_threshold", 50), ("usage_threshold", 80)]
+    res = rate(r, call("e2", "+4930123456", 1))  # 480 -> 481: 80 % was reached already
+    assert res.wallet_events == []
+
+
+def test_a_finite_package_used_up_is_charged_without_fair_use() -> None:
+    r = make_rater([account()])  # europe: 600 s, finite
+    # DE 1/1, 660 s: covered 600, charged 60 s at 0.0123457/min = 12345.7 micros -> 12346;
+    # fair_use_exceeded is for unlimited packages only
+    rec = one(r, call("e1", "+4930123456", 660))
+    assert (rec.covered_s, rec.charged_s, rec.charge, rec.package_id) == (600, 60, 12_346, "europe")
+    assert rec.fair_use_exceeded is False
+
+
+def test_an_unlimited_package_emits_no_usage_thresholds() -> None:
+    r = make_rater([account()])  # us-domestic: unlimited, fair use 10 min
+    # 300 s (50 % of fair use), then 360 s (past it: 300 covered, 60 charged at 0.01/min)
+    res = rate(r, call("e1", "+12125550100", 300), call("e2", "+12125550100", 360))
+    assert [(row[10], row[14], row[13]) for row in res.rows] == [(300, 0, False), (300, 10_000, True)]
+    assert res.wallet_events == []  # usage_threshold is for finite packages
+
+
+def test_a_package_shrunk_below_its_use_covers_nothing() -> None:
+    r = make_rater([account()])
+    one(r, call("e1", "+4930123456", 600))  # europe: all 600 s used
+    cat = catalog_dict()
+    cat["packages"]["europe"]["minutes"] = 5  # reloaded mid-period: 300 s, 600 already used
+    r.set_catalog(parse_catalog(cat))
+    # DE 60 s: nothing covered (not a negative cover), 60 s at 0.0123457/min -> 12346
+    res = rate(r, call("e2", "+4930123456", 60))
+    rec = res.records()[0]
+    assert (rec.billable_s, rec.covered_s, rec.charged_s, rec.charge) == (60, 0, 60, 12_346)
+    assert r.store.allowance_used[("acc-1", "europe", "2026-11-01")] == 600  # type: ignore[attr-defined]
+    assert res.wallet_events == []
+
+
+def test_period_start_uses_the_utc_day() -> None:
+    # 00:30 on the 15th at +01:00 is 23:30 on the 14th UTC: the period from October 15th
+    # (reached directly by `metering fees charge --on` with an offset; the engine converts first)
+    plus_one = timezone(timedelta(hours=1))
+    assert period_start(datetime(2026, 11, 15, 0, 30, tzinfo=plus_one), 15) == date(2026, 10, 15)
+    assert period_start(datetime(2026, 11, 15, 1, 0, tzinfo=plus_one), 15) == date(2026, 11, 15)
+
+
+def test_a_conflicting_repeat_in_a_later_batch_is_flagged() -> None:
+    r = make_rater([account(plan="payg")])
+    assert one(r, call("e1", "+442071234567", 61)).charge == 40_000
+    # another delivery, in another batch, of e1 with another duration: not charged, conflict
+    again = one(r, call("e1", "+442071234567", 999))
+    assert (again.status, again.conflict, again.charge) == ("duplicate", True, 0)
+    assert r.store.wallet("acc-1").balance == 100_000_000 - 40_000  # type: ignore[attr-defined]
+
+
+def test_a_redelivered_message_re_emits_its_usage_threshold() -> None:
+    r = make_rater([account()])  # europe: 600 s
+    raw = call("e1", "+4930123456", 300)  # DE: 300 s covered = 50 %
+    first = r.rate_batch([(raw, "0:5")], now=_now())
+    assert [(e.type, e.percent) for e in first.wallet_events] == [("usage_threshold", 50)]
+    replay = r.rate_batch([(raw, "0:5")], now=_now())  # the same delivery again (a rewind)
+    assert replay.rows == first.rows and replay.wallet_events == first.wallet_events
+    assert r.store.allowance_used[("acc-1", "europe", "2026-11-01")] == 300  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
 from tests.helpers import NOW, catalog_dict
 from tests.test_properties import ACCOUNTS, IDS, event_st
+from tests.test_wallet_rules import BOUNDARY_ACCOUNTS, BOUNDARY_STEPS, run_boundary_steps
 from wallet_debiter.redis_store import RedisWalletStore, connect, wallet_key
 
 pytestmark = pytest.mark.integration
@@ -114,3 +115,24 @@ def test_redis_store_equals_the_memory_store_with_credits_fees_and_replays(
             event(f"credit bits {bits}")
     for account_id in IDS:
         assert _wallet_state(client, red, account_id) == _memory_state(mem, account_id), account_id
+
+
+def test_wallet_rule_boundaries_in_lua(client: redis.Redis) -> None:
+    """The worked boundaries of test_wallet_rules (BOUNDARY_STEPS: block at exactly 0, a
+    postpaid balance at exactly its credit limit, top-up and alert thresholds landed on and
+    left from exactly, one open top-up request, prepaid-only alerts) on the Redis store: calls
+    through apply.lua, credits and fees through credit.lua, same balances and events."""
+    catalog = parse_catalog(catalog_dict())
+    accounts = parse_accounts({"accounts": BOUNDARY_ACCOUNTS}, catalog)
+    client.delete(*[f"{k}:{{{a}}}" for a in accounts for k in ("w", "u", "d", "h", "c")])
+    red = RedisWalletStore(client)
+    red.import_accounts(accounts.values())
+
+    def credit(acc: str, kind: str, micros: int) -> tuple[int, int]:
+        balance, bits, replayed = red.credit(acc, micros, kind=kind, reference=str(uuid.uuid4()),
+                                             settles_topup=kind == "topup")
+        assert not replayed
+        return balance, bits
+
+    got = run_boundary_steps(Rater(catalog, accounts, red), credit)
+    assert got == [(acc, bal, ev) for acc, _, bal, ev in BOUNDARY_STEPS]

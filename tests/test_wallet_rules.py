@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from rating.accounts import Account
 from rating.engine import Rater
-from rating.wallet import EV_UNBLOCKED, AllowanceKey, DedupeKey, Held, MemoryWalletStore, Prior
+from rating.wallet import (
+    BALANCE_EVENTS,
+    EV_UNBLOCKED,
+    AllowanceKey,
+    DedupeKey,
+    Held,
+    MemoryWalletStore,
+    Prior,
+)
 from tests.helpers import NOW, account, call, make_rater, rate
 
 GB_2MIN = ("+442071234567", 61)  # payg: 0.04 per call
@@ -129,3 +137,85 @@ def test_calls_cover_only_what_other_calls_holds_leave() -> None:
                          (call("u2", "+442071234567", 60), "p:3")], NOW).rows
     assert [(row[0], row[10], row[11]) for row in rows] == [("u1", 180, 120), ("r1", 420, 120), ("u2", 0, 60)]
     assert store.allowance_used[("acc-1", "europe", "2026-11-01")] == 600
+
+
+# ------------------------------------------------------------- thresholds hit exactly
+# Every boundary of the wallet rules reached exactly, as a script of steps with the balance and
+# wallet events each step must give. Run here on the reference store and, in
+# test_store_equivalence.py, on the Redis store (apply.lua for calls, credit.lua for credits
+# and fees): the random interleavings there almost never land on a boundary to the micro.
+# GB fixed on payg: 61 s -> 120 s billable * 0.02/min = 0.04; US fixed on business: 0.01/min.
+BOUNDARY_ACCOUNTS = [
+    account("z-block", plan="payg", balance="0.04"),
+    account("z-post", plan="business", billing="postpaid", balance="0", credit_limit="0.10"),
+    account("z-topup", plan="payg", balance="0.12", auto_topup={"threshold": "0.08", "amount": "5.00"}),
+    account("z-alert", plan="payg", balance="0.10", low_balance_alert="0.06"),
+    account("z-post-alerts", plan="business", billing="postpaid", balance="0",
+            auto_topup={"threshold": "0", "amount": "5.00"}, low_balance_alert="0"),
+]
+# (account, step, expected balance after, expected wallet events); step: ("call", to, seconds)
+# or ("credit", kind, signed micros) with kind credit | topup (settles the request) | adjustment
+BOUNDARY_STEPS: list[tuple[str, tuple[str, str, int], int, list[str]]] = [
+    # prepaid: 0.04 - 0.04 lands on exactly 0: blocked; one micro above 0 unblocks
+    ("z-block", ("call", *GB_2MIN), 0, ["blocked"]),
+    ("z-block", ("credit", "credit", 1), 1, ["unblocked"]),
+    # postpaid, credit limit 0.10: owing exactly 0.10 is at the limit, not past it
+    ("z-post", ("call", "+12125550100", 540), -90_000, []),
+    ("z-post", ("call", "+12125550100", 60), -100_000, []),
+    ("z-post", ("call", "+12125550100", 60), -110_000, ["blocked"]),
+    ("z-post", ("credit", "credit", 10_000), -100_000, ["unblocked"]),  # back to exactly the limit
+    ("z-post", ("credit", "adjustment", -1), -100_001, ["blocked"]),  # a fee past it
+    ("z-post", ("call", "+12125550100", 60), -110_001, []),  # already blocked: no second event
+    # auto top-up at 0.08: landing on the threshold is not below it; leaving it from exactly
+    # the threshold is a crossing
+    ("z-topup", ("call", *GB_2MIN), 80_000, []),
+    ("z-topup", ("call", *GB_2MIN), 40_000, ["topup_requested"]),
+    # a plain credit does not settle the request: crossing again (by a call, then by a fee)
+    # asks for nothing while it is open
+    ("z-topup", ("credit", "credit", 100_000), 140_000, []),
+    ("z-topup", ("call", *GB_2MIN), 100_000, []),
+    ("z-topup", ("call", *GB_2MIN), 60_000, []),
+    ("z-topup", ("credit", "credit", 60_000), 120_000, []),
+    ("z-topup", ("credit", "adjustment", -80_000), 40_000, []),
+    # the top-up settles it; then a fee landing on the threshold asks nothing, the next one does
+    ("z-topup", ("credit", "topup", 80_000), 120_000, []),
+    ("z-topup", ("credit", "adjustment", -40_000), 80_000, []),
+    ("z-topup", ("credit", "adjustment", -40_000), 40_000, ["topup_requested"]),
+    # low-balance alert at 0.06: the same two boundaries, by calls and by fees
+    ("z-alert", ("call", *GB_2MIN), 60_000, []),
+    ("z-alert", ("call", *GB_2MIN), 20_000, ["low_balance"]),
+    ("z-alert", ("credit", "credit", 80_000), 100_000, []),
+    ("z-alert", ("credit", "adjustment", -40_000), 60_000, []),
+    ("z-alert", ("credit", "adjustment", -40_000), 20_000, ["low_balance"]),
+    # postpaid: auto top-up and the alert are prepaid rules (README); 0 -> -0.01 crosses both
+    ("z-post-alerts", ("call", "+12125550100", 60), -10_000, []),
+    ("z-post-alerts", ("credit", "adjustment", -10_000), -20_000, []),
+]
+
+
+def run_boundary_steps(rater: Rater, credit: Callable[[str, str, int], tuple[int, int]]
+                       ) -> list[tuple[str, int, list[str]]]:
+    """(account, balance after, wallet event types) per BOUNDARY_STEPS step; `credit(account,
+    kind, micros)` returns the store's (balance, EV_* bits)."""
+    out: list[tuple[str, int, list[str]]] = []
+    for n, (acc, step, _, _) in enumerate(BOUNDARY_STEPS):
+        what, arg, number = step
+        if what == "call":
+            res = rate(rater, call(f"b{n}", arg, number, account_id=acc))
+            assert res.rows[0][2] == "rated", res.rows[0]
+            out.append((acc, res.rows[0][15], _types(res)))
+        else:
+            balance, bits = credit(acc, arg, number)
+            out.append((acc, balance, [name for bit, name in BALANCE_EVENTS if bits & bit]))
+    return out
+
+
+def test_wallet_rule_boundaries_on_the_reference_store() -> None:
+    r = make_rater(BOUNDARY_ACCOUNTS)
+    store = r.store
+    assert isinstance(store, MemoryWalletStore)
+
+    def credit(acc: str, kind: str, micros: int) -> tuple[int, int]:
+        return store.credit(acc, micros, settles_topup=kind == "topup")
+
+    assert run_boundary_steps(r, credit) == [(acc, bal, ev) for acc, _, bal, ev in BOUNDARY_STEPS]
