@@ -104,13 +104,6 @@ class Package:
         """Seconds this package covers per period (None: no limit at all)."""
         return self.fair_use_s if self.allowance_s is None else self.allowance_s
 
-    def covers(self, country: str, dest_class: str, home_country: str) -> bool:
-        if dest_class in NEVER_COVERED or dest_class not in self.classes:
-            return False
-        if country not in self.countries:
-            return False
-        return self.scope != "domestic" or country == home_country
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
