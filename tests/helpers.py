@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -167,3 +170,21 @@ def read_topic(bootstrap: str, topic: str, done: Callable[[list[Message]], bool]
     finally:
         c.close()
     return got
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (bound and released: race-free enough for tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:port/path; (0, "") while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from metering import kafka_io
 from metering.config import Settings
 from metering.local_services import ensure_started
 from metering.workers.alerts import notifications_topic
+from tests.helpers import free_port, http_get
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -161,24 +159,12 @@ def test_restart_recovers_the_table_and_sends_no_duplicate(env: dict[str, str], 
     _check(_notifications(env), [*EVENTS, new])
 
 
-def _http(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:  # not listening yet
-        return 0, ""
-
-
 def test_not_ready_until_the_table_is_recovered_and_metrics_count_each_outcome(
         env: dict[str, str], tmp_path: Path) -> None:
     """/readyz answers 503 until the dedupe table is recovered from its changelog (sending
     before that could repeat a notification), then 200; metering_alerts_total counts what
     became of each wallet event."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     stream = EVENTS + EVENTS[:3]
     _produce(env, stream, raw=(b"{not json",))
     proc = subprocess.Popen(
@@ -189,7 +175,7 @@ def test_not_ready_until_the_table_is_recovered_and_metrics_count_each_outcome(
         seen: list[int] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status, body = _http(port, "/readyz")
+            status, body = http_get(port, "/readyz")
             if status and (not seen or seen[-1] != status):
                 seen.append(status)
             if status == 200:
@@ -199,7 +185,7 @@ def test_not_ready_until_the_table_is_recovered_and_metrics_count_each_outcome(
         want = {"notified": len(EVENTS), "duplicate": 3, "invalid": 1}
         got: dict[str, float] = {}
         while time.monotonic() < deadline and got != want:
-            _, text = _http(port, "/metrics")
+            _, text = http_get(port, "/metrics")
             got = {o: float(m.group(1)) for o in want
                    if (m := re.search(rf'^metering_alerts_total{{outcome="{o}"}} (\S+)$', text, re.M))}
             time.sleep(0.1)

@@ -9,13 +9,10 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +35,7 @@ from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
 from schemas.records import REJECT_REASONS, WALLET_EVENT_TYPES
+from tests.helpers import free_port, http_get
 from wallet_debiter.redis_store import connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,24 +65,8 @@ def stack(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def _samples(port: int) -> Samples:
-    status, text = _get(port, "/metrics")
+    status, text = http_get(port, "/metrics")
     assert status == 200, status
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -117,7 +99,7 @@ def test_run_metrics_equal_what_happened_and_progress_is_logged(stack: dict[str,
     same stream and what ClickHouse holds, the lag is 0, no label is per account; stderr is
     JSON lines with `progress` lines while it works (before: nothing between start and stop)."""
     count, seed, dup, bad = 8_000, 71, 0.03, 0.03
-    port = _free_port()
+    port = free_port()
     env = {**stack, "METERING_METRICS_PORT": str(port), "METERING_PROGRESS_S": "1"}
     settings = Settings.from_env(env)
     now = datetime.now(UTC).replace(microsecond=0)
@@ -125,7 +107,7 @@ def test_run_metrics_equal_what_happened_and_progress_is_logged(stack: dict[str,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while _get(port, "/readyz")[0] != 200:
+        while http_get(port, "/readyz")[0] != 200:
             assert time.monotonic() < deadline and proc.poll() is None, "metering run never became ready"
             time.sleep(0.2)
         before = _samples(port)
@@ -218,8 +200,8 @@ def _readiness_watch(port: int, errors_before: float, lift: str, client_dsn: str
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
-        seen["refusing"] = _get(port, "/readyz")
-        seen["healthz"] = _get(port, "/healthz")
+        seen["refusing"] = http_get(port, "/readyz")
+        seen["healthz"] = http_get(port, "/healthz")
         admin = clickhouse_connect.get_client(dsn=client_dsn)  # same folder, same process
         try:
             admin.command(lift)
@@ -227,7 +209,7 @@ def _readiness_watch(port: int, errors_before: float, lift: str, client_dsn: str
             admin.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            seen["lifted"] = _get(port, "/readyz")
+            seen["lifted"] = http_get(port, "/readyz")
             if seen["lifted"][0] == 200:  # type: ignore[index]
                 return
             time.sleep(0.1)
@@ -251,7 +233,7 @@ def test_not_ready_while_clickhouse_refuses_inserts_then_ready_again(stack: dict
                     start=now.replace(hour=0))
     setting = "ALTER TABLE metering.{} MODIFY SETTING parts_to_throw_insert = {}, parts_to_delay_insert = {}"
 
-    port = _free_port()
+    port = free_port()
     health = metrics.serve_metrics(port)
     assert health is not None
     try:

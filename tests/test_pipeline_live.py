@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from rating.accounts import load_accounts
 from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
-from tests.helpers import read_topic
+from tests.helpers import free_port, read_topic
 from wallet_debiter.redis_store import RedisWalletStore, connect, wallet_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -470,7 +469,7 @@ def test_sigterm_while_redis_is_down_stops_at_once_and_lag_keeps_counting(live: 
     traffic that piles up (it stood still before: lag was read only between batches), and
     SIGTERM ends the worker within seconds (before: only once Redis came back). The batch
     in hand was not committed; a run after Redis is back ends exactly like `metering rate`."""
-    redis_port, metrics_port = _free_port(), _free_port()
+    redis_port, metrics_port = free_port(), free_port()
     own = _private_redis(tmp_path, redis_port)
     try:
         env = {**live, "METERING_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "METERING_BATCH_SIZE": "250",
@@ -647,18 +646,12 @@ def test_poison_and_every_reject_reason_land_on_usage_rejected_byte_for_byte(liv
     assert [e for e, _ in rated] == ["ok-1", "ok-2"] and all(ch >= 0 for _, ch in rated)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(live: dict[str, str]) -> None:
     """While `metering run` works: /healthz, /readyz and /metrics (consumed, rejects by reason,
     batch latency, lag...). Then `metering accounts credit` unblocks a wallet the traffic
     blocked, once per reference, and the next run writes the movement to ClickHouse."""
     now = datetime.now(UTC).replace(microsecond=0)
-    port = _free_port()
+    port = free_port()
     env = {**live, "METERING_METRICS_PORT": str(port)}
     settings = Settings.from_env(env)
     produce_traffic(settings, count=20_000, seed=61, duplicate_rate=0.02, malformed_rate=0.01,
