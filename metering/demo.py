@@ -40,6 +40,17 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def progress_line(elapsed: float, produced: int, p: Progress, *, topups_requested: int, topups_paid: int,
+                  p99: float) -> str:
+    """The live line. Top-ups requested and paid count the same requests (fees' and usage's,
+    as the payer reads them from wallet.events), so paid never exceeds requested."""
+    return (f"[{elapsed:5.0f} s] produced {produced:>8,}  consumed {p.consumed:>8,} "
+            f"({p.consumed / max(elapsed, 1e-9):>6,.0f}/s)  lag {p.lag:>6,}  rejected {p.rejected:>5,}  "
+            f"duplicates {p.duplicates:>5,}  blocked by usage {p.blocked:>3}  "
+            f"top-ups requested {topups_requested:>3} (paid {topups_paid:>3})  "
+            f"p99 {p99:.2f} s")
+
+
 DEMO_REDIS_DB = 15  # the demo empties this database; `metering run` and the tests use 0
 
 
@@ -124,12 +135,8 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
         if now - last_print[0] < 1.0:
             return
         last_print[0] = now
-        elapsed = now - p.started
-        line = (f"[{elapsed:5.0f} s] produced {produced[0]:>8,}  consumed {p.consumed:>8,} "
-                f"({p.consumed / max(elapsed, 1e-9):>6,.0f}/s)  lag {p.lag:>6,}  rejected {p.rejected:>5,}  "
-                f"duplicates {p.duplicates:>5,}  blocked {p.blocked:>3}  top-ups {p.topups:>3} "
-                f"(paid {payer.paid:>3})  "
-                f"p99 {_pct(latencies[-2000:], 0.99):.2f} s")
+        line = progress_line(now - p.started, produced[0], p, topups_requested=payer.requested,
+                             topups_paid=payer.paid, p99=_pct(latencies[-2000:], 0.99))
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     try:

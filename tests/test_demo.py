@@ -68,3 +68,19 @@ def test_demo_streams_traffic_and_prints_summary_and_report(tmp_path: Path) -> N
         assert f"== {section}" in out
     assert re.search(r"^\s+us-domestic\s+\d+\s+\d", out, re.M), out  # package usage row
     assert "consumed" in proc.stderr  # the progress line
+
+
+def test_progress_line_top_ups_paid_never_exceed_requested_and_blocks_say_by_usage() -> None:
+    # seen live: `blocked   2  top-ups   1 (paid   4)`: the pipeline's count of usage-caused
+    # requests next to the payer's count of every paid request (3 were caused by the monthly
+    # fees), and `blocked 2` while 13 wallets were blocked (14 by the fees at the start)
+    from metering.demo import progress_line
+    from metering.workers.pipeline import Progress
+
+    p = Progress(consumed=3000, rated=2900, rejected=30, duplicates=70, blocked=2, topups=1, lag=5)
+    line = progress_line(6.0, 3000, p, topups_requested=4, topups_paid=4, p99=0.5)
+    m = re.search(r"top-ups requested\s+([\d,]+) \(paid\s+([\d,]+)\)", line)
+    assert m, line
+    assert (int(m.group(1)), int(m.group(2))) == (4, 4)
+    assert re.search(r"blocked by usage\s+2\b", line), line
+    assert re.search(r"consumed\s+3,000 \(\s*500/s\)", line), line
