@@ -53,12 +53,12 @@ class Timed:
         finally:
             self.seconds += time.perf_counter() - t
 
-    def apply(self, debits: Any) -> Any:
+    def apply(self, debits: Any, limits: Any = None) -> Any:
         if self.store.cluster:
             self.groups.append(len({self.store._slot(d[0]) for d in debits}))
         t = time.perf_counter()
         try:
-            return self.store.apply(debits)
+            return self.store.apply(debits, limits)
         finally:
             self.seconds += time.perf_counter() - t
 

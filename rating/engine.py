@@ -590,6 +590,7 @@ class Settler:
         fresh: list[int] = []
         add_fresh = fresh.append
         replays: list[tuple[int, Prior]] = []
+        limits: dict[AllowanceKey, int] = {}  # per allowance the batch covers from: its limit
         in_batch: dict[DedupeKey, int] = {}
         in_batch_get = in_batch.get
         for i, p, dkey, prior in zip(pending, prows, dedupe_keys, priors, strict=True):
@@ -620,6 +621,7 @@ class Settler:
                 covered = billable
             else:
                 allowance_key = (dkey[0], pid, p[31])
+                limits[allowance_key] = limit
                 before = used[allowance_key]
                 room = limit - before
                 holds = held.get(allowance_key) if held else None
@@ -650,7 +652,7 @@ class Settler:
             add_fresh(i)
 
         # Store round trip 2: apply atomically; the store decides balance-driven events.
-        applied = self.store.apply(debits) if debits else []
+        applied = self.store.apply(debits, limits=limits) if debits else []
         emitted: list[tuple[int, int, int]] = []
         seqs: dict[int, int] = {}
         for i, debit, (balance_after, bits, seq) in zip(fresh, debits, applied, strict=True):

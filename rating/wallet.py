@@ -98,8 +98,10 @@ class WalletStore(Protocol):
         never be left without the minutes they were promised."""
         ...
 
-    def apply(self, debits: Sequence[Debit]) -> list[Applied]:
-        """Apply all debits atomically, in order; returns the balance after each one."""
+    def apply(self, debits: Sequence[Debit], limits: Mapping[AllowanceKey, int] | None = None) -> list[Applied]:
+        """Apply all debits atomically, in order; returns the balance after each one.
+        `limits`: the limit in seconds of each allowance the debits cover from (a store with
+        a dialer checks that live holds taken since the lookup still fit beside them)."""
         ...
 
 
@@ -218,7 +220,7 @@ class MemoryWalletStore:
             priors = cast("list[Prior | None]", found)  # all None
         return priors, [used(k, 0) for k in allowances], {}  # offline: no dialer, no holds
 
-    def apply(self, debits: Sequence[Debit]) -> list[Applied]:
+    def apply(self, debits: Sequence[Debit], limits: Mapping[AllowanceKey, int] | None = None) -> list[Applied]:
         out: list[Applied] = []
         used = self.allowance_used
         wallets = self.wallets

@@ -770,6 +770,74 @@ def test_a_hold_taken_between_lookup_and_apply_sends_the_batch_round_again(env: 
     assert (row.covered_s, row.charged_s) == (100, 200)  # 600 - 500 held
 
 
+def test_dialer_hold_churn_between_lookup_and_apply_does_not_stall_the_pipeline(env: Env) -> None:
+    """A busy dialer takes and releases holds on the package between every lookup and apply
+    of a batch (hundreds of reservations a second on one account). Holds that still fit
+    beside what the batch covers change nothing: the batch applies on its first round. (It
+    used to be sent round again on every change, and after 5 rounds `metering run` died of
+    StaleSnapshot: reproduced live with serve-api and `metering run` on one Redis.)"""
+    env.accounts(account(plan="starter", home_country="US", balance="5.00"))
+    period = datetime.now(UTC).strftime("%Y-%m-01")
+
+    def hold(seconds: int) -> str:
+        return json.dumps({"to": GB_FIXED, "amount": 0, "seconds": seconds, "field": f"europe|{period}",
+                           "duration_s": seconds, "created_at_ms": 0,
+                           "expires_at_ms": int(time.time() * 1000) + 60_000})
+
+    env.client.hset("h:{acc-1}", mapping={"gone": hold(120), "kept": hold(60)})
+
+    class ChurningStore(RedisWalletStore):
+        lookups = 0
+
+        def lookup(self, *args: Any) -> Any:
+            found = super().lookup(*args)
+            ChurningStore.lookups += 1
+            # after every lookup the held seconds differ: one hold released, another taken,
+            # each still fitting beside the batch (300 covered + 60 + 170..175 <= 600)
+            env.client.hdel("h:{acc-1}", "gone", f"new{ChurningStore.lookups - 1}")
+            env.client.hset("h:{acc-1}", f"new{ChurningStore.lookups}", hold(170 + ChurningStore.lookups))
+            return found
+
+    cat = parse_catalog(env.catalog)
+    store = ChurningStore(env.client)
+    rater = Rater(cat, store.load_accounts(), store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    at = now.isoformat().replace("+00:00", "Z")
+    row = rater.rate_batch([(call("c1", GB_FIXED, 300, started_at=at), "p0:1")], now).records()[0]
+    assert ChurningStore.lookups == 1  # applied on its first round
+    assert (row.covered_s, row.charged_s, row.charge) == (300, 0, 0)  # 600 - 180 held at lookup
+    assert env.client.hget("u:{acc-1}", f"europe|{period}") == b"300"
+
+
+def test_a_hold_taken_between_lookup_and_apply_that_would_not_fit_sends_the_batch_round_again(env: Env) -> None:
+    """The other side of the churn test: holds taken after the lookup that, beside what the
+    batch covers, would pass the package limit make the batch settle again on the new holds
+    (each hold's seconds stay there for its call), however many rounds that takes."""
+    env.accounts(account(plan="starter", home_country="US", balance="5.00"))
+    period = datetime.now(UTC).strftime("%Y-%m-01")
+
+    class GreedyStore(RedisWalletStore):
+        lookups = 0
+
+        def lookup(self, *args: Any) -> Any:
+            found = super().lookup(*args)
+            GreedyStore.lookups += 1
+            if GreedyStore.lookups <= 3:  # 100 more seconds held after each of 3 lookups
+                env.client.hset("h:{acc-1}", f"h{GreedyStore.lookups}", json.dumps({
+                    "to": GB_FIXED, "amount": 0, "seconds": 100, "field": f"europe|{period}", "duration_s": 100,
+                    "created_at_ms": 0, "expires_at_ms": int(time.time() * 1000) + 60_000}))
+            return found
+
+    cat = parse_catalog(env.catalog)
+    store = GreedyStore(env.client)
+    rater = Rater(cat, store.load_accounts(), store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    at = now.isoformat().replace("+00:00", "Z")
+    row = rater.rate_batch([(call("c1", GB_FIXED, 600, started_at=at), "p0:1")], now).records()[0]
+    assert GreedyStore.lookups == 4
+    assert (row.covered_s, row.charged_s) == (300, 300)  # 600 - 300 held
+
+
 def test_reservation_refusals(env: Env) -> None:
     env.accounts(account(plan="nopremium", balance="1.00"), account("blk", plan="payg", balance="0"))
 

@@ -205,6 +205,7 @@ class RedisWalletStore:
         # used seconds seen by the last lookup, re-checked by apply (optimistic concurrency)
         self._seen_used: dict[AllowanceKey, int] = {}
         self._seen_held: dict[AllowanceKey, int] = {}  # live holds' seconds seen by lookup
+        self._limits: Mapping[AllowanceKey, int] = {}  # of the batch being applied
 
     # ------------------------------------------------------------------ positions
 
@@ -324,13 +325,18 @@ class RedisWalletStore:
             field = f"{akey[1]}|{akey[2]}"
             if akey not in expected_seen:
                 expected_seen.add(akey)
-                expected.append([g, field, self._seen_used.get(akey, 0), self._seen_held.get(akey, 0)])
+                limit = self._limits.get(akey)
+                expected.append([g, field, self._seen_used.get(akey, 0), self._seen_held.get(akey, 0),
+                                 -1 if limit is None else limit])
         return [g, event_id, amount, field, covered, str(fp), source, "|".join(map(str, outcome)),
                 reservation or ""]
 
-    def apply(self, debits: Sequence[Debit]) -> list[Applied]:
+    def apply(self, debits: Sequence[Debit], limits: Mapping[AllowanceKey, int] | None = None) -> list[Applied]:
         """Standalone: one atomic script for the batch. Cluster: one atomic script per hash
-        slot (see `_apply_per_slot`)."""
+        slot (see `_apply_per_slot`). `limits` (seconds per allowance covered from): holds
+        the dialer took since the lookup that still fit beside the batch do not send it round
+        again (apply.lua); without a limit any change of the held seconds does."""
+        self._limits = limits or {}
         if self.cluster:
             return self._apply_per_slot(debits)
         keys, arg = self._apply_call(debits)

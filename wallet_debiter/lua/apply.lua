@@ -2,7 +2,8 @@
 -- KEYS: per account i: w:{A} (wallet hash), u:{A} (allowance used), d:{A} (dedupe), h:{A} (holds)
 -- ARGV[1]: msgpack {debits, expected[, positions]}
 --   debit:    {acct, event_id, amount, allowance_field|"", covered, fingerprint, source, outcome, reservation|""}
---   expected: {acct, allowance_field, used_seconds_seen_by_lookup, held_seconds_seen_by_lookup}
+--   expected: {acct, allowance_field, used_seconds_seen_by_lookup, held_seconds_seen_by_lookup,
+--             limit_s (-1: not given)}
 --             (held: the seconds the dialer's live holds keep of that allowance)
 --   positions (optional; then the last KEY is pos:{topic}): {partition, expected (-1: none), new}
 -- Positions first: if Redis holds another position than the one this worker wrote last (it lost
@@ -32,26 +33,49 @@ if positions then
 end
 
 local now = nil
-local function held_seconds(key, field)
+-- Seconds of `field` the live holds keep: all of them, and those of calls not in this batch
+-- (`mine`: the batch's reservation ids of that wallet; their holds are closed below).
+local function held_seconds(key, field, mine)
   if not now then
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local total = 0
+  local total, others = 0, 0
   local raw = redis.call('HGETALL', key)
   for j = 1, #raw, 2 do
     local ok, h = pcall(cjson.decode, raw[j + 1])
     if ok and type(h) == 'table' and h.field == field and (tonumber(h.expires_at_ms) or 0) > now then
-      total = total + math.max(tonumber(h.seconds) or 0, 0)
+      local s = math.max(tonumber(h.seconds) or 0, 0)
+      total = total + s
+      if not mine[raw[j]] then others = others + s end
     end
   end
-  return total
+  return total, others
+end
+local mine, covering = {}, {}  -- per wallet: the batch's reservation ids; seconds it covers per field
+for _, d in ipairs(debits) do
+  if d[9] ~= '' then mine[d[1]] = mine[d[1]] or {}; mine[d[1]][d[9]] = true end
+  if d[4] ~= '' and d[5] > 0 then
+    covering[d[1]] = covering[d[1]] or {}
+    covering[d[1]][d[4]] = (covering[d[1]][d[4]] or 0) + d[5]
+  end
 end
 for _, e in ipairs(expected) do
   local used = tonumber(redis.call('HGET', k(e[1], 2), e[2]) or '0')
   if used ~= e[3] then return cmsgpack.pack({'stale', 'allowance ' .. e[2]}) end
-  -- a hold taken (or expired) since the lookup changes what the batch's calls may cover
-  if held_seconds(k(e[1], 4), e[2]) ~= (e[4] or 0) then return cmsgpack.pack({'stale', 'holds ' .. e[2]}) end
+  -- Holds taken, released or expired since the lookup. The batch covered at most what the
+  -- holds it saw left, so released ones only mean it was priced as of its lookup; what matters
+  -- is that every other call's hold still fits beside what the batch takes now (else that
+  -- call would find its seconds gone and be charged beyond the money held). A busy dialer
+  -- changes holds all the time: requiring them unchanged would send batches round forever.
+  local total, others = held_seconds(k(e[1], 4), e[2], mine[e[1]] or {})
+  if total ~= (e[4] or 0) then
+    local limit = e[5] or -1
+    local takes = (covering[e[1]] or {})[e[2]] or 0
+    if limit < 0 or (takes > 0 and used + takes + others > limit) then
+      return cmsgpack.pack({'stale', 'holds ' .. e[2]})
+    end
+  end
 end
 for _, d in ipairs(debits) do
   if redis.call('HEXISTS', k(d[1], 3), d[2]) == 1 then return cmsgpack.pack({'stale', 'dedupe ' .. d[2]}) end
