@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Context, Decimal
 from hashlib import blake2b
@@ -551,6 +551,7 @@ class Settler:
         self.store = store
         self._limited: frozenset[str] = frozenset()  # packages with a limit (derived per catalog)
         self._limited_for: Mapping[str, Package] | None = None
+        self.on_stale: Callable[[], None] | None = None  # told of each batch sent round again
 
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -561,6 +562,8 @@ class Settler:
             try:
                 return self._settle_once(priced)
             except StaleSnapshot:
+                if self.on_stale is not None:
+                    self.on_stale()
                 continue
         return self._settle_once(priced)
 

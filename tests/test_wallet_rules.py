@@ -10,10 +10,13 @@ from rating.wallet import (
     BALANCE_EVENTS,
     EV_UNBLOCKED,
     AllowanceKey,
+    Applied,
+    Debit,
     DedupeKey,
     Held,
     MemoryWalletStore,
     Prior,
+    StaleSnapshot,
 )
 from tests.helpers import NOW, account, call, make_rater, rate
 
@@ -219,3 +222,24 @@ def test_wallet_rule_boundaries_on_the_reference_store() -> None:
         return store.credit(acc, micros, settles_topup=kind == "topup")
 
     assert run_boundary_steps(r, credit) == [(acc, bal, ev) for acc, _, bal, ev in BOUNDARY_STEPS]
+
+
+def test_a_batch_sent_round_again_is_told_and_then_settled_once() -> None:
+    """A store that finds its lookup stale (a concurrent write) makes the settler look up and
+    apply again; each round is reported (the workers count them: metering_stale_snapshot_total)."""
+    r = make_rater([account(plan="payg", balance="1.00")])
+    store = r.settler.store
+    real_apply = store.apply
+    refusals = [StaleSnapshot("holds test"), StaleSnapshot("holds test")]
+
+    def apply(debits: Sequence[Debit], limits: Mapping[AllowanceKey, int] | None = None) -> list[Applied]:
+        if refusals:
+            raise refusals.pop()
+        return real_apply(debits, limits)
+
+    store.apply = apply  # type: ignore[method-assign]
+    told: list[int] = []
+    r.settler.on_stale = lambda: told.append(1)
+    rec = rate(r, call("e1", "+12025550123", 60)).records()[0]
+    assert (rec.status, rec.charge, rec.balance_after) == ("rated", 10_000, 990_000)
+    assert len(told) == 2

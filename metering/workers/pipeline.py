@@ -235,6 +235,7 @@ class Pipeline:
         self.store = RedisWalletStore(self.redis)
         self.accounts = AccountsWatcher(self.store, stop=self.stop)
         self.rater = Rater(self.watcher.catalog, self.accounts.accounts, self.store)
+        self.rater.settler.on_stale = metrics.STALE_RETRIES.inc  # a concurrent write (dialer, stale owner)
         warn_missing_plans(self.watcher.catalog, self.accounts.accounts)
         self.rater.pricer.max_bytes = settings.max_message_bytes
         self.sink = sink or ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)

@@ -208,6 +208,7 @@ class DebitWorker(_Worker):
         self.redis = connect(settings.redis_url)
         self.store = RedisWalletStore(self.redis)
         self.settler = Settler(self.watcher.catalog, self.store)
+        self.settler.on_stale = metrics.STALE_RETRIES.inc  # a concurrent write (dialer, stale owner)
         self.guard = PositionGuard(self.store, settings.topics.priced, self.stop, on_wait=self.lag_while_waiting,
                                    outages=self.outages)
         self._subscribe([settings.topics.priced],
