@@ -28,6 +28,7 @@ from rating.accounts import parse_accounts
 from rating.catalog import parse_catalog
 from rating.engine import Rater
 from rating.periods import next_period_start, period_start
+from schemas.records import RatedRecord
 from tests.helpers import NOW, account, call, catalog_dict
 from wallet_debiter.api import make_app
 from wallet_debiter.authorize import Authorizer
@@ -741,32 +742,48 @@ def test_an_unreserved_call_leaves_the_held_seconds_alone(env: Env) -> None:
     env.run(body)
 
 
+def _europe_hold(seconds: int, to: str = GB_FIXED) -> str:
+    """A live dialer hold (JSON, as `h:{A}` stores it) of `seconds` of this period's europe
+    package (anchor day 1), expiring in a minute."""
+    period = datetime.now(UTC).strftime("%Y-%m-01")
+    return json.dumps({"to": to, "amount": 0, "seconds": seconds, "field": f"europe|{period}",
+                       "duration_s": seconds, "created_at_ms": 0,
+                       "expires_at_ms": int(time.time() * 1000) + 60_000})
+
+
+def _settle_with_dialer_between(env: Env, duration_s: int,
+                                after_lookup: Callable[[int], None]) -> tuple[RatedRecord, int]:
+    """Settle one call of acc-1 to a GB fixed number with `after_lookup(n)` run after the
+    batch's n-th lookup (the dialer acting between lookup and apply): (its row, lookups)."""
+    lookups = [0]
+
+    class DialerBetween(RedisWalletStore):
+        def lookup(self, *args: Any) -> Any:
+            found = super().lookup(*args)
+            lookups[0] += 1
+            after_lookup(lookups[0])
+            return found
+
+    store = DialerBetween(env.client)
+    rater = Rater(parse_catalog(env.catalog), store.load_accounts(), store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    at = now.isoformat().replace("+00:00", "Z")
+    row = rater.rate_batch([(call("c1", GB_FIXED, duration_s, started_at=at), "p0:1")], now).records()[0]
+    return row, lookups[0]
+
+
 def test_a_hold_taken_between_lookup_and_apply_sends_the_batch_round_again(env: Env) -> None:
     """The dialer reserves package seconds while a batch is being settled (after its lookup,
     before its apply): the apply script sees the holds changed, writes nothing, and the
     batch is settled again on the new holds."""
     env.accounts(account(plan="starter", home_country="US", balance="5.00"))
-    period = datetime.now(UTC).strftime("%Y-%m-01")
-    hold = json.dumps({"to": GB_MOBILE, "amount": 0, "seconds": 500, "field": f"europe|{period}",
-                       "duration_s": 500, "created_at_ms": 0, "expires_at_ms": int(time.time() * 1000) + 60_000})
 
-    class RacingStore(RedisWalletStore):
-        lookups = 0
+    def reserve_once(n: int) -> None:
+        if n == 1:
+            env.client.hset("h:{acc-1}", "late", _europe_hold(500, to=GB_MOBILE))
 
-        def lookup(self, *args: Any) -> Any:
-            found = super().lookup(*args)
-            RacingStore.lookups += 1
-            if RacingStore.lookups == 1:
-                env.client.hset("h:{acc-1}", "late", hold)
-            return found
-
-    cat = parse_catalog(env.catalog)
-    store = RacingStore(env.client)
-    rater = Rater(cat, store.load_accounts(), store)
-    now = datetime.now(UTC).replace(microsecond=0)
-    at = now.isoformat().replace("+00:00", "Z")
-    row = rater.rate_batch([(call("c1", GB_FIXED, 300, started_at=at), "p0:1")], now).records()[0]
-    assert RacingStore.lookups == 2  # stale once, settled on the second round
+    row, lookups = _settle_with_dialer_between(env, 300, reserve_once)
+    assert lookups == 2  # stale once, settled on the second round
     assert (row.covered_s, row.charged_s) == (100, 200)  # 600 - 500 held
 
 
@@ -777,35 +794,18 @@ def test_dialer_hold_churn_between_lookup_and_apply_does_not_stall_the_pipeline(
     used to be sent round again on every change, and after 5 rounds `metering run` died of
     StaleSnapshot: reproduced live with serve-api and `metering run` on one Redis.)"""
     env.accounts(account(plan="starter", home_country="US", balance="5.00"))
-    period = datetime.now(UTC).strftime("%Y-%m-01")
+    env.client.hset("h:{acc-1}", mapping={"gone": _europe_hold(120), "kept": _europe_hold(60)})
 
-    def hold(seconds: int) -> str:
-        return json.dumps({"to": GB_FIXED, "amount": 0, "seconds": seconds, "field": f"europe|{period}",
-                           "duration_s": seconds, "created_at_ms": 0,
-                           "expires_at_ms": int(time.time() * 1000) + 60_000})
+    def churn(n: int) -> None:
+        # after every lookup the held seconds differ: one hold released, another taken,
+        # each still fitting beside the batch (300 covered + 60 + 170..175 <= 600)
+        env.client.hdel("h:{acc-1}", "gone", f"new{n - 1}")
+        env.client.hset("h:{acc-1}", f"new{n}", _europe_hold(170 + n))
 
-    env.client.hset("h:{acc-1}", mapping={"gone": hold(120), "kept": hold(60)})
-
-    class ChurningStore(RedisWalletStore):
-        lookups = 0
-
-        def lookup(self, *args: Any) -> Any:
-            found = super().lookup(*args)
-            ChurningStore.lookups += 1
-            # after every lookup the held seconds differ: one hold released, another taken,
-            # each still fitting beside the batch (300 covered + 60 + 170..175 <= 600)
-            env.client.hdel("h:{acc-1}", "gone", f"new{ChurningStore.lookups - 1}")
-            env.client.hset("h:{acc-1}", f"new{ChurningStore.lookups}", hold(170 + ChurningStore.lookups))
-            return found
-
-    cat = parse_catalog(env.catalog)
-    store = ChurningStore(env.client)
-    rater = Rater(cat, store.load_accounts(), store)
-    now = datetime.now(UTC).replace(microsecond=0)
-    at = now.isoformat().replace("+00:00", "Z")
-    row = rater.rate_batch([(call("c1", GB_FIXED, 300, started_at=at), "p0:1")], now).records()[0]
-    assert ChurningStore.lookups == 1  # applied on its first round
+    row, lookups = _settle_with_dialer_between(env, 300, churn)
+    assert lookups == 1  # applied on its first round
     assert (row.covered_s, row.charged_s, row.charge) == (300, 0, 0)  # 600 - 180 held at lookup
+    period = datetime.now(UTC).strftime("%Y-%m-01")
     assert env.client.hget("u:{acc-1}", f"europe|{period}") == b"300"
 
 
@@ -814,27 +814,13 @@ def test_a_hold_taken_between_lookup_and_apply_that_would_not_fit_sends_the_batc
     batch covers, would pass the package limit make the batch settle again on the new holds
     (each hold's seconds stay there for its call), however many rounds that takes."""
     env.accounts(account(plan="starter", home_country="US", balance="5.00"))
-    period = datetime.now(UTC).strftime("%Y-%m-01")
 
-    class GreedyStore(RedisWalletStore):
-        lookups = 0
+    def greedy(n: int) -> None:
+        if n <= 3:  # 100 more seconds held after each of 3 lookups
+            env.client.hset("h:{acc-1}", f"h{n}", _europe_hold(100))
 
-        def lookup(self, *args: Any) -> Any:
-            found = super().lookup(*args)
-            GreedyStore.lookups += 1
-            if GreedyStore.lookups <= 3:  # 100 more seconds held after each of 3 lookups
-                env.client.hset("h:{acc-1}", f"h{GreedyStore.lookups}", json.dumps({
-                    "to": GB_FIXED, "amount": 0, "seconds": 100, "field": f"europe|{period}", "duration_s": 100,
-                    "created_at_ms": 0, "expires_at_ms": int(time.time() * 1000) + 60_000}))
-            return found
-
-    cat = parse_catalog(env.catalog)
-    store = GreedyStore(env.client)
-    rater = Rater(cat, store.load_accounts(), store)
-    now = datetime.now(UTC).replace(microsecond=0)
-    at = now.isoformat().replace("+00:00", "Z")
-    row = rater.rate_batch([(call("c1", GB_FIXED, 600, started_at=at), "p0:1")], now).records()[0]
-    assert GreedyStore.lookups == 4
+    row, lookups = _settle_with_dialer_between(env, 600, greedy)
+    assert lookups == 4
     assert (row.covered_s, row.charged_s) == (300, 300)  # 600 - 300 held
 
 
