@@ -12,7 +12,7 @@ from typing import IO
 
 import msgspec
 
-from rating.engine import ROW_FIELDS, Rater, Rejection, Row, rejected_row
+from rating.engine import ROW_FIELDS, Rater, Row, oversize, rejected_row
 from rating.money import format_micros
 from schemas.messages import OfflineLine, OfflineWalletEvent
 from schemas.records import WalletEvent
@@ -104,8 +104,7 @@ def rate_stream(
         result = rater.rate_batch(batch, now)
         rows = result.rows
         for i, length in cut.items():  # rated as empty: reject it for what it is
-            rows[i] = rejected_row(b"", batch[i][1], Rejection(
-                "invalid_json", f"(event): oversize, {length} bytes > {limit}"))
+            rows[i] = rejected_row(b"", batch[i][1], oversize(length, limit))
         buf = bytearray()
         for row in rows:
             counts[row[2]] += 1

@@ -362,7 +362,7 @@ class Pricer:
             ev = None
             try:
                 if len(raw) > max_bytes:
-                    raise Rejection("invalid_json", f"(event): oversize, {len(raw)} bytes > {max_bytes}")
+                    raise oversize(len(raw), max_bytes)
                 if not raw.isascii():  # msgspec skips unknown fields unchecked: the whole line must be UTF-8
                     raw.decode()
                 try:
@@ -519,6 +519,11 @@ class Pricer:
             raise Rejection("invalid_field", f"quantity: {q} {ev.meter} would cost {format_micros(amount)}, more "
                                              f"than the per-event maximum {format_micros(MAX_CHARGE_MICROS)}")
         return amount
+
+
+def oversize(length: int, limit: int) -> Rejection:
+    """The reject of an event of `length` bytes over the `limit` (poison, never decoded)."""
+    return Rejection("invalid_json", f"(event): oversize, {length} bytes > {limit}")
 
 
 def _route_rejection(reason: str, to: str, plan: Plan) -> Rejection:

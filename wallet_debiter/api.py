@@ -87,6 +87,8 @@ UNKNOWN_ACCOUNT_BODY: Final = {"allowed": False, "reason": UNKNOWN_ACCOUNT,
                                "max_duration_s": None, "balance": None}
 _RID_RE: Final = re.compile(RESERVATION_ID_PATTERN)
 _BODY_KEYS: Final = ("to", "max_duration_s", "reservation_id")
+# Hold.closed -> what a late POST or DELETE of that reservation id is told
+_CLOSED: Final = {"settled": "already settled by its call's record", "released": "already released"}
 _MAX_BODY: Final = 64 * 1024
 _CODINGS: Final = frozenset({"identity", "gzip", "deflate", "br", "zstd"})  # what aiohttp decodes (br: Brotli)
 _encode = msgspec.json.Encoder().encode
@@ -360,9 +362,8 @@ async def create_reservation(request: web.Request) -> web.Response:
     assert result.hold is not None
     if result.status == "closed":
         request[REASON] = "reservation_closed"
-        how = "settled by its call's record" if result.hold.closed == "settled" else "released"
-        return _json(409, {"error": f"reservation_id: already {how}; take a new reservation for a new call",
-                           "field": "reservation_id"})
+        return _json(409, {"error": f"reservation_id: {_CLOSED.get(result.hold.closed or '', 'closed')}; "
+                                    "take a new reservation for a new call", "field": "reservation_id"})
     if result.status == "existing":
         if result.hold.to != to:
             request[REASON] = "reservation_conflict"
@@ -382,13 +383,12 @@ async def release_reservation(request: web.Request) -> web.Response:
     rid = request.match_info["rid"]
     if not _RID_RE.fullmatch(rid):
         raise bad_request("reservation_id", f"reservation_id: not a valid id {_short(rid)}")
-    outcome = await st.store.release(account_id, rid)
-    if outcome == "released":
+    released, closed = await st.store.release(account_id, rid)
+    if released:
         request[REASON] = "released"
         return web.Response(status=204)
     request[REASON] = "unknown_reservation"
-    why = {"settled": "already settled by its call's record", "already_released": "already released"}
-    return _json(404, {"error": f"no live reservation: {why.get(outcome, 'never taken or expired')}",
+    return _json(404, {"error": f"no live reservation: {_CLOSED.get(closed or '', 'never taken or expired')}",
                        "field": "reservation_id"})
 
 

@@ -205,7 +205,6 @@ class RedisWalletStore:
         # used seconds seen by the last lookup, re-checked by apply (optimistic concurrency)
         self._seen_used: dict[AllowanceKey, int] = {}
         self._seen_held: dict[AllowanceKey, int] = {}  # live holds' seconds seen by lookup
-        self._limits: Mapping[AllowanceKey, int] = {}  # of the batch being applied
 
     # ------------------------------------------------------------------ positions
 
@@ -316,7 +315,7 @@ class RedisWalletStore:
         return priors, used, held
 
     def _pack_debit(self, g: int, debit: Debit, expected: list[list[Any]],
-                    expected_seen: set[AllowanceKey]) -> list[Any]:
+                    expected_seen: set[AllowanceKey], limits: Mapping[AllowanceKey, int]) -> list[Any]:
         """One debit as apply.lua reads it (g: the wallet's 1-based index in the call's KEYS);
         the first debit of each allowance also adds the used seconds the lookup saw."""
         _, event_id, amount, akey, covered, fp, source, outcome, reservation = debit
@@ -325,7 +324,7 @@ class RedisWalletStore:
             field = f"{akey[1]}|{akey[2]}"
             if akey not in expected_seen:
                 expected_seen.add(akey)
-                limit = self._limits.get(akey)
+                limit = limits.get(akey)
                 expected.append([g, field, self._seen_used.get(akey, 0), self._seen_held.get(akey, 0),
                                  -1 if limit is None else limit])
         return [g, event_id, amount, field, covered, str(fp), source, "|".join(map(str, outcome)),
@@ -336,10 +335,9 @@ class RedisWalletStore:
         slot (see `_apply_per_slot`). `limits` (seconds per allowance covered from): holds
         the dialer took since the lookup that still fit beside the batch do not send it round
         again (apply.lua); without a limit any change of the held seconds does."""
-        self._limits = limits or {}
         if self.cluster:
-            return self._apply_per_slot(debits)
-        keys, arg = self._apply_call(debits)
+            return self._apply_per_slot(debits, limits or {})
+        keys, arg = self._apply_call(debits, limits or {})
         return self._applied(self._apply(keys=keys, args=[arg]))
 
     def _applied(self, reply: Any) -> list[Applied]:
@@ -355,7 +353,7 @@ class RedisWalletStore:
         self._bound = None  # written: a later apply without bind_positions must not carry them
         return [(int(b), int(bits), int(seq)) for b, bits, seq in result[1]]
 
-    def _apply_call(self, debits: Sequence[Debit]) -> tuple[list[str], bytes]:
+    def _apply_call(self, debits: Sequence[Debit], limits: Mapping[AllowanceKey, int]) -> tuple[list[str], bytes]:
         """KEYS and the packed argument of apply.lua for a batch on one node."""
         order: dict[str, int] = {}
         packed: list[list[Any]] = []
@@ -367,7 +365,7 @@ class RedisWalletStore:
             g = order.get(account_id)
             if g is None:
                 g = order[account_id] = len(order) + 1  # Lua is 1-based
-            packed.append(pack_debit(g, debit, expected, expected_seen))
+            packed.append(pack_debit(g, debit, expected, expected_seen, limits))
         keys: list[str] = []
         for account_id in order:
             keys += _keys(account_id)
@@ -427,7 +425,7 @@ class RedisWalletStore:
                 result[order[account_id]] = got
         return result
 
-    def _apply_per_slot(self, debits: Sequence[Debit]) -> list[Applied]:
+    def _apply_per_slot(self, debits: Sequence[Debit], limits: Mapping[AllowanceKey, int]) -> list[Applied]:
         """The batch split by hash slot, the same apply script per slot (atomic for its wallets,
         results stitched back into debit order). Slots are not atomic together: if one slot's
         snapshot is stale the others may still apply; StaleSnapshot is raised after all ran,
@@ -448,7 +446,7 @@ class RedisWalletStore:
             g = order.get(account_id)
             if g is None:
                 g = order[account_id] = len(order) + 1
-            packed.append(pack_debit(g, debit, expected, expected_seen))
+            packed.append(pack_debit(g, debit, expected, expected_seen, limits))
             where.append(n)
         calls: list[tuple[list[str], bytes]] = []
         for order, packed, expected, _ in by_slot.values():

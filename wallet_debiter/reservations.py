@@ -325,18 +325,16 @@ class ReservationStore:
             snap = _parse_state(reply[1], candidates)  # 'stale': re-size on the fresh state
         raise ReservationContention(f"account {account_id!r}: wallet kept changing, try again")
 
-    async def release(self, account_id: str, reservation_id: str) -> str:
-        """Release a live hold: "released". Else nothing changes: "settled" (its CDR was
-        rated) or "already_released" (the id stays taken until the hold would have expired),
-        or "none" (expired, unreadable, never taken, or an unknown account; an expired hold
-        held nothing any more and is deleted)."""
+    async def release(self, account_id: str, reservation_id: str) -> tuple[bool, str | None]:
+        """Release a live hold: (True, None). Else nothing changes: (False, how an earlier
+        close went: "settled" by its CDR or "released"; the id stays taken until the hold would
+        have expired), or (False, None): expired, unreadable, never taken or an unknown account
+        (an expired hold held nothing any more and is deleted)."""
         now, now_ms = self.now()
         reply = await self._call(account_id, "release", now, now_ms, (), reservation_id.encode())
         if reply[0] == "released":
-            return "released"
-        if reply[0] == "closed":
-            return "settled" if decode_hold(reply[1]).closed == "settled" else "already_released"
-        return "none"
+            return True, None
+        return False, decode_hold(reply[1]).closed if reply[0] == "closed" else None
 
     async def holds(self, account_id: str, *, include_expired: bool = False) -> dict[str, Hold]:
         """The account's holds (active ones unless include_expired), for operators and tests."""

@@ -26,6 +26,7 @@ import queue
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -291,9 +292,6 @@ class Pipeline:
         return {"ready": self.assigned and redis_ok and not waiting, "assigned": self.assigned,
                 "redis": redis_ok, "waiting": waiting}
 
-    def ready(self) -> bool:
-        return bool(self.readiness()["ready"])
-
     # ------------------------------------------------------------------ loop
 
     def run(self, *, max_idle_s: float | None = None, on_batch: Callable[[Progress], None] | None = None) -> Progress:
@@ -418,8 +416,9 @@ class Pipeline:
         p.rejected += counts["rejected"]
         p.duplicates += counts["duplicate"]
         p.charged_micros += counts["charged"]
-        p.blocked += sum(1 for e in events if e.type == "blocked")
-        p.topups += sum(1 for e in events if e.type == "topup_requested")
+        types = Counter(e.type for e in events)
+        p.blocked += types["blocked"]
+        p.topups += types["topup_requested"]
         metrics.CONSUMED.labels(stage="debit").inc(len(msgs))
         metrics.BATCH_SIZE.labels(stage="debit").observe(len(msgs))
         metrics.BATCH_SECONDS.labels(stage="debit").observe(time.perf_counter() - started)

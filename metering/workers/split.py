@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import cast
@@ -90,9 +91,6 @@ class _Worker:
         no Redis or ClickHouse call being waited out."""
         waiting = self.outages.current()
         return {"ready": self.assigned and not waiting, "assigned": self.assigned, "waiting": waiting}
-
-    def ready(self) -> bool:
-        return bool(self.readiness()["ready"])
 
     def handle(self, msgs: list[Message]) -> bool:
         """Handle one batch; False: the batch was dropped (the consumer was moved back), do
@@ -243,9 +241,9 @@ class DebitWorker(_Worker):
         produce_wallet_events(self.producer, self.settings.topics.wallet_events, result.wallet_events,
                               event_times(result.rows, result.wallet_events), self.delivery)
         counts = count_rows(result.rows)
-        self._count(rated=counts["rated"], duplicates=counts["duplicate"],
-                    wallets_blocked=sum(1 for e in result.wallet_events if e.type == "blocked"),
-                    topups_requested=sum(1 for e in result.wallet_events if e.type == "topup_requested"))
+        types = Counter(e.type for e in result.wallet_events)
+        self._count(rated=counts["rated"], duplicates=counts["duplicate"], wallets_blocked=types["blocked"],
+                    topups_requested=types["topup_requested"])
         return True
 
 

@@ -33,31 +33,39 @@ if positions then
 end
 
 local now = nil
--- Seconds of `field` the live holds keep: all of them, and those of calls not in this batch
--- (`mine`: the batch's reservation ids of that wallet; their holds are closed below).
-local function held_seconds(key, field, mine)
+local function now_ms()  -- Redis's clock, read once per call
   if not now then
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
+  return now
+end
+-- Seconds of `field` the live holds keep: all of them, and those of calls not in this batch
+-- (`mine`: the batch's reservation ids of that wallet, or nil; their holds are closed below).
+local function held_seconds(key, field, mine)
   local total, others = 0, 0
   local raw = redis.call('HGETALL', key)
   for j = 1, #raw, 2 do
     local ok, h = pcall(cjson.decode, raw[j + 1])
-    if ok and type(h) == 'table' and h.field == field and (tonumber(h.expires_at_ms) or 0) > now then
+    if ok and type(h) == 'table' and h.field == field and (tonumber(h.expires_at_ms) or 0) > now_ms() then
       local s = math.max(tonumber(h.seconds) or 0, 0)
       total = total + s
-      if not mine[raw[j]] then others = others + s end
+      if not (mine and mine[raw[j]]) then others = others + s end
     end
   end
   return total, others
 end
-local mine, covering = {}, {}  -- per wallet: the batch's reservation ids; seconds it covers per field
-for _, d in ipairs(debits) do
-  if d[9] ~= '' then mine[d[1]] = mine[d[1]] or {}; mine[d[1]][d[9]] = true end
-  if d[4] ~= '' and d[5] > 0 then
-    covering[d[1]] = covering[d[1]] or {}
-    covering[d[1]][d[4]] = (covering[d[1]][d[4]] or 0) + d[5]
+-- Per wallet: the batch's reservation ids, and the seconds it covers per field. Built only
+-- when holds changed since the lookup (rare): not a second pass over every batch.
+local mine, covering = nil, nil
+local function index_batch()
+  mine, covering = {}, {}
+  for _, d in ipairs(debits) do
+    if d[9] ~= '' then mine[d[1]] = mine[d[1]] or {}; mine[d[1]][d[9]] = true end
+    if d[4] ~= '' and d[5] > 0 then
+      covering[d[1]] = covering[d[1]] or {}
+      covering[d[1]][d[4]] = (covering[d[1]][d[4]] or 0) + d[5]
+    end
   end
 end
 for _, e in ipairs(expected) do
@@ -68,8 +76,10 @@ for _, e in ipairs(expected) do
   -- is that every other call's hold still fits beside what the batch takes now (else that
   -- call would find its seconds gone and be charged beyond the money held). A busy dialer
   -- changes holds all the time: requiring them unchanged would send batches round forever.
-  local total, others = held_seconds(k(e[1], 4), e[2], mine[e[1]] or {})
+  local total = held_seconds(k(e[1], 4), e[2], nil)
   if total ~= (e[4] or 0) then
+    if not mine then index_batch() end
+    local _, others = held_seconds(k(e[1], 4), e[2], mine[e[1]])
     local limit = e[5] or -1
     local takes = (covering[e[1]] or {})[e[2]] or 0
     if limit < 0 or (takes > 0 and used + takes + others > limit) then
@@ -134,21 +144,22 @@ end
 -- expired, so a dialer retrying the reservation's POST after its call was rated gets a
 -- conflict instead of a fresh hold (reserve.lua). Holds already expired are deleted.
 local function close_holds(key, rids)
-  if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
   for s = 1, #rids, 1000 do
     local part = {unpack(rids, s, math.min(s + 999, #rids))}
     local docs = redis.call('HMGET', key, unpack(part))
     for j, rid in ipairs(part) do
-      local ok, h = false, nil
-      if docs[j] then ok, h = pcall(cjson.decode, docs[j]) end
-      if ok and type(h) == 'table' and (tonumber(h.expires_at_ms) or 0) > now and type(h.closed) ~= 'string' then
-        h.amount, h.seconds, h.field, h.closed = 0, 0, '', 'settled'
-        redis.call('HSET', key, rid, cjson.encode(h))
-      elseif docs[j] and not (ok and type(h) == 'table' and type(h.closed) == 'string') then
-        redis.call('HDEL', key, rid)
+      if docs[j] then
+        local ok, h = pcall(cjson.decode, docs[j])
+        if not (ok and type(h) == 'table') then
+          redis.call('HDEL', key, rid)  -- unreadable: it holds nothing
+        elseif type(h.closed) == 'string' then
+          -- closed already (released by the dialer): kept as it is
+        elseif (tonumber(h.expires_at_ms) or 0) > now_ms() then
+          h.amount, h.seconds, h.field, h.closed = 0, 0, '', 'settled'
+          redis.call('HSET', key, rid, cjson.encode(h))
+        else
+          redis.call('HDEL', key, rid)  -- expired: held nothing any more
+        end
       end
     end
   end
