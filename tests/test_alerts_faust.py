@@ -74,6 +74,7 @@ def _run_worker(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout == "", proc.stdout  # logs go to stderr; Faust's spinner wrote terminal escapes here
     stopped = [line for line in proc.stderr.splitlines() if '"alerts worker stopped"' in line]
     assert len(stopped) == 1, proc.stderr[-4000:]
     counts: dict[str, Any] = msgspec.json.decode(stopped[0])

@@ -192,7 +192,8 @@ def run_alerts_worker(settings: Settings, *, data_dir: str | Path | None = None,
     health = metrics.serve_metrics(settings.metrics_port)
     app, stats = make_app(settings, data_dir=data_dir, guarantee=guarantee, until_idle_s=until_idle_s)
     metrics.set_ready(health, lambda: stats.ready_at is not None)  # the table recovered
-    worker = faust.Worker(app, loglevel=loglevel, override_logging=False)
+    worker = faust.Worker(app, loglevel=loglevel, override_logging=False, quiet=True)
+    worker.spinner = None  # its terminal escapes went to stdout even when not a terminal; "Ready" is logged instead
     log(LOG, logging.INFO, "alerts worker starting", app_id=app.conf.id,
         kafka=settings.kafka_bootstrap, guarantee=guarantee)
     try:
