@@ -210,7 +210,9 @@ class PendingCommits:
     pending and go with the next commit (the next batch, the next idle turn, or close), and the
     ones of partitions given away are dropped (their next owner replays from the last commit,
     deduplicated). Before 2026-11-24 the split workers raised here and exited 1 when a second
-    worker joined under traffic."""
+    worker joined under traffic, and `metering run` committed asynchronously: a refused commit
+    was only logged, so a partition that then went quiet kept its old committed offset (a
+    restart replayed it) until its next batch."""
 
     def __init__(self, group: str) -> None:
         self.group = group
@@ -223,6 +225,13 @@ class PendingCommits:
         for key, offset in next_offsets(msgs).items():
             if offset > self._next.get(key, -1):
                 self._next[key] = offset
+
+    def add_offsets(self, offsets: Iterable[TopicPartition]) -> None:
+        """Next offsets already worked out (`metering run`'s writer hands them over)."""
+        for tp in offsets:
+            key = (tp.topic, tp.partition)
+            if tp.offset > self._next.get(key, -1):
+                self._next[key] = tp.offset
 
     def drop(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:

@@ -254,11 +254,14 @@ class Pipeline:
                                                on_assign=kafka_io.rewind_to_store(self.store.positions, "debit"),
                                                on_revoke=self._on_revoke)
         # operator credits/top-ups, and the wallet events operator commands produced
-        self.movements = kafka_io.make_consumer(settings, "movements", [t.movements, t.wallet_events])
+        self.movements = kafka_io.make_consumer(settings, "movements", [t.movements, t.wallet_events],
+                                                on_revoke=self._on_movements_revoke)
         self._lag_state: dict[str, float] = {}
         self._movements_lag: dict[str, float] = {}  # the idle exit checks wallet.movements too
         self.ready_events = ReadyOffsets()  # written by the writer, committed by this thread
         self.ready_movements = ReadyOffsets()
+        self.pending_events = kafka_io.PendingCommits("debit")  # taken from ready, not committed yet
+        self.pending_movements = kafka_io.PendingCommits("movements")
 
     def _on_revoke(self, consumer: object, partitions: list) -> None:  # type: ignore[type-arg]
         # Let the writer finish what was settled. Its offsets are not committed from inside the
@@ -267,17 +270,24 @@ class Pipeline:
         with contextlib.suppress(Exception):
             self.writer.drain()
         self.ready_events.drop({(tp.topic, tp.partition) for tp in partitions})
+        self.pending_events.drop(partitions)
         self.guard.forget([tp.partition for tp in partitions])
 
+    def _on_movements_revoke(self, consumer: object, partitions: list) -> None:  # type: ignore[type-arg]
+        with contextlib.suppress(Exception):
+            self.writer.drain()
+        # not committed by this member any more: a stale offset would rewind the next owner
+        self.ready_movements.drop({(tp.topic, tp.partition) for tp in partitions})
+        self.pending_movements.drop(partitions)
+
     def _commit_ready(self) -> None:
-        """Commit (asynchronously, on the consumer's thread) what the writer has finished."""
-        for consumer, ready in ((self.consumer, self.ready_events), (self.movements, self.ready_movements)):
-            offsets = ready.take()
-            if offsets:
-                try:
-                    consumer.commit(offsets=offsets, asynchronous=True)
-                except KafkaException as exc:  # not committed: replayed later, deduplicated
-                    log(LOG, logging.WARNING, "offset commit failed", error=error_text(exc))
+        """Commit (synchronously, on the consumer's thread) what the writer has finished; a
+        refused commit (a rebalance) stays pending and is tried again next turn."""
+        for consumer, ready, pending in ((self.consumer, self.ready_events, self.pending_events),
+                                         (self.movements, self.ready_movements, self.pending_movements)):
+            pending.add_offsets(ready.take())
+            if pending:
+                pending.commit(consumer)
 
     def readiness(self) -> dict[str, object]:
         """/readyz: partitions assigned, Redis answering, and no Redis or ClickHouse call being
