@@ -110,14 +110,21 @@ def catalog_check(file: str) -> None:
 
 
 def _parse_now(value: str | None) -> datetime:
+    from rating.engine import FUTURE_SLACK
+
     if value is None:
         return datetime.now(UTC)
     try:
         now = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"expected an RFC 3339 timestamp, got {value!r}") from None
+        raise click.BadParameter(f"expected an RFC 3339 timestamp, got {value!r}", param_hint="--now") from None
     if now.tzinfo is None:
-        raise click.BadParameter("the timestamp needs an offset, e.g. 2026-11-23T12:00:00Z")
+        raise click.BadParameter("the timestamp needs an offset, e.g. 2026-11-23T12:00:00Z", param_hint="--now")
+    try:
+        _ = now + FUTURE_SLACK  # the engine's future_timestamp limit (near the end of year 9999: none)
+    except OverflowError:
+        raise click.BadParameter(f"{value!r} is too late: 24 h after it (the future_timestamp limit) "
+                                 "is past year 9999", param_hint="--now") from None
     return now
 
 
@@ -137,6 +144,8 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
     now = _parse_now(now_text)
     rater = Rater(cat, accounts, MemoryWalletStore(accounts))
     if events_path == "-":
+        if sys.stdin is None:
+            _fail("error: --events -: stdin is closed: nothing to read")
         source: IO[bytes] = sys.stdin.buffer
         total = 0
     else:
@@ -172,15 +181,19 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
         else:
             counts = rate_stream(rater, source, out, wallet_out, now)
         out.flush()
+        if wallet_out is not None:
+            wallet_out.flush()  # here, where a full disk is reported, not in close() below
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except OSError as exc:  # a full disk, a closed descriptor...
-        _fail(f"error: writing the output: {exc.strerror or exc}", 1)
+        also = f" or --wallet-events {wallet_path}" if wallet_out is not None else ""
+        _fail(f"error: writing the output{also}: {exc.strerror or exc}", 1)
     finally:
         if wallet_out is not None:
-            wallet_out.close()
-        if source is not sys.stdin.buffer:
+            with contextlib.suppress(OSError):  # a failed write: reported above
+                wallet_out.close()
+        if events_path != "-":
             source.close()
     click.echo(
         f"rated {counts['rated']}, rejected {counts['rejected']}, duplicate {counts['duplicate']}",
@@ -386,7 +399,8 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     from confluent_kafka import KafkaException
 
     from metering import kafka_io
-    from rating.money import MoneyError, format_micros, parse_micros
+    from rating.money import MAX_CHARGE_MICROS, MoneyError, format_micros, parse_micros
+    from rating.shown import shown
     from wallet_debiter.redis_store import RedisWalletStore, connect
 
     settings = _settings()
@@ -410,6 +424,9 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
         micros = parse_micros(amount)
     except MoneyError as exc:
         _fail(f"error: amount: {exc}")
+    if abs(micros) > MAX_CHARGE_MICROS:  # no wallet holds it (and hiredis crashes packing 4 300+ digits)
+        _fail(f"error: amount: {shown(amount)} is beyond +-{format_micros(MAX_CHARGE_MICROS)}, the most a wallet "
+              "holds exactly; nothing applied")
     if kind != "adjustment" and micros <= 0:
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
     if micros == 0:

@@ -18,6 +18,7 @@ from schemas.messages import OfflineLine, OfflineWalletEvent
 from schemas.records import WalletEvent
 
 BATCH_LINES = 4096
+_BOM = b"\xef\xbb\xbf"
 assert ROW_FIELDS[15] == "balance_after" and ROW_FIELDS[14] == "charge"
 
 
@@ -76,6 +77,8 @@ def _batches(lines: IO[bytes] | Iterable[bytes], size: int,
     batch: list[tuple[bytes, str]] = []
     cut: dict[int, int] = {}
     for n, (raw, length) in enumerate(_read_lines(lines, limit), start=1):
+        if n == 1 and raw.startswith(_BOM):  # a UTF-8 byte order mark (Windows editors) is not the event's
+            raw, length = raw[len(_BOM):], length - len(_BOM)
         if length != len(raw):
             cut[len(batch)] = length
         batch.append((raw, f"line:{n}"))

@@ -527,6 +527,9 @@ def _validate(data: Any, source: str) -> Catalog:
         if not isinstance(allow_premium, bool):
             errs.add(f"{path}.allow_premium", f"expected true or false, got {shown(allow_premium)}")
         fee = _price(errs, f"{path}.monthly_fee", spec.get("monthly_fee", "0"))
+        if fee > MAX_CHARGE_MICROS * PICO_PER_MICRO:  # charged to the wallet like one event's charge
+            errs.add(f"{path}.monthly_fee", f"at most {format_micros(MAX_CHARGE_MICROS)}, got "
+                                            f"{shown(spec.get('monthly_fee'))}")
         plans[name] = Plan(
             plan_id=name,
             monthly_fee_pico=fee,

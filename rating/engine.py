@@ -483,7 +483,7 @@ class Pricer:
             except msgspec.ValidationError as exc:
                 append(rejected_row(raw, source, _validation_rejection(str(exc))))
             except msgspec.DecodeError as exc:
-                detail = "empty message" if not raw else str(exc)
+                detail = "empty message" if not raw.strip(b" \t\r\n") else str(exc)  # msgspec: "truncated"
                 append(rejected_row(raw, source, Rejection("invalid_json", detail)))
             except UnicodeDecodeError as exc:
                 append(rejected_row(raw, source, Rejection("invalid_json", f"invalid UTF-8 at byte {exc.start}")))

@@ -273,6 +273,12 @@ def test_bad_input_is_400(env: Env) -> None:
             ({"to": US_FIXED, "reservation_id": "x" * 129}, "reservation_id"),
             ({"to": US_FIXED, "reservation_id": 7}, "reservation_id"),
             ({"to": US_FIXED, "max_duration": 60}, "max_duration"),
+            # numbers past what msgspec holds: its error said "expected a JSON object" with no field
+            (b'{"to": "+12025550123", "max_duration_s": 1e400}', "max_duration_s"),
+            (b'{"to": "+12025550123", "max_duration_s": -' + b"9" * 5000 + b"}", "max_duration_s"),
+            (b'{"to": 1e400}', "to"),
+            (b'{"to": "+12025550123", "reservation_id": 1e999}', "reservation_id"),
+            (b'{"to": "+12025550123", "extra": [1e400]}', "extra"),
         ]
         for payload, field in cases:
             if isinstance(payload, bytes):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rating.accounts import AccountsError, load_accounts, parse_accounts
 from rating.catalog import CatalogError, PrefixTable, load_catalog, parse_catalog
@@ -483,3 +487,75 @@ def test_check_warns_of_zone_and_package_countries_no_destination_has() -> None:
     assert europe.endswith("covers DE, ES, FR, GB, IT, NL; warning: no destination in ES, FR, IT, NL")
     us = next(line for line in lines if line.startswith("package us-domestic:"))
     assert "warning" not in us
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        out.extend(_paths(child, (*path, key)))
+    return out
+
+
+def _replaced(data: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """A deep copy of `data` with the value at `path` replaced (_DROP: removed)."""
+    if not path:
+        return value
+    data = copy.deepcopy(data)
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is _DROP:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return data
+
+
+_DROP = object()
+_ODD = st.one_of(
+    st.sampled_from([_DROP, None, True, 0, -1, 1.5, float("nan"), float("inf"), 10**40, "", "x", "NaN", "-0", "1e5",
+                     "0.0000001", "1" * 50, [], {}, [None], [[]], {"x": None}, "zone:", "zone:nope", "unlimited",
+                     "\u0661", date(2026, 1, 1), b"x"]),
+    st.integers(), st.text(max_size=8), st.lists(st.text(max_size=3), max_size=2),
+)
+_ACCOUNTS = {"accounts": [account("a1"), account("a2", plan="business", billing="postpaid", credit_limit="50.00",
+                                                 auto_topup={"threshold": "5", "amount": "20"}, low_balance_alert="3")]}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_value_anywhere_in_a_catalog_or_accounts_is_accepted_or_refused_naming_its_path(data: st.DataObject) -> None:
+    """Fuzz: a wrong type, number or shape at any path (or the key removed) is a CatalogError /
+    AccountsError whose errors name that path's section, never another exception."""
+    good = catalog_dict()
+    path = data.draw(st.sampled_from(_paths(good)))
+    value = data.draw(_ODD)
+    try:
+        parse_catalog(_replaced(good, path, value), "test.yaml")
+    except CatalogError as exc:
+        assert exc.errors, (path, value)
+        if path and value is not _DROP:  # (removing a rate table or package is named where it is used)
+            assert any(str(path[0]) in e for e in exc.errors), (path, value, exc.errors)
+    catalog = parse_catalog(good)
+    path = data.draw(st.sampled_from(_paths(_ACCOUNTS)))
+    try:
+        parse_accounts(_replaced(_ACCOUNTS, path, value), catalog, "accounts.yaml")
+    except AccountsError as exc:
+        assert exc.errors, (path, value)
+        if len(path) >= 3:  # accounts[i].field
+            assert any(f"accounts[{path[1]}]" in e for e in exc.errors), (path, value, exc.errors)
+
+
+def test_a_monthly_fee_beyond_what_a_wallet_holds_is_refused() -> None:
+    """monthly_fee had no bound: `fees charge` then died on a traceback (BalanceOutOfRange) for a
+    30-digit fee, and of SIGSEGV (hiredis packing the integer) for one of 5 000 digits."""
+    for fee in ("1000000000.000001", "9" * 30, "9" * 5000):
+        data = catalog_dict()
+        data["plans"]["starter"]["monthly_fee"] = fee
+        errors = _errors(data)
+        assert len(errors) == 1 and errors[0].startswith("plans.starter.monthly_fee: at most 1000000000.000000"), errors
+        assert len(errors[0]) < 200
+    data = catalog_dict()
+    data["plans"]["starter"]["monthly_fee"] = "1000000000"
+    assert parse_catalog(data).plans["starter"].monthly_fee_pico == 10**21

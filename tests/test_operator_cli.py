@@ -65,6 +65,9 @@ def test_credit_mistakes_are_refused_in_one_line_and_change_nothing(op: dict[str
     _refused(op, "accounts", "credit", account, "5", "--reference", "   ", needle="--reference")
     # beyond what Redis (doubles) and ClickHouse (Decimal(18, 6)) hold exactly: rounded before
     _refused(op, "accounts", "credit", account, "99999999999.000001", "--reference", "big", needle="beyond")
+    # over 4 300 digits: hiredis crashed the process (SIGSEGV, exit -11) packing the integer for Redis
+    _refused(op, "accounts", "credit", account, "9" * 5000, "--type", "adjustment", "--reference", "huge",
+             needle="beyond")
     _cli(op, "accounts", "credit", account, "600000000", "--reference", "big-1")
     _refused(op, "accounts", "credit", account, "600000000", "--reference", "big-2", needle="beyond")
     assert store.balances([account])[account] == before + 600_000_000_000_000

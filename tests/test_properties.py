@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from fractions import Fraction
 from math import ceil
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -212,3 +214,49 @@ def test_a_dedupe_entry_comes_back_exactly_as_stored(fp: int, source: str, cover
     assert seq == (1 if charge else 0)  # the wallet's first balance change
     priors, _, _ = store.lookup([("a", "e1"), ("a", "e2")], [])
     assert priors == [Prior(fp, source, outcome, balance, bits, seq), None]
+
+
+SPEC_REASONS = {"invalid_json", "invalid_field", "unknown_kind", "unknown_account", "unknown_destination", "no_rate",
+                "unknown_meter", "future_timestamp"}
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
+    st.text(max_size=140), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.none(), max_size=2),
+    st.sampled_from(["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", "2026-06-30T23:59:60Z", "x" * 129,
+                     "+1234567890123456", "+4420\n", "\u0664\u0664", 86_400, 86_401, 255, 256, 0, -0.0, 1e-30, 1e30]),
+)
+_RAW_TOKENS = st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-0", b"9" * 5000, b"[" * 2000 + b"]" * 2000,
+                               b'"\\ud800"', b"01", b"1."])
+_VALID = {
+    "call": {"kind": "call", "event_id": "e1", "account_id": "a-us", "direction": "outbound", "from": "+15550001111",
+             "to": "+442071234567", "started_at": "2026-11-19T10:00:00Z", "duration_s": 61, "reservation_id": None},
+    "sms": {"kind": "sms", "event_id": "e1", "account_id": "a-us", "direction": "outbound", "from": "+15550001111",
+            "to": "+442071234567", "sent_at": "2026-11-19T10:00:00+01:00", "segments": 2},
+    "meter": {"kind": "meter", "event_id": "e1", "account_id": "a-us", "meter": "llm_tokens", "quantity": 1500,
+              "at": "2026-11-19T10:00:00Z"},
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(_VALID)), st.data())
+def test_an_event_with_one_field_mutated_is_one_row_rated_or_rejected_naming_the_field(kind: str, data: st.DataObject) -> None:
+    """Fuzz: a valid event with one field replaced (another type, a huge or negative number, an
+    out-of-range time, a bad token, deep nesting) or removed gives exactly one row, never an
+    exception: rated, or rejected with a SPEC reason whose detail names the field."""
+    doc = dict(_VALID[kind])
+    field = data.draw(st.sampled_from(sorted(doc)))
+    how = data.draw(st.sampled_from(["value", "token", "drop"]))
+    if how == "drop":
+        del doc[field]
+        raw = msgspec.json.encode(doc)
+    elif how == "token":
+        doc[field] = "@@"
+        raw = msgspec.json.encode(doc).replace(b'"@@"', data.draw(_RAW_TOKENS))
+    else:
+        doc[field] = data.draw(_ODD_VALUES)
+        raw = json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    (rec,) = make_rater(ACCOUNTS).rate_batch([(raw, "line:1")], NOW).records()
+    assert rec.status in ("rated", "rejected"), rec
+    if rec.status == "rejected":
+        assert rec.reason in SPEC_REASONS and rec.detail, rec
+        if rec.reason != "invalid_json" and field not in ("kind", "reservation_id"):
+            assert rec.detail.startswith(f"{field}:"), (field, rec)

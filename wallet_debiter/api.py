@@ -289,6 +289,14 @@ def _hold_doc(rid: str, hold: Hold) -> dict[str, Any]:
     }
 
 
+def _int_or_inf(text: str) -> int | float:
+    """A JSON integer; one too long for int() (over 4 300 digits) as +-inf, out of range alike."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; anything else is a 400 naming the problem (413
     for a body over the size limit, raised by aiohttp and answered by `_observe`)."""
@@ -301,6 +309,14 @@ async def _body(request: web.Request) -> dict[str, Any]:
                        close=True) from None
     try:
         doc = msgspec.json.decode(raw)
+    except msgspec.ValidationError as exc:
+        # A number past what msgspec holds (1e400, an integer of 5 000 digits): its error names
+        # no key (`$[...]`). Python's reader takes them (as +-inf), so the field checks below
+        # refuse the value naming its field.
+        try:
+            doc = json.loads(raw, parse_int=_int_or_inf)
+        except (ValueError, RecursionError):
+            raise bad_request(None, f"body: expected a JSON object ({exc})") from None
     except msgspec.DecodeError as exc:
         raise bad_request(None, f"body: expected a JSON object ({exc})") from None
     except UnicodeDecodeError:  # msgspec decodes string contents as UTF-8 and lets this through
