@@ -15,6 +15,9 @@ import yaml
 YAMLError = yaml.YAMLError
 _BASE: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# Levels of nesting refused (a catalog has 6). libyaml's composer recurses on the C stack:
+# ~30 000 levels (a 60 KB line of "[") killed the process with SIGSEGV, not an error.
+MAX_DEPTH = 100
 
 
 class _Loader(_BASE):  # type: ignore[valid-type,misc]
@@ -28,6 +31,20 @@ class _Loader(_BASE):  # type: ignore[valid-type,misc]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._checked_nodes: set[int] = set()
+        self._depth = 0
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        # Called by the composer (C or Python) on entering every node, ascend_resolver on leaving it.
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                "while composing a node", getattr(current_node, "start_mark", None),
+                f"found more than {MAX_DEPTH} levels of nesting", None)
+        super().descend_resolver(current_node, current_index)
+
+    def ascend_resolver(self) -> None:
+        self._depth -= 1
+        super().ascend_resolver()
 
     def _check_keys(self, node: yaml.MappingNode) -> None:
         """Refuse complex and repeated keys among those *written* in this mapping. Runs once per

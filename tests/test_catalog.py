@@ -559,3 +559,26 @@ def test_a_monthly_fee_beyond_what_a_wallet_holds_is_refused() -> None:
     data = catalog_dict()
     data["plans"]["starter"]["monthly_fee"] = "1000000000"
     assert parse_catalog(data).plans["starter"].monthly_fee_pico == 10**21
+
+
+def test_yaml_nested_beyond_the_limit_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """libyaml's composer recurses on the C stack: a catalog or accounts file nested ~30 000
+    deep (a line of "[" or of "- ") killed `catalog check`, `metering rate`, and the dialer API
+    on its catalog reload, with SIGSEGV (exit -11, no message)."""
+    deep = tmp_path / "deep.yaml"
+    for body in ("version: " + "[" * 100_000 + "]" * 100_000, "version: " + "{a: " * 50_000 + "1" + "}" * 50_000):
+        deep.write_text(body, encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "metering.cli", "catalog", "check", str(deep)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
+        assert "found more than 100 levels of nesting" in proc.stderr and f'in "{deep}", line 1' in proc.stderr
+    accounts = tmp_path / "accounts.yaml"
+    accounts.write_text("accounts:\n  - " + "- " * 50_000 + "x\n", encoding="utf-8")
+    with pytest.raises(AccountsError) as info:
+        load_accounts(accounts, load_catalog(ROOT / "tests/data/spec_catalog.yaml"))
+    assert "found more than 100 levels of nesting" in info.value.errors[0]
+    # 99 levels under `version:` are read (and refused for what they are)
+    deep.write_text("version: " + "[" * 98 + "]" * 98, encoding="utf-8")
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(deep)
+    assert caught.value.errors[0].startswith("version: expected a non-empty string"), caught.value.errors
