@@ -498,7 +498,10 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     done = charge_fees(settings, store, producer, catalog, on, lambda text: click.echo(text, err=True))
     kafka_io.flush(producer)
     click.echo(f"fees: {done.charged} accounts charged {format_micros(done.total)} in all, {done.replayed} already "
-               f"charged for their period, {done.skipped} without a fee")
+               f"charged for their period, {done.skipped} without a fee"
+               + (f", {done.refused} refused (see above)" if done.refused else ""))
+    if done.refused:
+        sys.exit(1)
 
 
 @main.command("serve-api")

@@ -21,7 +21,7 @@ from rating.money import PICO_PER_MICRO, div_half_up, format_micros
 from rating.periods import period_start
 from rating.wallet import BALANCE_EVENTS
 from schemas.messages import MovementOut, WalletEventOut
-from wallet_debiter.redis_store import RedisWalletStore
+from wallet_debiter.redis_store import BalanceOutOfRange, RedisWalletStore
 
 _encode = msgspec.json.Encoder().encode
 
@@ -68,6 +68,7 @@ class FeesCharged(NamedTuple):
     total: int  # micros charged now
     replayed: int  # accounts already charged for that period
     skipped: int  # plans without a fee, or missing from the catalog
+    refused: int = 0  # the fee would take the balance beyond what a wallet holds exactly
 
 
 def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, catalog: Catalog, on: datetime,
@@ -79,7 +80,7 @@ def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, cata
     plan's fee starts with the next period). A fee is a negative `adjustment` (the analyst
     views count it as recurring) and follows the wallet rules of a debit (block, top-up
     request, alert)."""
-    charged = replayed = skipped = total = 0
+    charged = replayed = skipped = refused = total = 0
     for account_id, account in sorted(store.load_accounts().items()):
         plan = catalog.plans.get(account.plan_id)
         if plan is None:
@@ -91,10 +92,16 @@ def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, cata
             skipped += 1
             continue
         period = period_start(on, account.period_anchor_day).isoformat()
-        if apply_credit(settings, store, producer, account_id, -fee, "adjustment",
-                        f"fee:{period}:{plan.plan_id}", once_prefix=f"fee:{period}:").replayed:
+        try:
+            applied = apply_credit(settings, store, producer, account_id, -fee, "adjustment",
+                                   f"fee:{period}:{plan.plan_id}", once_prefix=f"fee:{period}:")
+        except BalanceOutOfRange as exc:  # one wallet at its limit must not stop the others' fees
+            warn(f"error: fee {format_micros(fee)} of plan {plan.plan_id!r} not charged: {exc}")
+            refused += 1
+            continue
+        if applied.replayed:
             replayed += 1
         else:
             charged += 1
             total += fee
-    return FeesCharged(charged, total, replayed, skipped)
+    return FeesCharged(charged, total, replayed, skipped, refused)

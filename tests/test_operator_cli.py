@@ -165,6 +165,29 @@ def test_fees_for_a_period_before_1970_are_refused_and_charge_nothing(op: dict[s
     assert store.credit_record(account, "fee:1970-01-01:starter") is not None
 
 
+def test_a_fee_beyond_what_a_wallet_holds_is_refused_for_that_account_and_named(op: dict[str, str],
+                                                                               tmp_path: Path) -> None:
+    """`fees charge` on a wallet already near -1 000 000 000 ended in a BalanceOutOfRange
+    traceback (exit 1, no summary; the accounts after it in the run were not charged). Now that
+    account's fee is refused in a line naming it, the others are charged, and the exit is 1."""
+    account, other = op["ACCOUNT"], f"{op['ACCOUNT']}-b"  # the other sorts after it: charged after
+    (tmp_path / "other.yaml").write_text(
+        f'accounts:\n  - {{id: "{other}", plan: "starter", home_country: "US", billing: "prepaid", '
+        'balance: "50.00", period_anchor_day: 1}\n')
+    _cli(op, "accounts", "import", str(tmp_path / "other.yaml"))
+    store = RedisWalletStore(connect(op["METERING_REDIS_URL"]))
+    _cli(op, "accounts", "credit", account, "-999999999", "--type", "adjustment", "--reference", "near-floor")
+    before = store.balances([account])[account]
+    assert before == 10_000_000 - 999_999_999_000_000
+    proc = _cli(op, "fees", "charge", "--on", "2026-11-02", code=1)
+    assert f"error: fee 19.000000 of plan 'starter' not charged: {account}: a change of -19.000000 would take " \
+           "the balance beyond +-1000000000.000000" in proc.stderr, proc.stderr
+    assert "refused (see above)" in proc.stdout, proc.stdout
+    assert store.balances([account])[account] == before
+    assert store.credit_record(account, "fee:2026-11-01:starter") is None
+    assert store.balances([other])[other] == 50_000_000 - 19_000_000
+
+
 def test_setup_asked_for_another_partition_count_than_the_topics_have_is_refused(op: dict[str, str]) -> None:
     """`metering setup --partitions 8` (or METERING_PARTITIONS=8) on topics that exist with 4:
     before, it printed `topics created: none (all exist)` and exit 0 with the topics unchanged,
