@@ -582,3 +582,18 @@ def test_yaml_nested_beyond_the_limit_is_refused_not_a_crash(tmp_path: Path) -> 
     with pytest.raises(CatalogError) as caught:
         load_catalog(deep)
     assert caught.value.errors[0].startswith("version: expected a non-empty string"), caught.value.errors
+
+
+def test_account_billing_defaults_to_the_plan_and_an_explicit_value_wins() -> None:
+    # README "Choices where SPEC is silent": SPEC lists `billing` both on plans and on
+    # accounts.yaml without saying which wins.
+    cat = parse_catalog(catalog_dict())
+    bare = {"id": "b1", "plan": "business", "home_country": "US"}
+    accs = parse_accounts({"accounts": [
+        bare, account("b2", plan="business", billing="prepaid"), account("s1", billing="postpaid"),
+    ]}, cat)
+    assert accs["b1"].billing == "postpaid"  # the business plan's billing
+    assert accs["b2"].billing == "prepaid"  # explicit account value wins over the plan's
+    assert accs["s1"].billing == "postpaid"
+    assert (accs["b1"].balance, accs["b1"].period_anchor_day) == (0, 1)
+    assert (accs["b1"].topup_threshold, accs["b1"].low_balance_alert, accs["b1"].credit_limit) == (None, None, None)
