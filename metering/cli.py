@@ -46,7 +46,7 @@ def _service_error(exc: BaseException) -> str | None:
     else (a bug keeps its traceback)."""
     import redis
     from clickhouse_connect.driver.exceptions import ClickHouseError
-    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import KafkaException
 
     from metering.local_services import endpoints
     from metering.storage.clickhouse_sink import ClickHouseConfigError
@@ -63,10 +63,21 @@ def _service_error(exc: BaseException) -> str | None:
         hint = " (create it with `metering setup`)" if "UNKNOWN_DATABASE" in first or "UNKNOWN_TABLE" in first else ""
         return f"error: clickhouse {ep.clickhouse_dsn}: {first}{hint}"
     if isinstance(exc, KafkaException):
-        err = exc.args[0] if exc.args else None
-        text = err.str() if isinstance(err, KafkaError) else str(exc)
-        return f"error: kafka {ep.kafka_bootstrap}: {text}"
+        return f"error: kafka {ep.kafka_bootstrap}: {_kafka_text(exc)}"
     return None
+
+
+def _kafka_text(exc: BaseException) -> str:
+    """librdkafka's own text of a KafkaException (`Broker: Unknown topic or partition`), with
+    what to do when the topics are missing."""
+    from confluent_kafka import KafkaError
+
+    err = exc.args[0] if exc.args else None
+    if not isinstance(err, KafkaError):
+        return str(exc)
+    if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+        return f"{err.str()}: create the topics with `metering setup`"
+    return err.str()
 
 
 class _Main(click.Group):
@@ -117,14 +128,14 @@ def _parse_now(value: str | None) -> datetime:
     try:
         now = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"expected an RFC 3339 timestamp, got {value!r}", param_hint="--now") from None
+        raise click.BadParameter(f"expected an RFC 3339 timestamp, got {value!r}", param_hint="'--now'") from None
     if now.tzinfo is None:
-        raise click.BadParameter("the timestamp needs an offset, e.g. 2026-11-23T12:00:00Z", param_hint="--now")
+        raise click.BadParameter("the timestamp needs an offset, e.g. 2026-11-23T12:00:00Z", param_hint="'--now'")
     try:
         _ = now + FUTURE_SLACK  # the engine's future_timestamp limit (near the end of year 9999: none)
     except OverflowError:
         raise click.BadParameter(f"{value!r} is too late: 24 h after it (the future_timestamp limit) "
-                                 "is past year 9999", param_hint="--now") from None
+                                 "is past year 9999", param_hint="'--now'") from None
     return now
 
 
@@ -203,10 +214,15 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
 
 # ---------------------------------------------------------------------------- live pipeline
 
+# the option that overrides a setting, named when its value is refused
+_OPTIONS = {"catalog_path": "--catalog", "accounts_path": "--accounts", "api_host": "--host", "api_port": "--port",
+            "hold_ttl_s": "--hold-ttl", "metrics_port": "--metrics-port", "partitions": "--partitions"}
+
+
 def _settings(**overrides: Any) -> Settings:
     from metering.config import Settings
 
-    return Settings.from_env(None, **overrides)
+    return Settings.from_env(None, options=_OPTIONS, **overrides)
 
 
 @main.command("setup")
@@ -286,6 +302,14 @@ def _stop_on_signals() -> threading.Event:
     return event
 
 
+def _default_signals() -> None:
+    """SIGTERM and SIGINT back to Python's defaults (after _stop_on_signals)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @main.command("worker")
 @click.argument("stage", type=click.Choice(["rating", "debit", "sink", "alerts"]))
 @click.option("--until-idle", type=click.FloatRange(min=0, min_open=True),
@@ -326,6 +350,7 @@ def accounts_import(file: str, catalog_path: str | None) -> None:
     existing wallet's block flag follows its new billing / credit_limit (then `blocked` or
     `unblocked` goes to wallet.events)."""
     import msgspec
+    from confluent_kafka import KafkaException
 
     from metering import kafka_io
     from metering.workers.common import OPERATOR_HEADER
@@ -339,14 +364,21 @@ def accounts_import(file: str, catalog_path: str | None) -> None:
     result = store.import_wallets(accs.values())
     if result.block_changes:  # new billing / credit_limit moved an existing wallet's block flag
         at = datetime.now(UTC)
-        producer = kafka_io.make_producer(settings)
+        delivery = kafka_io.DeliveryCheck()
+        producer = kafka_io.make_producer(settings, on_delivery=delivery)
         enc = msgspec.json.Encoder()
         for change in result.block_changes:
             producer.produce(settings.topics.wallet_events, key=change.account_id.encode(), value=enc.encode(
                 WalletEventOut(type=change.kind, account_id=change.account_id,
                                event_id=f"import:{change.account_id}:{at.isoformat()}",
                                balance=format_micros(change.balance), at=at)), headers=[OPERATOR_HEADER])
-        kafka_io.flush(producer)
+        try:
+            kafka_io.flush(producer, delivery=delivery)
+        except KafkaException as exc:  # imported: a re-run finds the flags set and sends nothing
+            _fail(f"error: accounts: {result.new} created, {result.updated} updated in Redis, but the wallet "
+                  f"events of their block changes ({', '.join(f'{c.account_id} {c.kind}' for c in result.block_changes)}"
+                  f") were not published to Kafka {settings.kafka_bootstrap} ({_kafka_text(exc)}); a re-run "
+                  f"will not send them again (the flags are already set)", 1)
     changed = "".join(f", {c.account_id} {c.kind}" for c in result.block_changes)
     click.echo(f"accounts: {result.new} created, {result.updated} updated (balances of existing wallets "
                f"kept){changed}")
@@ -431,7 +463,8 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
         _fail("error: amount: a credit or top-up must be > 0 (use --type adjustment to take money)")
     if micros == 0:
         _fail("error: amount: an adjustment of 0 changes nothing")
-    producer = kafka_io.make_producer(settings)
+    delivery = kafka_io.DeliveryCheck()  # a message the broker refuses (no such topic) is not a success
+    producer = kafka_io.make_producer(settings, on_delivery=delivery)
     from metering.wallet_ops import apply_credit
     from wallet_debiter.redis_store import BalanceOutOfRange
 
@@ -441,10 +474,10 @@ def accounts_credit(account_id: str, amount: str | None, kind: str, reference: s
     except BalanceOutOfRange as exc:
         _fail(f"error: amount: {exc}")
     try:
-        kafka_io.flush(producer)
+        kafka_io.flush(producer, delivery=delivery)
     except KafkaException as exc:
         _fail(f"error: {account_id}: the {record_kind} is applied in Redis (balance {format_micros(balance)}) but "
-              f"its movement was not published to Kafka {settings.kafka_bootstrap} ({exc.args[0].str()}): run the "
+              f"its movement was not published to Kafka {settings.kafka_bootstrap} ({_kafka_text(exc)}): run the "
               f"same command again once Kafka is back; the reference keeps it from being applied twice", 1)
     if not replayed:
         click.echo(f"{account_id}: {kind} {format_micros(micros)}, balance {format_micros(balance)}")
@@ -474,6 +507,8 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     postpaid one past its credit_limit) is blocked and `blocked` goes to wallet.events. Plans
     without a fee are skipped. A --on day after today warns: that period is charged ahead; one
     before 1970-01-28 is refused (a period before 1970 cannot be stored in ClickHouse)."""
+    from confluent_kafka import KafkaException
+
     from metering import kafka_io
     from metering.wallet_ops import charge_fees
     from rating.money import format_micros
@@ -494,9 +529,22 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     except CatalogError as exc:
         _fail(f"error: {exc}")
     store = RedisWalletStore(connect(settings.redis_url))
-    producer = kafka_io.make_producer(settings)
-    done = charge_fees(settings, store, producer, catalog, on, lambda text: click.echo(text, err=True))
-    kafka_io.flush(producer)
+    delivery = kafka_io.DeliveryCheck()
+    producer = kafka_io.make_producer(settings, on_delivery=delivery)
+    stop = _stop_on_signals()  # SIGTERM / Ctrl-C: finish the account in hand, send what was charged
+    done = charge_fees(settings, store, producer, catalog, on, lambda text: click.echo(text, err=True), stop)
+    _default_signals()  # a Ctrl-C while the flush waits for Kafka ends the wait
+    try:
+        kafka_io.flush(producer, delivery=delivery)
+    except KafkaException as exc:  # the fees are charged: a re-run re-sends their movements, charges nothing
+        _fail(f"error: fees: {done.charged} accounts charged {format_micros(done.total)} in Redis now "
+              f"({done.replayed} earlier), but their movements were not all published to Kafka "
+              f"{settings.kafka_bootstrap} ({_kafka_text(exc)}): run the same command (same --on) again once "
+              f"Kafka is back; each period's fee is charged once and its movement sent again", 1)
+    if done.stopped:
+        _fail(f"error: fees: stopped by a signal after {done.charged} accounts charged {format_micros(done.total)} "
+              f"({done.replayed} already charged, {done.skipped} without a fee); their movements are sent, the "
+              f"other accounts are not charged: run the same command (same --on) again to finish", 1)
     click.echo(f"fees: {done.charged} accounts charged {format_micros(done.total)} in all, {done.replayed} already "
                f"charged for their period, {done.skipped} without a fee"
                + (f", {done.refused} refused (see above)" if done.refused else ""))
@@ -636,8 +684,10 @@ class _Utf8Writer:
 
 
 @main.command("demo")
-@click.option("--seconds", type=float, default=60, show_default=True, help="How long traffic streams.")
-@click.option("--rate", type=float, default=3000, show_default=True, help="CDRs per second offered.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              help="How long traffic streams.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=3000, show_default=True,
+              help="CDRs per second offered.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--metrics-port", type=int, help="Metrics/health port (default METERING_METRICS_PORT or 9100; 0: none).")
 def demo(seconds: float, rate: float, seed: int, metrics_port: int | None) -> None:

@@ -7,6 +7,7 @@ Kubernetes ConfigMap configures them all the same way.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api_port": (1, 65_535),
     "hold_ttl_s": (1, 30 * 86_400),
 }
+
+
+def _range_errors(values: dict[str, Any], source: Callable[[str], str]) -> list[str]:
+    """One message per value of `values` outside its _RANGES, naming its `source(setting)`."""
+    errors = []
+    for name, value in values.items():
+        low, high = _RANGES[name]
+        if not low <= value <= high:
+            errors.append(f"{name}={value} ({source(name)}): expected {low:,} to {high:,}")
+    return errors
 
 
 def env_name(setting: str) -> str:
@@ -88,17 +99,23 @@ class Settings:
     hold_ttl_s: int = 7200  # grace after the longest call a hold allows
 
     def __post_init__(self) -> None:
-        errors = []
-        for name, (low, high) in _RANGES.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                errors.append(f"{name}={value} ({env_name(name)}): expected {low:,} to {high:,}")
+        errors = _range_errors({name: getattr(self, name) for name in _RANGES}, env_name)
         if errors:
             raise ConfigError("; ".join(errors))
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None, *, options: dict[str, str] | None = None,
+                 **overrides: Any) -> Settings:
+        """The settings from `env` (default os.environ), then `overrides` (not None: given on
+        the command line). An error names where a bad value came from: the variable, or for an
+        override the option `options` maps its setting to (`{"api_port": "--port"}`)."""
         env = dict(os.environ if env is None else env)
+        given = {k for k, v in overrides.items() if v is not None}
+
+        def source(setting: str) -> str:
+            if setting in given:
+                return (options or {}).get(setting, "--" + setting.replace("_", "-"))
+            return env_name(setting)
         ep = endpoints(env)
         values: dict[str, Any] = {
             "kafka_bootstrap": ep.kafka_bootstrap,
@@ -121,13 +138,10 @@ class Settings:
         if prefix:  # isolated topic sets on a shared broker (tests, staging)
             values["topics"] = Topics(*(prefix + getattr(Topics(), f.name) for f in fields(Topics)))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            settings = cls(**values)
-        except ConfigError as exc:
-            unreadable.append(str(exc))
+        unreadable += _range_errors({k: v for k, v in values.items() if k in _RANGES}, source)
         if unreadable:
             raise ConfigError("; ".join(unreadable))
-        return settings
+        return cls(**values)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -164,11 +164,16 @@ def produce(producer: Producer, topic: str, value: bytes, key: bytes | None,
             producer.poll(0.05)
 
 
-def flush(producer: Producer, timeout_s: float = 60.0) -> None:
-    """Wait for every queued message; raise if the broker did not take them all."""
+def flush(producer: Producer, timeout_s: float = 60.0, *, delivery: DeliveryCheck | None = None) -> None:
+    """Wait for every queued message; raise if the broker did not take them all, or (with the
+    `delivery` check the producer reports to, `make_producer(..., on_delivery=check)`) if it
+    refused one: a refused message (unknown topic, too large...) also leaves the queue, so the
+    count alone says nothing of it."""
     remaining = producer.flush(timeout_s)
     if remaining:
         raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} messages not delivered"))
+    if delivery is not None:
+        delivery.raise_if_failed()
 
 
 class DeliveryCheck:

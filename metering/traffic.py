@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,7 +54,7 @@ from typing import Any
 
 import msgspec
 
-from rating.yaml_text import parse_yaml
+from rating.yaml_text import YAMLError, parse_yaml
 
 __all__ = [
     "MALFORMED_KINDS",
@@ -822,32 +823,62 @@ def _parse_time(text: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text}")
+    return n
+
+
+def _share(text: str) -> float:
+    x = float(text)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text}")
+    return x
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m metering.traffic` writes JSON lines (one event per line) for `metering rate`."""
+    """`python -m metering.traffic` writes JSON lines (one event per line) for `metering rate`.
+    A file that cannot be read or written ends it with one `error:` line (exit 2); a reader
+    that leaves (`| head`) ends it quietly (exit 1), as `metering rate` does."""
     ap = argparse.ArgumentParser(description="Generate seeded usage events as JSON lines.")
     # the examples shipped with the project, wherever the command is run from
     examples = Path(__file__).resolve().parents[1] / "deploy/examples"
     ap.add_argument("--catalog", default=str(examples / "catalog.yaml"))
     ap.add_argument("--accounts", default=str(examples / "accounts.yaml"))
-    ap.add_argument("--count", type=int, default=10_000)
+    ap.add_argument("--count", type=_count, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start", type=_parse_time, default=None, help="RFC 3339; default: now - 1 day")
-    ap.add_argument("--duplicate-rate", type=float, default=0.0)
-    ap.add_argument("--malformed-rate", type=float, default=0.0)
+    ap.add_argument("--duplicate-rate", type=_share, default=0.0)
+    ap.add_argument("--malformed-rate", type=_share, default=0.0)
     ap.add_argument("--uniform", action="store_true", help="no Zipf skew between accounts")
     ap.add_argument("--out", default="-", help="output file (default stdout)")
     args = ap.parse_args(argv)
     start = args.start or (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
+    try:
+        catalog = load_catalog_dict(args.catalog)
+    except (OSError, ValueError, YAMLError) as exc:  # a UnicodeDecodeError is a ValueError
+        ap.exit(2, f"error: --catalog {args.catalog}: {getattr(exc, 'strerror', None) or exc}\n")
+    try:
+        accounts = load_accounts_list(args.accounts)
+    except (OSError, ValueError, YAMLError) as exc:
+        ap.exit(2, f"error: --accounts {args.accounts}: {getattr(exc, 'strerror', None) or exc}\n")
     events = generate_events(
-        load_catalog_dict(args.catalog), load_accounts_list(args.accounts), count=args.count,
-        seed=args.seed, start=start, duplicate_rate=args.duplicate_rate,
+        catalog, accounts, count=args.count, seed=args.seed, start=start, duplicate_rate=args.duplicate_rate,
         malformed_rate=args.malformed_rate, rate_per_account_skew=not args.uniform,
     )
-    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
+    try:
+        out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
+    except OSError as exc:
+        ap.exit(2, f"error: --out {args.out}: cannot write: {exc.strerror}\n")
     try:
         for _key, value in events:
             # a malformed body may contain a newline-free anything; JSON lines keep one per line
             out.write(value.replace(b"\n", b" ") + b"\n")
+        out.flush()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if out is not sys.stdout.buffer:
             out.close()

@@ -8,6 +8,7 @@ pipeline's sink writes them to ClickHouse). A replay re-sends both exactly as fi
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -69,19 +70,23 @@ class FeesCharged(NamedTuple):
     replayed: int  # accounts already charged for that period
     skipped: int  # plans without a fee, or missing from the catalog
     refused: int = 0  # the fee would take the balance beyond what a wallet holds exactly
+    stopped: bool = False  # `stop` was set: the accounts after the last one charged are not done
 
 
 def charge_fees(settings: Settings, store: RedisWalletStore, producer: Any, catalog: Catalog, on: datetime,
-                warn: Callable[[str], None]) -> FeesCharged:
+                warn: Callable[[str], None], stop: threading.Event | None = None) -> FeesCharged:
     """Charge every imported account its plan's monthly_fee for its billing period holding
     `on`, once per period: the reference is `fee:<period start>:<plan>`, and a fee already
     recorded for that period under any plan (`fee:<period start>:`) makes the run change
     nothing for the account (a plan change mid-period does not charge a second fee; the new
     plan's fee starts with the next period). A fee is a negative `adjustment` (the analyst
     views count it as recurring) and follows the wallet rules of a debit (block, top-up
-    request, alert)."""
+    request, alert). `stop` set (SIGTERM, Ctrl-C): returns after the account in hand, so
+    every fee applied has its movement produced (the caller flushes)."""
     charged = replayed = skipped = refused = total = 0
     for account_id, account in sorted(store.load_accounts().items()):
+        if stop is not None and stop.is_set():
+            return FeesCharged(charged, total, replayed, skipped, refused, stopped=True)
         plan = catalog.plans.get(account.plan_id)
         if plan is None:
             warn(f"warning: {account_id}: plan {account.plan_id!r} is not in catalog {catalog.version}; not charged")

@@ -75,7 +75,22 @@ def test_unreadable_and_out_of_range_settings_are_named_together() -> None:
 
 def test_bad_settings_end_the_command_with_exit_2() -> None:
     _one_line_error(_cli("run", METERING_BATCH_TIMEOUT_S="0"), 2, "METERING_BATCH_TIMEOUT_S")
-    _one_line_error(_cli("setup", "--partitions", "0"), 2, "METERING_PARTITIONS")
+    _one_line_error(_cli("setup", "--partitions", "0"), 2, "partitions=0 (--partitions)")
+
+
+def test_a_bad_option_value_is_named_by_its_option_not_by_a_variable_never_set() -> None:
+    """`serve-api --port 0` said `api_port=0 (METERING_API_PORT)`, `run --metrics-port 70000`
+    `(METERING_METRICS_PORT)`: the operator typed an option and was sent to a variable they
+    never set. A bad value is named by where it came from; `rate --now` names its option too."""
+    proc = _cli("serve-api", "--port", "0", "--hold-ttl", "0")
+    _one_line_error(proc, 2, "api_port=0 (--port): expected 1 to 65,535", "hold_ttl_s=0 (--hold-ttl)")
+    assert "METERING_API_PORT" not in proc.stderr and "METERING_HOLD_TTL_S" not in proc.stderr
+    proc = _cli("run", "--metrics-port", "70000", METERING_BATCH_SIZE="0")  # the variable's is named as such
+    _one_line_error(proc, 2, "metrics_port=70000 (--metrics-port)", "batch_size=0 (METERING_BATCH_SIZE)")
+    _one_line_error(_cli("serve-api", METERING_API_PORT="0"), 2, "api_port=0 (METERING_API_PORT)")
+    proc = _cli("rate", "--catalog", str(CATALOG), "--accounts", str(ROOT / "deploy/examples/accounts.yaml"),
+                "--events", "-", "--now", "yesterday")
+    assert proc.returncode == 2 and "Invalid value for '--now'" in proc.stderr, proc.stderr
 
 
 def test_a_missing_catalog_file_is_a_catalog_error_not_a_traceback() -> None:
@@ -104,6 +119,9 @@ def test_unreachable_services_are_named_in_one_line() -> None:
     assert _service_error(err) == (f"error: kafka {endpoints().kafka_bootstrap}: "
                                    "Failed to get metadata: Local: Broker transport failure")
     assert _service_error(KeyError("a bug")) is None  # anything else keeps its traceback
+    # `simulate` before `setup` (topics missing): says what to run
+    missing = _service_error(KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)))
+    assert missing is not None and missing.endswith("create the topics with `metering setup`"), missing
 
 
 def test_report_on_a_database_never_set_up_says_so(tmp_path: Path) -> None:
@@ -177,3 +195,13 @@ def test_more_settings_refused_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "starting local services" not in proc.stdout
     assert "nope.yaml: catalog refused" in proc.stderr
     _one_line_error(_cli("simulate", "--count", "1", METERING_ACCOUNTS=str(tmp_path / "nope.yaml")), 2, "nope.yaml")
+
+
+def test_demo_refuses_a_rate_or_duration_that_is_not_positive_before_starting_anything() -> None:
+    """`metering demo --rate -5` started the services, created topics, printed `streaming -10
+    call/SMS/meter attempts at -5/s`, died in its producer thread with a traceback
+    (`ValueError: count must be >= 0`) and still exit 0 with an empty summary."""
+    for args in (("--rate", "-5"), ("--rate", "0"), ("--seconds", "-1"), ("--seconds", "0")):
+        proc = _cli("demo", *args, timeout=30)
+        assert proc.returncode == 2 and f"Invalid value for '{args[0]}'" in proc.stderr, (args, proc.stderr)
+        assert "starting local services" not in proc.stdout and "Traceback" not in proc.stderr, args

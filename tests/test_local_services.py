@@ -163,3 +163,37 @@ def test_wipe_deletes_every_folder_the_project_writes_and_nothing_else(tmp_path:
     out = subprocess.run(["bash", script, "wipe"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(p.name for p in state.iterdir()) == ["clickhouse-old", "notes.txt"], out.stdout
+
+
+def test_usage_mistakes_exit_2_and_do_nothing_and_help_is_not_an_error(tmp_path: Path) -> None:
+    """`services.sh wipe kafka` (meaning: Kafka's state) deleted every state, the Redis wallets
+    and chDB included, and exit 0: wipe ignored the names after it. A name given to a command
+    that takes none, an unknown command or service is now a usage error (exit 2, saying what is
+    wrong) that touches nothing; `--help` prints the usage on stdout with exit 0 (was exit 1)."""
+    import os
+    import subprocess
+
+    state = tmp_path / "state"
+    (state / "redis").mkdir(parents=True)
+    (state / "redis" / "appendonly.aof").write_text("the wallets")
+    base = 47000 + uuid.uuid4().int % 3000 * 3
+    env = {**os.environ, "METERING_STATE_DIR": str(state), "METERING_KAFKA_PORT": str(base),
+           "METERING_REDIS_PORT": str(base + 1), "METERING_KFAKE_PORT": str(base + 2),
+           "METERING_REDIS_CLUSTER_PORTS": f"{base + 3} {base + 4} {base + 5}"}
+    script = str(Path(__file__).resolve().parents[1] / "deploy/local/services.sh")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    for args, needle in ((("wipe", "kafka"), "wipe takes no service name (got: kafka)"),
+                         (("wipe-redis-cluster", "redis"), "takes no service name"),
+                         (("env", "kafka"), "env takes no service name"),
+                         (("status", "zookeeper"), "unknown service 'zookeeper'"),
+                         (("strat", "kafka"), "unknown command 'strat'"),
+                         ((), "no command given")):
+        out = run(*args)
+        assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (args, out)
+        assert (state / "redis" / "appendonly.aof").read_text() == "the wallets", args
+    for flag in ("--help", "-h", "help"):
+        out = run(flag)
+        assert out.returncode == 0 and out.stdout.startswith("usage: "), (flag, out)

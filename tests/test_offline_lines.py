@@ -98,7 +98,7 @@ def test_a_now_at_the_end_of_time_is_refused_without_a_traceback(tmp_path: Path)
                           timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert "Invalid value for --now: '9999-12-31T23:59:59Z' is too late" in proc.stderr
+    assert "Invalid value for '--now': '9999-12-31T23:59:59Z' is too late" in proc.stderr
     proc = subprocess.run([*rate, "--now", "9999-12-30T00:00:00Z"], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr

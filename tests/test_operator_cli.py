@@ -205,3 +205,102 @@ def test_setup_asked_for_another_partition_count_than_the_topics_have_is_refused
     out = _cli(op, "setup").stdout
     assert f"{prefix}usage.events 4, " in out and f"{prefix}usage.priced 4" in out, out
     _cli({**op, "METERING_PARTITIONS": "4"}, "setup")  # the count they have: fine
+
+
+def test_credit_and_fees_whose_movements_kafka_refuses_fail_and_a_rerun_sends_them(op: dict[str, str]) -> None:
+    """A message the broker refuses (here: topics of a prefix `metering setup` never created)
+    leaves the producer's queue like a delivered one, and only the queue was checked: `accounts
+    credit` printed `credit 2.500000, balance ...` and `fees charge` `fees: N accounts charged`,
+    exit 0, while neither movement reached wallet.movements (nor ClickHouse). Now both exit 1
+    saying the money is applied in Redis and what to run; the same commands after `setup` send
+    the movements and charge nothing again."""
+    account = op["ACCOUNT"]
+    bare = {**op, "METERING_TOPIC_PREFIX": f"bare{uuid.uuid4().hex[:8]}.", "METERING_CLICKHOUSE_DSN":
+            op["METERING_CLICKHOUSE_DSN"] + "-bare"}
+    store = RedisWalletStore(connect(op["METERING_REDIS_URL"]))
+    before = store.balances([account])[account]
+    last = _cli(bare, "accounts", "credit", account, "2.50", "--reference", "pay-refused",
+                code=1).stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {account}: the credit is applied in Redis"), last
+    assert "Unknown topic or partition" in last and "metering setup" in last, last
+    last = _cli(bare, "fees", "charge", code=1).stderr.strip().splitlines()[-1]
+    assert last.startswith("error: fees: ") and "not all published" in last and "same --on" in last, last
+    assert store.balances([account])[account] == before + 2_500_000 - 19_000_000  # applied once each
+    _cli(bare, "setup")
+    assert "already applied" in _cli(bare, "accounts", "credit", account, "2.50", "--reference", "pay-refused").stdout
+    _cli(bare, "fees", "charge")
+    assert store.balances([account])[account] == before + 2_500_000 - 19_000_000  # nothing charged twice
+    _cli(bare, "run", "--until-idle", "0.5")
+    client = clickhouse_connect.get_client(dsn=bare["METERING_CLICKHOUSE_DSN"])
+    try:
+        rows = client.query("SELECT type, toString(amount) FROM metering.wallet_movements FINAL "
+                            "WHERE account_id = {a:String} ORDER BY seq", parameters={"a": account}).result_rows
+    finally:
+        client.close()
+    assert rows == [("credit", "2.5"), ("adjustment", "-19")], rows
+
+
+def test_fees_charge_stopped_by_sigterm_sends_every_fee_it_charged_and_a_rerun_finishes(op: dict[str, str],
+                                                                                       tmp_path: Path) -> None:
+    """SIGTERM (a Kubernetes Job's pod deleted, a cron timeout) killed `fees charge` at once:
+    the fees applied in Redis just before had their movements still in the producer's queue and
+    they were lost (the audit's run: 9 321 fees in Redis, 9 311 movements on wallet.movements),
+    exit 143 without a word. Now the run stops after the account in hand, sends the movement of
+    every fee it charged, says so (exit 1), and the same command again charges the rest."""
+    import signal
+    import time
+    from datetime import UTC, datetime
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from rating.periods import period_start
+
+    tag, n = op["ACCOUNT"] + "-f", 12_000
+    ids = [f"{tag}{i:05d}" for i in range(n)]
+    path = tmp_path / "many.yaml"
+    path.write_text("accounts:\n" + "".join(
+        f'  - {{id: "{a}", plan: starter, home_country: US, billing: prepaid, balance: "100", '
+        'period_anchor_day: 1}\n' for a in ids))
+    client = connect(op["METERING_REDIS_URL"])
+    reference = f"fee:{period_start(datetime.now(UTC), 1).isoformat()}:starter"
+    try:
+        _cli(op, "accounts", "import", str(path))
+        proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "fees", "charge"], env=op, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not client.hexists(f"c:{{{ids[0]}}}", reference) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (proc.returncode, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: fees: stopped by a signal after ") and "same command" in last, last
+        charged = {a for a in ids if client.hexists(f"c:{{{a}}}", reference)}
+        assert 0 < len(charged) < n, len(charged)
+
+        consumer = Consumer({"bootstrap.servers": op["METERING_KAFKA_BOOTSTRAP"], "group.id": f"check-{tag}",
+                             "enable.auto.commit": False})
+        topic = op["METERING_TOPIC_PREFIX"] + "wallet.movements"
+        sent: set[str] = set()
+        try:
+            for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                consumer.assign([TopicPartition(topic, p, lo)])
+                pos = lo
+                while pos < hi:
+                    for m in consumer.consume(10_000, timeout=5):
+                        assert not m.error(), m.error()
+                        pos = m.offset() + 1
+                        movement = json.loads(m.value())
+                        if movement["reference"] == reference and movement["account_id"].startswith(tag):
+                            sent.add(movement["account_id"])
+        finally:
+            consumer.close()
+        assert sent == charged, (len(sent), len(charged))  # every fee charged has its movement
+
+        _cli(op, "fees", "charge")
+        assert all(client.hexists(f"c:{{{a}}}", reference) for a in ids)
+        assert RedisWalletStore(client).balances(ids) == dict.fromkeys(ids, 81_000_000)  # 100 - 19, once each
+    finally:
+        client.srem("accounts", *ids)
+        client.delete(*(f"{k}:{{{a}}}" for a in ids for k in ("w", "c")))

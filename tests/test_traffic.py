@@ -612,3 +612,30 @@ def test_labels_agree_with_the_offline_rating_engine(tmp_path: Path, catalog: di
     want = ["rated" if label == LABEL_OK else label for _, _, label in events]
     mismatches = [(w, g, v[:200]) for w, g, (_, v, _) in zip(want, got, events, strict=True) if w != g]
     assert not mismatches, mismatches[:5]
+
+
+def test_the_generator_command_refuses_bad_input_in_one_line_and_leaves_a_closed_pipe_quietly(tmp_path: Path) -> None:
+    """`python -m metering.traffic` (README quick start) ended every operator mistake with a
+    Python traceback and exit 1: `--count -5` (ValueError: count must be >= 0), a missing
+    `--catalog` or `--out` folder (FileNotFoundError), and `| head -1` (BrokenPipeError)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "metering.traffic", *args], cwd=root, capture_output=True,
+                              timeout=120)
+
+    for args, needle in ((("--count", "-5"), "--count: expected a count >= 0"),
+                         (("--duplicate-rate", "2"), "--duplicate-rate: expected a share from 0 to 1"),
+                         (("--catalog", str(tmp_path / "nope.yaml")), f"error: --catalog {tmp_path}/nope.yaml: No such"),
+                         (("--accounts", str(tmp_path)), f"error: --accounts {tmp_path}: Is a directory"),
+                         (("--out", str(tmp_path / "no" / "x.jsonl")), "cannot write: No such file or directory")):
+        out = run("--count", "5", *args)  # the last --count given wins
+        err = out.stderr.decode()
+        assert out.returncode == 2 and needle in err and "Traceback" not in err, (args, err)
+    proc = subprocess.Popen([sys.executable, "-m", "metering.traffic", "--count", "200000"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b'{"event_id"')
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err

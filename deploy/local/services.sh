@@ -23,7 +23,10 @@
 #   METERING_KAFKA_HEAP  JVM heap flags       (default "-Xms256m -Xmx1g")
 #   METERING_START_TIMEOUT  seconds to wait for health (default 90)
 #   METERING_PYTHON      python with confluent_kafka for the health check
-# Exit codes: 0 ok; 1 error; 3 `status` found a requested service down.
+#   deploy/local/services.sh help       # this usage (also -h, --help)
+# Exit codes: 0 ok; 1 error; 2 usage (an unknown command or service, or a service named to
+# fetch|env|wipe|wipe-redis-cluster, which take none: `wipe kafka` deleted every state);
+# 3 `status` found a requested service down.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -573,14 +576,25 @@ wipe() {
   log "wiped state in $STATE_DIR (jar cache kept in $CACHE_DIR)"
 }
 
+USAGE="usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all ...] | fetch | env | wipe | wipe-redis-cluster"
+
+# A usage error: what is wrong, the usage line, exit 2 (nothing done).
 usage() {
-  echo "usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all ...] | fetch | env | wipe | wipe-redis-cluster" >&2
-  exit 1
+  printf '[services] ERROR: %s\n%s\n' "$1" "$USAGE" >&2
+  exit 2
 }
 
 main() {
   local cmd=${1:-} services=() s t rc=0
   shift || true
+  case $cmd in
+    -h | --help | help) echo "$USAGE"; return 0 ;;
+    start | stop | restart | status) ;;
+    fetch | env | wipe | wipe-redis-cluster) # these take no service: `wipe kafka` would delete every state
+      (($# == 0)) || usage "$cmd takes no service name (got: $*)" ;;
+    "") usage "no command given" ;;
+    *) usage "unknown command '$cmd'" ;;
+  esac
   (($# > 0)) || set -- all
   for t in "$@"; do # every service named, in order (`start kafka redis`)
     case $t in
@@ -589,7 +603,7 @@ main() {
       kafka | redis) services+=("$t") ;;
       redis-cluster) services+=(redis_cluster) ;;
       kfake) services+=(kfake) ;;
-      *) usage ;;
+      *) usage "unknown service '$t' (kafka, redis, redis-cluster, kfake or all)" ;;
     esac
   done
   case $cmd in
@@ -615,7 +629,6 @@ main() {
       ;;
     wipe) wipe ;;
     wipe-redis-cluster) wipe_redis_cluster ;;
-    *) usage ;;
   esac
 }
 
