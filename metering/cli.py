@@ -327,7 +327,7 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
 
         stats = run_alerts_worker(settings, until_idle_s=until_idle)  # serves /metrics, /readyz
         click.echo(f"alerts worker stopped: received {stats.received}, notified {stats.notified}, "
-                   f"duplicates dropped {stats.duplicates}, invalid {stats.invalid}")
+                   f"duplicates {stats.duplicates}, invalid {stats.invalid}")
         return
     cls = {"rating": split.RatingWorker, "debit": split.DebitWorker, "sink": split.SinkWorker}[stage]
     health = metrics.serve_metrics(settings.metrics_port)

@@ -194,3 +194,17 @@ def test_not_ready_until_the_table_is_recovered_and_metrics_count_each_outcome(
     finally:
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-4000:]
+
+
+def test_the_cli_worker_starts_in_a_state_dir_not_made_yet(env: dict[str, str], tmp_path: Path) -> None:
+    """`metering worker alerts` with METERING_STATE_DIR (default: <repo>/.state) not created yet
+    (a fresh clone, a container) failed at once: Faust's `mkdir` of `<state>/faust` has no
+    parents (FileNotFoundError in a JSON log line, exit 1). Its last stdout line printed
+    AlertStats' repr, monotonic clock values included; now the counts."""
+    state = tmp_path / "new" / "state"
+    proc = subprocess.run([sys.executable, "-m", "metering.cli", "worker", "alerts", "--until-idle", "3"],
+                          env={**env, "METERING_STATE_DIR": str(state)}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (state / "faust").is_dir()
+    assert proc.stdout.splitlines()[-1] == "alerts worker stopped: received 0, notified 0, duplicates 0, invalid 0"

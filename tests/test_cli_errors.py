@@ -205,3 +205,15 @@ def test_demo_refuses_a_rate_or_duration_that_is_not_positive_before_starting_an
         proc = _cli("demo", *args, timeout=30)
         assert proc.returncode == 2 and f"Invalid value for '{args[0]}'" in proc.stderr, (args, proc.stderr)
         assert "starting local services" not in proc.stdout and "Traceback" not in proc.stderr, args
+
+
+def test_worker_alerts_names_a_state_dir_it_cannot_use(tmp_path: Path) -> None:
+    """Faust makes its data folder at start with mkdir (no parents) inside the event loop: a
+    METERING_STATE_DIR it cannot use ended `worker alerts` with exit 1 and no `error:` line, the
+    reason only inside a JSON log line's traceback. Refused before the start now (exit 2)."""
+    (tmp_path / "a-file").write_text("")
+    proc = _cli("worker", "alerts", METERING_STATE_DIR=str(tmp_path / "a-file" / "state"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"error: worker alerts: cannot create its Faust data folder {tmp_path}/a-file/state/faust "
+                    "(METERING_STATE_DIR): Not a directory"), last

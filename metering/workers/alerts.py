@@ -38,7 +38,7 @@ import faust
 import msgspec
 
 from metering import metrics
-from metering.config import Settings
+from metering.config import ConfigError, Settings
 from metering.local_services import state_dir
 from metering.logs import log
 from schemas.messages import Notification, WalletEventOut
@@ -112,6 +112,12 @@ def make_app(settings: Settings, *, data_dir: str | Path | None = None,
     """
     app_id = f"{settings.group_prefix}-alerts"
     datadir = Path(data_dir) if data_dir else state_dir() / "faust"
+    try:  # Faust creates only the last folder, at start: a state dir not made yet stopped it (exit 1)
+        datadir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = "--data-dir" if data_dir else "METERING_STATE_DIR"
+        raise ConfigError(f"worker alerts: cannot create its Faust data folder {datadir} ({where}): "
+                          f"{exc.strerror or exc}") from None
     app = faust.App(
         app_id,
         broker=broker_urls(settings.kafka_bootstrap),
