@@ -287,8 +287,9 @@ def _run_or_fail(run: Callable[[], object]) -> None:
         _fail(f"error: {exc}", code=3)
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event SIGTERM and SIGINT set (the worker's stop)."""
+def _stop_on_signals(*, once: bool = False) -> threading.Event:
+    """An event SIGTERM and SIGINT set (the worker's stop). `once`: the first signal also puts
+    the defaults back, so a second one ends the process even if it waits on a hung service."""
     import signal
     import threading
 
@@ -296,6 +297,8 @@ def _stop_on_signals() -> threading.Event:
 
     def handler(signum: int, frame: object) -> None:  # noqa: ARG001
         event.set()
+        if once:
+            _default_signals()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -531,7 +534,7 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
     store = RedisWalletStore(connect(settings.redis_url))
     delivery = kafka_io.DeliveryCheck()
     producer = kafka_io.make_producer(settings, on_delivery=delivery)
-    stop = _stop_on_signals()  # SIGTERM / Ctrl-C: finish the account in hand, send what was charged
+    stop = _stop_on_signals(once=True)  # finish the account in hand, send what was charged; a 2nd: at once
     done = charge_fees(settings, store, producer, catalog, on, lambda text: click.echo(text, err=True), stop)
     _default_signals()  # a Ctrl-C while the flush waits for Kafka ends the wait
     try:
