@@ -524,7 +524,7 @@ def fees_charge(on: datetime, catalog_path: str | None) -> None:
         _fail(f"error: --on {day.isoformat()} is in billing periods starting as early as {earliest}, before "
               f"{FIRST_PERIOD_START}, the earliest period stored: nothing charged")
     if day > datetime.now(UTC).date():
-        click.echo(f"warning: --on {on.date().isoformat()} is after today (UTC): the periods holding it are "
+        click.echo(f"warning: --on {day.isoformat()} is after today (UTC): the periods holding it are "
                    "charged ahead of time", err=True)
     settings = _settings(catalog_path=catalog_path)
     try:

@@ -146,6 +146,10 @@ def test_fees_for_a_future_day_warn_that_they_charge_ahead(op: dict[str, str]) -
     assert f"warning: --on {ahead} is after today" in proc.stderr and "accounts charged" in proc.stdout
     today = datetime.now(UTC).date().isoformat()
     assert "is after today" not in _cli(op, "fees", "charge", "--on", today).stderr  # (other warnings: other tests' accounts)
+    # a timestamp is charged by its UTC day, and the warning names that day (it named the local one)
+    late = datetime.now(UTC).date() + timedelta(days=70)
+    proc = _cli(op, "fees", "charge", "--on", f"{late.isoformat()}T23:30:00-05:00")
+    assert f"warning: --on {(late + timedelta(days=1)).isoformat()} is after today" in proc.stderr, proc.stderr
 
 
 def test_fees_for_a_period_before_1970_are_refused_and_charge_nothing(op: dict[str, str]) -> None:
