@@ -217,3 +217,22 @@ def test_worker_alerts_names_a_state_dir_it_cannot_use(tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (f"error: worker alerts: cannot create its Faust data folder {tmp_path}/a-file/state/faust "
                     "(METERING_STATE_DIR): Not a directory"), last
+
+
+def test_ctrl_c_stops_setup_at_once_while_kafka_is_unreachable() -> None:
+    """`metering setup` with the broker down waits 30 s for metadata in one librdkafka call,
+    where Ctrl-C is not seen: it took ~27 s to stop. The wait is asked in 1 s slices now."""
+    import signal
+    import time
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env = {**base, "METERING_METRICS_PORT": "0", "METERING_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "setup"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # importing, then waiting for the broker
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=40)
+    assert time.monotonic() - sent < 5, (time.monotonic() - sent, err[-2000:])
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
