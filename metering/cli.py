@@ -719,7 +719,8 @@ def simulate(count: int, per_second: float, seed: int, duplicates: float, malfor
     settings = _settings(accounts_path=accounts_path)
     sent = produce_traffic(settings, count=count, per_second=per_second, seed=seed,
                            duplicate_rate=duplicates, malformed_rate=malformed,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(),
+                           progress_every_s=0 if sys.stderr.isatty() else settings.progress_s)
     click.echo(f"produced {sent} events to {settings.topics.events}")
 
 

@@ -308,3 +308,12 @@ def test_fees_charge_stopped_by_sigterm_sends_every_fee_it_charged_and_a_rerun_f
     finally:
         client.srem("accounts", *ids)
         client.delete(*(f"{k}:{{{a}}}" for a in ids for k in ("w", "c")))
+
+
+def test_simulate_logs_progress_lines_when_stderr_is_not_a_terminal(op: dict[str, str]) -> None:
+    """`simulate` showed progress only on a terminal: run from a script or a Kubernetes job, a
+    long run printed nothing until its end. Now a line every METERING_PROGRESS_S there."""
+    proc = _cli({**op, "METERING_PROGRESS_S": "0.4"}, "simulate", "--count", "3000", "--rate", "1500")
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("progress: produced ")]
+    assert len(lines) >= 2 and lines[0].endswith("/s)") and " of 3000 events (" in lines[0], proc.stderr
+    assert proc.stdout.strip().startswith("produced 3000 events to "), proc.stdout
