@@ -7,6 +7,7 @@ different directory (the fixture does it).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,8 @@ from metering.storage.clickhouse_sink import (
     split_sql,
 )
 from schemas.records import Movement, RatedRecord, WalletEvent
-from tests.helpers import NOW, account, make_rater
+from tests.chdb_http import serving
+from tests.helpers import NOW, account, free_port, make_rater
 from tests.helpers import call as rate_call
 
 pytestmark = pytest.mark.integration
@@ -340,14 +342,21 @@ def scalar(sink: ClickHouseSink, sql: str) -> object:
     return sink.client.query(sql.format(db=sink.database)).result_rows[0][0]
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[ClickHouseSink]:
-    s = ClickHouseSink(f"chdb://{tmp_path / 'ch'}")
-    s.ensure_schema()
-    try:
+@pytest.fixture(params=["chdb", "http"])
+def sink(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClickHouseSink]:
+    """Embedded chDB, and the `http://` DSN path of a server: clickhouse-connect's HTTP
+    client against tests/chdb_http.py (the same engine in another process), so the
+    inserts, views and analysts' queries below run unchanged through both."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "http":
+            port = free_port()
+            stack.enter_context(serving(tmp_path / "ch-server", port))
+            s = ClickHouseSink(f"http://127.0.0.1:{port}")
+        else:
+            s = ClickHouseSink(f"chdb://{tmp_path / 'ch'}")
+        stack.callback(s.close)  # chDB: one engine per process; free it for the next test's directory
+        s.ensure_schema()
         yield s
-    finally:
-        s.close()  # chDB: one engine per process; free it for the next test's directory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ its movement and wallet event with the original `at`, so ClickHouse counts them 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,8 @@ from metering.local_services import ensure_started
 from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.storage.movements_csv import format_at, parse_bound, to_ms
 from schemas.records import Movement
-from tests.helpers import read_topic
+from tests.chdb_http import serving
+from tests.helpers import free_port, read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -80,19 +82,25 @@ NOVEMBER = [  # --from 2026-11-01 --to 2026-12-01, exactly as the CSV holds it
 ]
 
 
-@pytest.fixture()
-def chdb_env(tmp_path: Path) -> Iterator[tuple[ClickHouseSink, dict[str, str]]]:
+@pytest.fixture(params=["chdb", "http"])
+def chdb_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ClickHouseSink, dict[str, str]]]:
     """A chDB folder with the schema and MOVES inserted twice (a replay), and the environment
-    that points the CLI at it. The sink stays open: in-process CLI runs share its engine."""
-    dsn = f"chdb://{tmp_path / 'ch'}"
-    sink = ClickHouseSink(dsn)
-    sink.ensure_schema()
-    try:
+    that points the CLI at it. The sink stays open: in-process CLI runs share its engine.
+    "http": the same through a server's `http://` DSN (tests/chdb_http.py), so the export's
+    query parameters and streamed blocks go through clickhouse-connect's HTTP client."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "http":
+            port = free_port()
+            stack.enter_context(serving(tmp_path / "ch-server", port))
+            dsn = f"http://127.0.0.1:{port}"
+        else:
+            dsn = f"chdb://{tmp_path / 'ch'}"
+        sink = ClickHouseSink(dsn)
+        stack.callback(sink.close)  # chDB: one engine per process; free it for the next test's folder
+        sink.ensure_schema()
         sink.insert_movements(MOVES)
         sink.insert_movements(MOVES)  # replayed: FINAL keeps one row per movement_id
         yield sink, {"METERING_CLICKHOUSE_DSN": dsn, "METERING_CLICKHOUSE_DATABASE": "metering"}
-    finally:
-        sink.close()  # chDB: one engine per process; free it for the next test's folder
 
 
 def _export(env: dict[str, str], *args: str) -> Result:
@@ -217,6 +225,7 @@ def test_clickhouse_unreachable_exits_2_with_a_clear_message() -> None:
     assert "METERING_CLICKHOUSE_DSN" in result.stderr and f"127.0.0.1:{port}" in result.stderr
 
 
+@pytest.mark.parametrize("chdb_env", ["chdb"], indirect=True)  # a folder held: embedded only
 def test_as_a_process_chdb_held_elsewhere_missing_schema_then_success(
         chdb_env: tuple[ClickHouseSink, dict[str, str]], tmp_path: Path) -> None:
     """The real command in its own process: while this process holds the chDB folder it

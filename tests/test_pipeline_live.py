@@ -35,6 +35,7 @@ from rating.accounts import load_accounts
 from rating.catalog import load_catalog
 from rating.engine import Rater
 from rating.wallet import MemoryWalletStore
+from tests.chdb_http import serving
 from tests.helpers import free_port, read_topic
 from wallet_debiter.redis_store import RedisWalletStore, connect, wallet_key
 
@@ -890,3 +891,39 @@ def test_clickhouse_refusing_inserts_is_waited_out_then_nothing_is_lost(live: di
     assert lifted and lifted[0] >= errors_before + 3  # refused (and retried) at least 3 times
     assert progress.consumed == 10_000
     _check_equal(env, rater, rows)
+
+
+def test_clickhouse_server_killed_mid_stream_is_retried_then_nothing_is_lost(live: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    """The `http://` DSN path: the pipeline writes to a ClickHouse HTTP endpoint (the real
+    engine behind tests/chdb_http.py) that is killed with SIGKILL mid-stream, as a crashed
+    server, and started again 4 s later on the same data. Inserts in flight fail with a
+    connection error, the writer backs off and retries (logged), nothing is rejected for it,
+    and the end state equals `metering rate`; the analysts' views answer over HTTP."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    port = free_port()
+    folder = tmp_path / "ch-server"
+    env = {**live, "METERING_BATCH_SIZE": "250", "METERING_CLICKHOUSE_DSN": f"http://127.0.0.1:{port}"}
+    settings = Settings.from_env(env)
+    with serving(folder, port):
+        subprocess.run([sys.executable, "-m", "metering.cli", "setup"], env=env, check=True, cwd=ROOT,
+                       capture_output=True)
+    producer = _paced(settings, 43, now)
+    rater, rows = _offline(20_000, 43, 0.05, 0.01, now)
+    with _running(env) as proc:
+        with serving(folder, port):
+            time.sleep(6)  # started and inserting batches
+            assert proc.poll() is None, "the pipeline finished before the outage"
+        time.sleep(4)  # killed: connection refused
+        with serving(folder, port):
+            producer.join()
+            err = _finished(proc)
+            assert "clickhouse insert failed, retrying" in err
+            _check_equal(env, rater, rows)
+            client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+            try:
+                by_country = client.query("SELECT sum(calls) FROM metering.v_top_destinations").result_rows
+            finally:
+                client.close()
+            assert by_country[0][0] == sum(1 for r in rows if r[2] == "rated" and r[3] == "call"
+                                            and r[16] == "outbound" and r[7] is not None)
