@@ -279,12 +279,14 @@ def _start_or_fail(build: Callable[[], T]) -> T:
 def _run_or_fail(run: Callable[[], object]) -> None:
     """A worker's loop; a wiped wallet store stops it with exit code 3 and one clear line
     (charging on would start every wallet from nothing)."""
-    from metering.workers.common import RedisLostWrites
+    from metering.workers.common import NothingAssigned, RedisLostWrites
 
     try:
         run()
     except RedisLostWrites as exc:
         _fail(f"error: {exc}", code=3)
+    except NothingAssigned as exc:  # --until-idle only
+        _fail(f"error: {exc}", code=1)
 
 
 def _stop_on_signals(*, once: bool = False) -> threading.Event:

@@ -239,3 +239,29 @@ def test_ctrl_c_stops_setup_at_once_while_kafka_is_unreachable() -> None:
     _, err = proc.communicate(timeout=40)
     assert time.monotonic() - sent < 5, (time.monotonic() - sent, err[-2000:])
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+
+
+def test_until_idle_gives_up_when_no_partition_is_ever_assigned(tmp_path: Path) -> None:
+    """`--until-idle` is for scripts and jobs: with Kafka unreachable no partition is ever
+    assigned, so the lag is never known to be 0, and the command used to wait forever. It
+    now ends with one line after the idle time + UNASSIGNED_GIVE_UP_S (exit 1). Both split
+    workers that start without Redis, side by side (`run` on the live stack: test_pipeline_live)."""
+    import time
+
+    from metering.workers.common import UNASSIGNED_GIVE_UP_S
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env = {**base, "METERING_METRICS_PORT": "0", "METERING_REDIS_URL": "redis://127.0.0.1:1/0",
+           "METERING_KAFKA_BOOTSTRAP": "127.0.0.1:1", "METERING_CATALOG": str(CATALOG),
+           "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch", "METERING_TOPIC_PREFIX": "gone."}
+    started = time.monotonic()
+    procs = {stage: subprocess.Popen([sys.executable, "-m", "metering.cli", "worker", stage, "--until-idle", "1"],
+                                     env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for stage in ("debit", "sink")}
+    for stage, proc in procs.items():
+        _, err = proc.communicate(timeout=UNASSIGNED_GIVE_UP_S + 60)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+        topic = "gone.usage.priced" if stage == "debit" else "gone.usage.rated"
+        _one_line_error(done, 1, "kafka 127.0.0.1:1", f"no partition of {topic}", f"group metering-{stage}",
+                        "--until-idle gives up")
+    assert time.monotonic() - started >= UNASSIGNED_GIVE_UP_S  # not before the grace

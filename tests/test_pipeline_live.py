@@ -927,3 +927,18 @@ def test_clickhouse_server_killed_mid_stream_is_retried_then_nothing_is_lost(liv
                 client.close()
             assert by_country[0][0] == sum(1 for r in rows if r[2] == "rated" and r[3] == "call"
                                             and r[16] == "outbound" and r[7] is not None)
+
+
+def test_run_until_idle_gives_up_when_kafka_is_unreachable(live: dict[str, str]) -> None:
+    """`run --until-idle` with Redis up but Kafka unreachable used to wait forever (no
+    partition, so no lag of 0): it ends with one line after the idle time + the grace."""
+    from metering.workers.common import UNASSIGNED_GIVE_UP_S
+
+    env = {**live, "METERING_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run([*RUN, "1"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=UNASSIGNED_GIVE_UP_S + 90)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: kafka {env['METERING_KAFKA_BOOTSTRAP']}: no partition of "
+                           f"{env['METERING_TOPIC_PREFIX']}usage.events assigned"), last
+    assert "Traceback" not in proc.stderr

@@ -337,6 +337,27 @@ class AccountsWatcher:
         return cast(dict[str, Any], self.accounts)
 
 
+# `--until-idle`: how long past the idle time a worker may go without any partition before
+# it gives up (Kafka unreachable, topics missing, or other members own every partition):
+# a script's run must end, not wait forever. A group join takes seconds.
+UNASSIGNED_GIVE_UP_S = 30.0
+
+
+class NothingAssigned(RuntimeError):
+    """`--until-idle` and no partition assigned for longer than it allows."""
+
+
+def give_up_unassigned(assigned: bool, idle_s: float, max_idle_s: float, *, group: str,
+                       topic: str, bootstrap: str) -> None:
+    """Raise NothingAssigned when an `--until-idle` run has had no partition for
+    max_idle_s + UNASSIGNED_GIVE_UP_S seconds."""
+    if not assigned and idle_s > max_idle_s + UNASSIGNED_GIVE_UP_S:
+        raise NothingAssigned(
+            f"kafka {bootstrap}: no partition of {topic} assigned to group {group} for {idle_s:.0f} s "
+            "(Kafka unreachable, topics not created by `metering setup`, or other members own them all); "
+            "--until-idle gives up")
+
+
 class RedisLostWrites(RuntimeError):
     """Redis holds no positions at all any more although this worker wrote some: it was wiped
     (or restored from an empty backup). Charging on would be wrong; an operator restores it."""

@@ -56,6 +56,7 @@ from metering.workers.common import (
     error_text,
     event_times,
     flush_waiting,
+    give_up_unassigned,
     is_operator_event,
     produce_rejected,
     produce_wallet_events,
@@ -326,7 +327,10 @@ class Pipeline:
                 self.progress_log.tick(p.consumed, p.lag, rated=p.rated, rejected=p.rejected,
                                        duplicates=p.duplicates, wallets_blocked=p.blocked,
                                        topups_requested=p.topups, batches=p.batches)
-                if max_idle_s is not None and not msgs and time.monotonic() - self.progress.last_message > max_idle_s:
+                idle_s = time.monotonic() - self.progress.last_message
+                if max_idle_s is not None and not msgs and idle_s > max_idle_s:
+                    give_up_unassigned(self.assigned, idle_s, max_idle_s, group=f"{s.group_prefix}-debit",
+                                       topic=s.topics.events, bootstrap=s.kafka_bootstrap)
                     self.writer.drain()
                     lags = kafka_io.update_lag(self.consumer, "debit", 0, self._lag_state, cached=False)
                     # operator movements too (credits, fees): read means handed to the writer,

@@ -44,6 +44,7 @@ from metering.workers.common import (
     decode_wallet_event,
     event_times,
     flush_waiting,
+    give_up_unassigned,
     produce_rejected,
     produce_wallet_events,
     warn_missing_plans,
@@ -81,6 +82,7 @@ class _Worker:
             if on_revoke is not None:
                 on_revoke(consumer, partitions)
 
+        self.topics_read = ", ".join(topics)
         self.consumer = kafka_io.make_consumer(self.settings, self.stage, list(topics), on_assign=on_assign,
                                                on_revoke=revoked)
         self.producer = kafka_io.make_producer(self.settings)
@@ -136,7 +138,10 @@ class _Worker:
                     self.pending.commit(self.consumer)
                 self.housekeeping()
                 self.progress_log.tick(self.handled, self.lag, **self.counts)
-                if max_idle_s is not None and not msgs and time.monotonic() - last > max_idle_s:
+                idle_s = time.monotonic() - last
+                if max_idle_s is not None and not msgs and idle_s > max_idle_s:
+                    give_up_unassigned(self.assigned, idle_s, max_idle_s, group=f"{s.group_prefix}-{self.stage}",
+                                       topic=self.topics_read, bootstrap=s.kafka_bootstrap)
                     lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state, cached=False)
                     if lags and not any(lags.values()):  # assigned and caught up
                         break
