@@ -197,3 +197,36 @@ def test_usage_mistakes_exit_2_and_do_nothing_and_help_is_not_an_error(tmp_path:
     for flag in ("--help", "-h", "help"):
         out = run(flag)
         assert out.returncode == 0 and out.stdout.startswith("usage: "), (flag, out)
+
+
+def test_logs_prints_the_tail_of_each_named_services_logs(tmp_path: Path) -> None:
+    """`services.sh logs [service ...]`: "logs in one place" had no command to show them. It
+    prints the last METERING_LOG_LINES lines of each service's files, each headed by its path,
+    and says which services have none; a bad line count is a usage error."""
+    import os
+    import subprocess
+
+    logs = tmp_path / "state" / "logs"
+    (logs / "kafka").mkdir(parents=True)
+    (logs / "kafka" / "server.log").write_text("".join(f"kafka line {n}\n" for n in range(100)))
+    (logs / "redis.log").write_text("redis line 1\nredis line 2\n")
+    base = 50000 + uuid.uuid4().int % 3000 * 3
+    env = {**os.environ, "METERING_STATE_DIR": str(tmp_path / "state"), "METERING_KAFKA_PORT": str(base),
+           "METERING_REDIS_PORT": str(base + 1), "METERING_KFAKE_PORT": str(base + 2),
+           "METERING_REDIS_CLUSTER_PORTS": f"{base + 3} {base + 4} {base + 5}", "METERING_LOG_LINES": "3"}
+    script = str(Path(__file__).resolve().parents[1] / "deploy/local/services.sh")
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, "logs", *args], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60)
+
+    every = run()
+    assert every.returncode == 0, every.stderr
+    assert every.stdout.splitlines() == [
+        f"==> {logs}/kafka/server.log <==", "kafka line 97", "kafka line 98", "kafka line 99",
+        f"==> {logs}/redis.log <==", "redis line 1", "redis line 2",
+        f"redis-cluster: no log in {logs} (never started with this METERING_STATE_DIR)",
+        f"kfake: no log in {logs} (never started with this METERING_STATE_DIR)"]
+    assert run("redis").stdout.splitlines() == [f"==> {logs}/redis.log <==", "redis line 1", "redis line 2"]
+    bad = run("redis", METERING_LOG_LINES="all")
+    assert bad.returncode == 2 and "METERING_LOG_LINES must be a number" in bad.stderr and bad.stdout == ""

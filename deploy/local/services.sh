@@ -8,6 +8,8 @@
 #   deploy/local/services.sh wipe-redis-cluster   # stop the cluster and delete its state
 #   deploy/local/services.sh fetch      # download the Kafka jars once (no server)
 #   deploy/local/services.sh env        # print export lines for the endpoints
+#   deploy/local/services.sh logs [service ...]  # the last METERING_LOG_LINES (40) lines of each
+#                                       # service's log files, each headed by its path
 #   deploy/local/services.sh wipe       # stop, then delete all local state (not the jar cache)
 #
 # Environment (all optional):
@@ -576,7 +578,29 @@ wipe() {
   log "wiped state in $STATE_DIR (jar cache kept in $CACHE_DIR)"
 }
 
-USAGE="usage: $0 start|stop|status|restart [kafka|redis|redis-cluster|kfake|all ...] | fetch | env | wipe | wipe-redis-cluster"
+USAGE="usage: $0 start|stop|status|restart|logs [kafka|redis|redis-cluster|kfake|all ...] | fetch | env | wipe | wipe-redis-cluster"
+
+# The log files of one service (those that exist), for `logs`.
+log_files() {
+  case $1 in
+    kafka) compgen -G "$LOG_DIR/kafka/*.log" || true ;;
+    redis) compgen -G "$LOG_DIR/redis.log" || true ;;
+    redis_cluster) compgen -G "$LOG_DIR/redis-cluster-*.log" || true ;;
+    kfake) compgen -G "$LOG_DIR/kfake.log" || true ;;
+  esac
+}
+
+show_logs() {
+  local f found=0 lines=${METERING_LOG_LINES:-40}
+  [[ $lines =~ ^[0-9]+$ ]] || usage "METERING_LOG_LINES must be a number of lines (got: $lines)"
+  while IFS= read -r f; do
+    [[ -n $f ]] || continue
+    found=1
+    printf '==> %s <==\n' "$f"
+    tail -n "$lines" "$f"
+  done < <(log_files "$1")
+  ((found)) || echo "${1//_/-}: no log in $LOG_DIR (never started with this METERING_STATE_DIR)"
+}
 
 # A usage error: what is wrong, the usage line, exit 2 (nothing done).
 usage() {
@@ -589,7 +613,7 @@ main() {
   shift || true
   case $cmd in
     -h | --help | help) echo "$USAGE"; return 0 ;;
-    start | stop | restart | status) ;;
+    start | stop | restart | status | logs) ;;
     fetch | env | wipe | wipe-redis-cluster) # these take no service: `wipe kafka` would delete every state
       (($# == 0)) || usage "$cmd takes no service name (got: $*)" ;;
     "") usage "no command given" ;;
@@ -599,7 +623,7 @@ main() {
   for t in "$@"; do # every service named, in order (`start kafka redis`)
     case $t in
       all) # starts Kafka + Redis; stops whatever of the four runs (kfake, the cluster: tests')
-        if [[ $cmd == stop ]]; then services+=(kafka redis redis_cluster kfake); else services+=(kafka redis); fi ;;
+        if [[ $cmd == stop || $cmd == logs ]]; then services+=(kafka redis redis_cluster kfake); else services+=(kafka redis); fi ;;
       kafka | redis) services+=("$t") ;;
       redis-cluster) services+=(redis_cluster) ;;
       kfake) services+=(kfake) ;;
@@ -619,6 +643,7 @@ main() {
     stop) for s in "${services[@]}"; do "stop_$s"; done ;;
     restart) for s in "${services[@]}"; do "stop_$s"; "start_$s"; done ;;
     status) for s in "${services[@]}"; do "status_$s" || rc=$?; done; return "$rc" ;;
+    logs) for s in "${services[@]}"; do show_logs "$s"; done ;;
     fetch) fetch_kafka ;; # silent when the jars are already cached
     env)
       echo "export METERING_KAFKA_BOOTSTRAP=$HOST:$KAFKA_PORT"
