@@ -90,9 +90,10 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
     redis.flushdb()  # the demo's own database (DEMO_REDIS_DB): start from the example balances
     store = RedisWalletStore(redis)
     store.import_accounts(accounts.values())
-    producer = kafka_io.make_producer(settings)
+    delivery = kafka_io.DeliveryCheck()  # a refused movement leaves the queue too: not a success
+    producer = kafka_io.make_producer(settings, on_delivery=delivery)
     fees = charge_fees(settings, store, producer, catalog, datetime.now(UTC), echo)
-    kafka_io.flush(producer)
+    kafka_io.flush(producer, delivery=delivery)
     blocked_at_start = sum(1 for a in accounts if (store.wallet(a) or {}).get("blocked") == "1")
     count = int(seconds * rate)
     echo(f"   kafka {settings.kafka_bootstrap}: {len(created)} topics ({settings.topics.events}, ...)")

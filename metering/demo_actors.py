@@ -118,7 +118,8 @@ class TopupPayer:
     def _loop(self) -> None:
         s = self._settings
         consumer = kafka_io.make_consumer(s, "demo-payments", [s.topics.wallet_events])
-        producer = kafka_io.make_producer(s)
+        delivery = kafka_io.DeliveryCheck()  # a refused top-up movement: the payer stops, saying so
+        producer = kafka_io.make_producer(s, on_delivery=delivery)
         due: deque[tuple[float, str, str]] = deque()  # (when, account, cause event id)
         lag_state: dict[str, float] = {}
         try:
@@ -137,11 +138,12 @@ class TopupPayer:
                     _, account_id, cause = due.popleft()
                     self._pay(producer, account_id, cause)
                 producer.poll(0)
+                delivery.raise_if_failed()
                 if stopping and not due:
                     lags = kafka_io.update_lag(consumer, "demo-payments", 0, lag_state, cached=False)
                     if (lags and not any(lags.values())) or time.monotonic() > self._deadline:
                         break  # every request on wallet.events read (and paid), or out of time
-            kafka_io.flush(producer)
+            kafka_io.flush(producer, delivery=delivery)
         finally:
             consumer.close()
 

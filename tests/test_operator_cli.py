@@ -89,19 +89,23 @@ def test_topup_failed_says_whether_a_request_was_open(op: dict[str, str]) -> Non
     assert "settled as failed" in out and client.hget(wallet_key(account), "topup_pending") == b"0"
 
 
+def _movements(env: dict[str, str], account: str) -> list[tuple[str, str, str]]:
+    """(type, amount, reference) of the account's movements in ClickHouse, in seq order."""
+    client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
+    try:
+        return client.query("SELECT type, toString(amount), reference FROM metering.wallet_movements FINAL "
+                            "WHERE account_id = {a:String} ORDER BY seq", parameters={"a": account}).result_rows
+    finally:
+        client.close()
+
+
 def test_run_until_idle_waits_for_operator_movements(op: dict[str, str], tmp_path: Path) -> None:
     """The idle exit looked at usage.events only: a credit made just before a short run was
     left on wallet.movements (its consumer not even assigned yet) and missed ClickHouse."""
     account = op["ACCOUNT"]
     _cli(op, "accounts", "credit", account, "3.00", "--reference", "pay-idle")
     _cli(op, "run", "--until-idle", "0.5")
-    client = clickhouse_connect.get_client(dsn=op["METERING_CLICKHOUSE_DSN"])
-    try:
-        rows = client.query("SELECT type, toString(amount), reference FROM metering.wallet_movements FINAL "
-                            "WHERE account_id = {a:String}", parameters={"a": account}).result_rows
-    finally:
-        client.close()
-    assert rows == [("credit", "3", "pay-idle")]
+    assert _movements(op, account) == [("credit", "3", "pay-idle")]
 
 
 def test_run_warns_at_start_about_accounts_on_plans_the_catalog_lacks(op: dict[str, str], tmp_path: Path) -> None:
@@ -235,13 +239,9 @@ def test_credit_and_fees_whose_movements_kafka_refuses_fail_and_a_rerun_sends_th
     _cli(bare, "fees", "charge")
     assert store.balances([account])[account] == before + 2_500_000 - 19_000_000  # nothing charged twice
     _cli(bare, "run", "--until-idle", "0.5")
-    client = clickhouse_connect.get_client(dsn=bare["METERING_CLICKHOUSE_DSN"])
-    try:
-        rows = client.query("SELECT type, toString(amount) FROM metering.wallet_movements FINAL "
-                            "WHERE account_id = {a:String} ORDER BY seq", parameters={"a": account}).result_rows
-    finally:
-        client.close()
-    assert rows == [("credit", "2.5"), ("adjustment", "-19")], rows
+    rows = _movements(bare, account)
+    assert [r[:2] for r in rows] == [("credit", "2.5"), ("adjustment", "-19")], rows
+    assert rows[0][2] == "pay-refused" and rows[1][2].startswith("fee:"), rows
 
 
 def test_fees_charge_stopped_by_sigterm_sends_every_fee_it_charged_and_a_rerun_finishes(op: dict[str, str],
