@@ -58,6 +58,7 @@ from bench_rating import accounts_10k  # noqa: E402 - the same 10 k accounts as 
 
 from metering import kafka_io  # noqa: E402
 from metering.config import Settings  # noqa: E402
+from metering.gc_tuning import tune_for_batches  # noqa: E402
 from metering.local_services import ensure_started  # noqa: E402
 from metering.storage.clickhouse_sink import ClickHouseSink  # noqa: E402
 from metering.traffic import generate_labeled_events, load_accounts_list, load_catalog_dict  # noqa: E402
@@ -186,6 +187,7 @@ class PipelineRun:
 
     def __init__(self, settings: Settings, sink: ClickHouseSink, label: str, profile: str | None = None) -> None:
         self.pipeline = Pipeline(settings, sink=sink)
+        tune_for_batches()  # what `metering run` does once its pipeline is built
         self.label = label
         self.profile = profile
         self.target: int | None = None

@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from metering.gc_tuning import tune_for_batches
 from rating.accounts import Account, AccountsError, load_accounts
 from rating.catalog import Catalog, CatalogError, load_catalog, summarize
 
@@ -154,6 +155,7 @@ def rate(catalog_path: str, accounts_path: str, events_path: str, wallet_path: s
     cat, accounts = _load(catalog_path, accounts_path)
     now = _parse_now(now_text)
     rater = Rater(cat, accounts, MemoryWalletStore(accounts))
+    tune_for_batches()
     if events_path == "-":
         if sys.stdin is None:
             _fail("error: --events -: stdin is closed: nothing to read")
@@ -263,6 +265,7 @@ def run(catalog_path: str | None, until_idle: float | None, metrics_port: int | 
     stop = _stop_on_signals()  # before the start: SIGTERM while waiting for Redis ends it
     pipeline = _start_or_fail(lambda: Pipeline(settings, stop=stop))
     metrics.set_ready(health, pipeline.readiness)
+    tune_for_batches()
     _run_or_fail(lambda: pipeline.run(max_idle_s=until_idle))
 
 
@@ -339,6 +342,7 @@ def worker(stage: str, until_idle: float | None, metrics_port: int | None) -> No
     stop = _stop_on_signals()
     w = _start_or_fail(lambda: cls(settings, stop))
     metrics.set_ready(health, w.readiness)
+    tune_for_batches()
     _run_or_fail(lambda: w.run(max_idle_s=until_idle))
 
 

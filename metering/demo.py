@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from metering import kafka_io, metrics
 from metering.config import ConfigError, Settings
 from metering.demo_actors import DialerGate, TopupPayer
+from metering.gc_tuning import tune_for_batches
 from metering.local_services import ensure_started, state_dir
 from metering.report import print_report
 from metering.simulate import produce_traffic
@@ -110,6 +111,7 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
 
     pipeline = Pipeline(settings)
     metrics.set_ready(health, pipeline.readiness)
+    tune_for_batches()  # as `metering run`
     gate = DialerGate(store, accounts)
     payer = TopupPayer(settings, store, accounts, delay_s=1.0)
     payer.start()
