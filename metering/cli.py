@@ -94,6 +94,8 @@ class _Main(click.Group):
             _fail(f"error: {exc}")
         except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:  # a file a setting names
             _fail(f"error: {exc.filename}: {exc.strerror}")
+        except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as shells expect (click said "Aborted!", exit 1)
+            _fail("interrupted", 130)
         except Exception as exc:
             message = _service_error(exc)
             if message is None or os.environ.get("METERING_DEBUG"):
