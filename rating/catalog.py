@@ -32,6 +32,7 @@ _PREFIX_RE = re.compile(r"^[0-9]{1,15}$")
 _COUNTRY_RE = re.compile(r"^[A-Z]{2}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
+MAX_VERSION_CHARS = 64
 _TOP_KEYS = {"version", "currency", "destinations", "zones", "rate_tables", "packages", "plans"}
 _DEST_KEYS = {"prefix", "country", "class"}
 _RATE_KEYS = {"prefix", "per_minute", "connect_fee", "increments", "intervals"}
@@ -345,6 +346,10 @@ def _validate(data: Any, source: str) -> Catalog:
     version = data.get("version")
     if not isinstance(version, str) or not version:
         errs.add("version", f'expected a non-empty string like "2026-11-01", got {shown(version)}')
+    elif len(version) > MAX_VERSION_CHARS or not version.isprintable():
+        # written on every rated row, log line and `catalog reloaded` message
+        errs.add("version", f"expected at most {MAX_VERSION_CHARS} printable characters like \"2026-11-01\", "
+                            f"got {len(version)} characters{'' if version.isprintable() else ' with a control character'}")
     currency = data.get("currency")
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency or ""):
         errs.add("currency", f"expected an ISO 4217 code like USD, got {shown(currency)}")

@@ -597,3 +597,13 @@ def test_account_billing_defaults_to_the_plan_and_an_explicit_value_wins() -> No
     assert accs["s1"].billing == "postpaid"
     assert (accs["b1"].balance, accs["b1"].period_anchor_day) == (0, 1)
     assert (accs["b1"].topup_threshold, accs["b1"].low_balance_alert, accs["b1"].credit_limit) == (None, None, None)
+
+
+def test_version_is_short_printable_text() -> None:
+    """The version is written on every rated row: a 5 000-character one or one with a line
+    break in it was accepted and copied into each row and log line."""
+    for version, needle in (("v" * 65, "got 65 characters"), ("2026-11-01\nx", "with a control character")):
+        errors = _errors(catalog_dict(version=version))
+        assert any(e.startswith("version: expected at most 64 printable characters") and needle in e
+                   for e in errors), errors
+    assert parse_catalog(catalog_dict(version="v" * 64), "mem").version == "v" * 64
