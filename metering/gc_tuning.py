@@ -1,13 +1,13 @@
 """Python's cyclic garbage collector, tuned for the batch loops (`run`, `worker`, `rate`).
 
-Each 5 000-event batch allocates hundreds of thousands of short-lived containers (decoded
-events, row tuples, Redis and ClickHouse arguments). With CPython's default thresholds
-(700, 10, 10) that is hundreds of young collections per batch, and every hundredth of them
-a full one that walks every long-lived object again: the catalog's routes, 10 000 accounts,
-the loaded libraries. `benchmarks/bench_pipeline.py --phase 1` spent about a third of the
-pipeline thread's CPU there (README, Benchmarks). Freezing what exists after start-up takes
-it out of every collection; a young generation of 50 000 allocations makes collections rare.
-Cycles are still collected (the engine creates few: its rows are tuples of atomic values).
+Each batch allocates many short-lived containers (decoded events, row tuples, Redis and
+ClickHouse arguments). With CPython's default thresholds (700, 10, 10) a young collection
+runs every 700 net allocations, and every hundredth one is a full collection that walks
+every long-lived object again: the catalog's routes, the accounts, the loaded libraries. A
+py-spy profile of `benchmarks/bench_pipeline.py --phase 1` put 27 % of the pipeline thread's
+samples there (README, Benchmarks). Freezing what exists after start-up takes it out of
+every collection; a young generation of 50 000 allocations makes collections rare. Cycles
+are still collected, only later.
 """
 
 from __future__ import annotations

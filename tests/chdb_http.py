@@ -41,8 +41,8 @@ _INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\s+.+?\s+FORMAT\s+\w+)[ \t]*\r?\n?
 
 
 def _decoded(body: bytes, encoding: str) -> bytes:
-    """The request body without its Content-Encoding (clickhouse-connect compresses inserts
-    with lz4, or zstd when `zstandard` is installed, which it is not here; aiohttp already undid gzip, deflate and br)."""
+    """The request body without its Content-Encoding. Only lz4 is handled: what
+    clickhouse-connect sends here (it would use zstd if `zstandard` were installed)."""
     if encoding == "lz4":
         import lz4.frame
 
@@ -152,6 +152,20 @@ def serving(folder: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def clickhouse_dsn(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A DSN for a test: "chdb" (embedded, in `tmp_path`/ch) or "http" (this front serving
+    `tmp_path`/ch-server on a free port, for the block)."""
+    if kind == "chdb":
+        yield f"chdb://{tmp_path / 'ch'}"
+        return
+    from tests.helpers import free_port
+
+    port = free_port()
+    with serving(tmp_path / "ch-server", port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ different directory (the fixture does it).
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
@@ -28,8 +27,8 @@ from metering.storage.clickhouse_sink import (
     split_sql,
 )
 from schemas.records import Movement, RatedRecord, WalletEvent
-from tests.chdb_http import serving
-from tests.helpers import NOW, account, free_port, make_rater
+from tests.chdb_http import clickhouse_dsn
+from tests.helpers import NOW, account, make_rater
 from tests.helpers import call as rate_call
 
 pytestmark = pytest.mark.integration
@@ -347,14 +346,8 @@ def sink(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClickHouseS
     """Embedded chDB, and the `http://` DSN path of a server: clickhouse-connect's HTTP
     client against tests/chdb_http.py (the same engine in another process), so the
     inserts, views and analysts' queries below run unchanged through both."""
-    with contextlib.ExitStack() as stack:
-        if request.param == "http":
-            port = free_port()
-            stack.enter_context(serving(tmp_path / "ch-server", port))
-            s = ClickHouseSink(f"http://127.0.0.1:{port}")
-        else:
-            s = ClickHouseSink(f"chdb://{tmp_path / 'ch'}")
-        stack.callback(s.close)  # chDB: one engine per process; free it for the next test's directory
+    # closed at the end (chDB: one engine per process; free it for the next test's directory)
+    with clickhouse_dsn(request.param, tmp_path) as dsn, ClickHouseSink(dsn) as s:
         s.ensure_schema()
         yield s
 

@@ -4,7 +4,6 @@ its movement and wallet event with the original `at`, so ClickHouse counts them 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -30,8 +29,8 @@ from metering.local_services import ensure_started
 from metering.storage.clickhouse_sink import ClickHouseSink
 from metering.storage.movements_csv import format_at, parse_bound, to_ms
 from schemas.records import Movement
-from tests.chdb_http import serving
-from tests.helpers import free_port, read_topic
+from tests.chdb_http import clickhouse_dsn
+from tests.helpers import read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "deploy/examples/catalog.yaml"
@@ -88,15 +87,8 @@ def chdb_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[C
     that points the CLI at it. The sink stays open: in-process CLI runs share its engine.
     "http": the same through a server's `http://` DSN (tests/chdb_http.py), so the export's
     query parameters and streamed blocks go through clickhouse-connect's HTTP client."""
-    with contextlib.ExitStack() as stack:
-        if request.param == "http":
-            port = free_port()
-            stack.enter_context(serving(tmp_path / "ch-server", port))
-            dsn = f"http://127.0.0.1:{port}"
-        else:
-            dsn = f"chdb://{tmp_path / 'ch'}"
-        sink = ClickHouseSink(dsn)
-        stack.callback(sink.close)  # chDB: one engine per process; free it for the next test's folder
+    # closed at the end (chDB: one engine per process; free it for the next test's folder)
+    with clickhouse_dsn(request.param, tmp_path) as dsn, ClickHouseSink(dsn) as sink:
         sink.ensure_schema()
         sink.insert_movements(MOVES)
         sink.insert_movements(MOVES)  # replayed: FINAL keeps one row per movement_id

@@ -897,8 +897,8 @@ def test_clickhouse_server_killed_mid_stream_is_retried_then_nothing_is_lost(liv
                                                                           tmp_path: Path) -> None:
     """The `http://` DSN path: the pipeline writes to a ClickHouse HTTP endpoint (the real
     engine behind tests/chdb_http.py) that is killed with SIGKILL mid-stream, as a crashed
-    server, and started again 4 s later on the same data. Inserts in flight fail with a
-    connection error, the writer backs off and retries (logged), nothing is rejected for it,
+    server, and started again 4 s later on the same data. Inserts fail with connection errors
+    meanwhile, the writer backs off and retries (logged), nothing is rejected for it,
     and the end state equals `metering rate`; the analysts' views answer over HTTP."""
     now = datetime.now(UTC).replace(microsecond=0)
     port = free_port()
