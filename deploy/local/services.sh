@@ -192,12 +192,16 @@ logger.statechange.level = WARN
 EOF
 }
 
+# A CI run once got an empty id from python3 (the pyenv shim, right after install.sh's pip
+# install) and the format failed: fall back to Kafka's own tool, and say so if both fail.
 new_cluster_id() {
+  local id=""
   if [[ -n "$PYTHON" ]]; then
-    "$PYTHON" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))'
-  else
-    "$JAVA" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid
+    id=$("$PYTHON" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))' 2>/dev/null || true)
   fi
+  [[ -n "$id" ]] || id=$("$JAVA" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null || true)
+  [[ -n "$id" ]] || die "could not make a Kafka cluster id (neither $PYTHON nor kafka-storage random-uuid answered)"
+  echo "$id"
 }
 
 # Waits until a metadata request succeeds. Exit: 0 ok, 2 process died, 3 timeout, 4 no client.
@@ -260,8 +264,10 @@ start_kafka() {
   local log4j="-Dlog4j2.configurationFile=$KAFKA_STATE/log4j2.properties"
   if [[ ! -f "$KAFKA_STATE/data/meta.properties" ]]; then
     log "kafka: formatting storage in $KAFKA_STATE/data"
+    local cluster_id
+    cluster_id=$(new_cluster_id) || exit 1
     "$JAVA" "$log4j" -Dkafka.logs.dir="$LOG_DIR/kafka" -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format \
-      --config "$KAFKA_STATE/server.properties" --cluster-id "$(new_cluster_id)" --ignore-formatted \
+      --config "$KAFKA_STATE/server.properties" --cluster-id "$cluster_id" --ignore-formatted \
       >"$LOG_DIR/kafka/format.log" 2>&1 || { cat "$LOG_DIR/kafka/format.log" >&2; die "kafka storage format failed"; }
   fi
   log "kafka: starting $KAFKA_VERSION on $HOST:$KAFKA_PORT (controller $CONTROLLER_PORT)"
