@@ -359,11 +359,13 @@ def accounts() -> None:
 def accounts_import(file: str, catalog_path: str | None) -> None:
     """Create or update wallets from an accounts YAML; live balances are never reset. An
     existing wallet's block flag follows its new billing / credit_limit (then `blocked` or
-    `unblocked` goes to wallet.events)."""
+    `unblocked` goes to wallet.events). Each wallet's opening balance is (re-)sent to
+    wallet.movements as an `adjustment` with reference `opening`."""
     import msgspec
     from confluent_kafka import KafkaException
 
     from metering import kafka_io
+    from metering.wallet_ops import produce_openings
     from metering.workers.common import OPERATOR_HEADER
     from rating.money import format_micros
     from schemas.messages import WalletEventOut
@@ -373,26 +375,30 @@ def accounts_import(file: str, catalog_path: str | None) -> None:
     _, accs = _load(settings.catalog_path, file)
     store = RedisWalletStore(connect(settings.redis_url))
     result = store.import_wallets(accs.values())
-    if result.block_changes:  # new billing / credit_limit moved an existing wallet's block flag
-        at = datetime.now(UTC)
-        delivery = kafka_io.DeliveryCheck()
-        producer = kafka_io.make_producer(settings, on_delivery=delivery)
-        enc = msgspec.json.Encoder()
-        for change in result.block_changes:
-            producer.produce(settings.topics.wallet_events, key=change.account_id.encode(), value=enc.encode(
-                WalletEventOut(type=change.kind, account_id=change.account_id,
-                               event_id=f"import:{change.account_id}:{at.isoformat()}",
-                               balance=format_micros(change.balance), at=at)), headers=[OPERATOR_HEADER])
-        try:
-            kafka_io.flush(producer, delivery=delivery)
-        except KafkaException as exc:  # imported: a re-run finds the flags set and sends nothing
-            _fail(f"error: accounts: {result.new} created, {result.updated} updated in Redis, but the wallet "
-                  f"events of their block changes ({', '.join(f'{c.account_id} {c.kind}' for c in result.block_changes)}"
-                  f") were not published to Kafka {settings.kafka_bootstrap} ({_kafka_text(exc)}); a re-run "
-                  f"will not send them again (the flags are already set)", 1)
+    at = datetime.now(UTC)
+    delivery = kafka_io.DeliveryCheck()
+    producer = kafka_io.make_producer(settings, on_delivery=delivery)
+    openings = produce_openings(settings, producer, result.openings)
+    enc = msgspec.json.Encoder()
+    for change in result.block_changes:  # new billing / credit_limit moved an existing wallet's block flag
+        producer.produce(settings.topics.wallet_events, key=change.account_id.encode(), value=enc.encode(
+            WalletEventOut(type=change.kind, account_id=change.account_id,
+                           event_id=f"import:{change.account_id}:{at.isoformat()}",
+                           balance=format_micros(change.balance), at=at)), headers=[OPERATOR_HEADER])
+    try:
+        kafka_io.flush(producer, delivery=delivery)
+    except KafkaException as exc:
+        # imported: a re-run sends the openings again (kept in Redis), but finds the flags set
+        # and sends no block change
+        changes = (f"; the wallet events of their block changes "
+                   f"({', '.join(f'{c.account_id} {c.kind}' for c in result.block_changes)}) will not be "
+                   f"sent again (the flags are already set)") if result.block_changes else ""
+        _fail(f"error: accounts: {result.new} created, {result.updated} updated in Redis, but their "
+              f"movements and wallet events were not all published to Kafka {settings.kafka_bootstrap} "
+              f"({_kafka_text(exc)}); a re-run re-sends the {openings} opening balance movements{changes}", 1)
     changed = "".join(f", {c.account_id} {c.kind}" for c in result.block_changes)
     click.echo(f"accounts: {result.new} created, {result.updated} updated (balances of existing wallets "
-               f"kept){changed}")
+               f"kept){changed}; {openings} opening balance movements sent")
 
 
 @accounts.command("show")

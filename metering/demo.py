@@ -26,7 +26,7 @@ from metering.local_services import ensure_started, state_dir
 from metering.report import print_report
 from metering.simulate import produce_traffic
 from metering.storage.clickhouse_sink import ClickHouseSink
-from metering.wallet_ops import charge_fees
+from metering.wallet_ops import charge_fees, produce_openings
 from metering.workers.pipeline import Pipeline, Progress
 from rating.accounts import load_accounts
 from rating.catalog import load_catalog
@@ -90,9 +90,10 @@ def run_demo(*, seconds: float, rate: float, seed: int, metrics_port: int | None
     redis = connect(settings.redis_url)
     redis.flushdb()  # the demo's own database (DEMO_REDIS_DB): start from the example balances
     store = RedisWalletStore(redis)
-    store.import_accounts(accounts.values())
+    imported = store.import_wallets(accounts.values())
     delivery = kafka_io.DeliveryCheck()  # a refused movement leaves the queue too: not a success
     producer = kafka_io.make_producer(settings, on_delivery=delivery)
+    produce_openings(settings, producer, imported.openings)
     fees = charge_fees(settings, store, producer, catalog, datetime.now(UTC), echo)
     kafka_io.flush(producer, delivery=delivery)
     blocked_at_start = sum(1 for a in accounts if (store.wallet(a) or {}).get("blocked") == "1")

@@ -22,7 +22,7 @@ from rating.money import PICO_PER_MICRO, div_half_up, format_micros
 from rating.periods import period_start
 from rating.wallet import BALANCE_EVENTS
 from schemas.messages import MovementOut, WalletEventOut
-from wallet_debiter.redis_store import BalanceOutOfRange, RedisWalletStore
+from wallet_debiter.redis_store import BalanceOutOfRange, Opening, RedisWalletStore
 
 _encode = msgspec.json.Encoder().encode
 
@@ -62,6 +62,28 @@ def apply_credit(settings: Settings, store: RedisWalletStore, producer: Any, acc
                 WalletEventOut(type=name, account_id=account_id, event_id=movement.movement_id,
                                balance=format_micros(record.balance), at=record.at)), headers=[OPERATOR_HEADER])
     return CreditApplied(record.balance, kind, micros, replayed, record.bits)
+
+
+OPENING_REFERENCE = "opening"
+
+
+def produce_openings(settings: Settings, producer: Any, openings: list[Opening]) -> int:
+    """Each wallet's opening balance as an `adjustment` movement (reference `opening`, seq 0,
+    at the time its first import created it), so that a wallet's movements add up to its
+    balance. Taken from Redis on every import, so a re-run re-sends the same movements (an
+    import that died before producing them loses nothing; ClickHouse replaces the rows).
+    A wallet opened at 0 has no such movement: nothing changed. Returns how many were sent
+    (the caller flushes the producer)."""
+    sent = 0
+    for o in openings:
+        if o.balance == 0:
+            continue
+        movement = MovementOut(movement_id=f"opening:{o.account_id}", account_id=o.account_id, at=o.at,
+                               type="adjustment", amount=format_micros(o.balance),
+                               balance_after=format_micros(o.balance), reference=OPENING_REFERENCE, seq=0)
+        producer.produce(settings.topics.movements, key=o.account_id.encode(), value=_encode(movement))
+        sent += 1
+    return sent
 
 
 class FeesCharged(NamedTuple):

@@ -283,11 +283,16 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
     assert "reference 'pay-1' was already used for a credit of 5.000000: nothing changed" in replay.stderr
 
     settings = Settings.from_env(env)
-    moves = [json.loads(m.value() or b"") for m in read_topic(ep.kafka_bootstrap, settings.topics.movements,
-                                                         lambda ms: len(ms) >= 2)]
+    opening, *moves = [json.loads(m.value() or b"") for m in read_topic(
+        ep.kafka_bootstrap, settings.topics.movements, lambda ms: len(ms) >= 3)]
     events = [json.loads(m.value() or b"") for m in read_topic(ep.kafka_bootstrap, settings.topics.wallet_events,
                                                           lambda ms: len(ms) >= 2)]
     assert len(moves) == 2 and len(events) == 2
+    # the import's: the wallet's opening balance (below 0 here), before the credit
+    assert {k: opening[k] for k in ("movement_id", "type", "amount", "balance_after", "reference", "seq")} == {
+        "movement_id": f"opening:{account}", "type": "adjustment", "amount": "-1.000000",
+        "balance_after": "-1.000000", "reference": "opening", "seq": 0}
+    assert opening["at"] <= moves[0]["at"]
     assert moves[0] == moves[1]  # the replay re-sent the very same movement, `at` included
     assert events[0] == events[1] and events[0]["type"] == "unblocked"
     assert events[0]["at"] == moves[0]["at"]
@@ -304,19 +309,22 @@ def test_replayed_credit_re_emits_with_the_original_at_and_clickhouse_counts_it_
         ev = client.query("SELECT type, event_id, toUnixTimestamp64Milli(at) FROM metering.wallet_events FINAL "
                           "WHERE account_id = {a:String}", parameters={"a": account}).result_rows
         mv = client.query("SELECT movement_id, toUnixTimestamp64Milli(at), toInt64(amount * 1000000) "
-                          "FROM metering.wallet_movements FINAL WHERE account_id = {a:String}",
+                          "FROM metering.wallet_movements FINAL WHERE account_id = {a:String} ORDER BY seq",
                           parameters={"a": account}).result_rows
     finally:
         client.close()
     at_ms = to_ms(at)
+    opened_ms = to_ms(datetime.fromisoformat(opening["at"]))
     assert ev == [("unblocked", f"credit:{account}:pay-1", at_ms)]
-    assert mv == [(f"credit:{account}:pay-1", at_ms, 5_000_000)]
+    assert mv == [(f"opening:{account}", opened_ms, -1_000_000), (f"credit:{account}:pay-1", at_ms, 5_000_000)]
 
     # and the export shows it once
-    day = at.date().isoformat()
+    day = datetime.fromisoformat(opening["at"]).date().isoformat()  # (the import may be before midnight)
     csv_text = metering("movements", "export", account, "--from", day, "--to", (at.date() + timedelta(days=1)).isoformat())
     assert list(csv.reader(io.StringIO(csv_text, newline=""))) == [
-        HEADER, ["1", f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
+        HEADER,
+        ["0", f"opening:{account}", account, format_at(opened_ms), "adjustment", "-1.000000", "-1.000000", "opening"],
+        ["1", f"credit:{account}:pay-1", account, format_at(at_ms), "credit", "5.000000", "4.000000", "pay-1"]]
     # a negative adjustment needs no `--` before its amount; one of 0 is refused
     assert "balance 3.500000" in metering("accounts", "credit", account, "-0.50", "--type", "adjustment",
                                           "--reference", "adj-1")

@@ -105,7 +105,38 @@ def test_run_until_idle_waits_for_operator_movements(op: dict[str, str], tmp_pat
     account = op["ACCOUNT"]
     _cli(op, "accounts", "credit", account, "3.00", "--reference", "pay-idle")
     _cli(op, "run", "--until-idle", "0.5")
-    assert _movements(op, account) == [("credit", "3", "pay-idle")]
+    assert _movements(op, account) == [("adjustment", "10", "opening"), ("credit", "3", "pay-idle")]
+
+
+def test_import_sends_each_opening_balance_once_as_a_movement_and_a_rerun_resends_it(op: dict[str, str],
+                                                                                    tmp_path: Path) -> None:
+    """A wallet's movements did not add up to its balance: the balance its first import gave it
+    was in no movement. Now the import sends it as an `adjustment` (reference `opening`, seq 0,
+    at the wallet's creation) from what Redis kept, so an import whose movements Kafka refused
+    (topics of a prefix never set up: exit 1) sends them when run again, and a re-import of a
+    wallet sends the same movement (one row). A wallet opened at 0 has none."""
+    account = op["ACCOUNT"]
+    zero = f"{account}-zero"
+    path = tmp_path / "more.yaml"
+    path.write_text(
+        f'accounts:\n  - {{id: "{zero}", plan: "starter", home_country: "US", billing: "postpaid", '
+        'balance: "0", period_anchor_day: 1, auto_topup: null, low_balance_alert: null, credit_limit: null}\n'
+        f'  - {{id: "{account}-new", plan: "starter", home_country: "US", billing: "prepaid", '
+        'balance: "7.25", period_anchor_day: 1, auto_topup: null, low_balance_alert: null, credit_limit: null}\n')
+    bare = {**op, "METERING_TOPIC_PREFIX": f"bare{uuid.uuid4().hex[:8]}.", "METERING_CLICKHOUSE_DSN":
+            op["METERING_CLICKHOUSE_DSN"] + "-bare"}
+    last = _cli(bare, "accounts", "import", str(path), code=1).stderr.strip().splitlines()[-1]
+    assert last.startswith("error: accounts: 2 created, 0 updated in Redis") and "re-sends the 1 opening" in last, last
+    out = _cli(op, "accounts", "import", str(path)).stdout
+    assert "0 created, 2 updated" in out and "1 opening balance movements sent" in out, out
+    _cli(op, "accounts", "import", str(tmp_path / "accounts.yaml"))  # the fixture's account, again
+    _cli(op, "accounts", "credit", account, "-1.50", "--type", "adjustment", "--reference", "adj-open")
+    _cli(op, "run", "--until-idle", "0.5")
+    assert _movements(op, f"{account}-new") == [("adjustment", "7.25", "opening")]
+    assert _movements(op, zero) == []
+    assert _movements(op, account) == [("adjustment", "10", "opening"), ("adjustment", "-1.5", "adj-open")]
+    store = RedisWalletStore(connect(op["METERING_REDIS_URL"]))
+    assert store.balances([account])[account] == 8_500_000  # = the sum of its movements
 
 
 def test_run_warns_at_start_about_accounts_on_plans_the_catalog_lacks(op: dict[str, str], tmp_path: Path) -> None:

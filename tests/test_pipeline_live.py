@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import clickhouse_connect
@@ -167,15 +168,22 @@ def _check_equal(env: dict[str, str], rater: Rater, rows: list, *,  # noqa: ANN0
     assert live_bal == offline_bal
     if ignore_balance_after:
         return
-    # Each wallet's movements, ordered by seq (the order Redis applied them in), are numbered
-    # 1..n and chain from the opening balance to the live one, whatever their CDR times.
+    # Each wallet's movements, ordered by seq (the order Redis applied them in), are its
+    # opening balance (seq 0, from `accounts import`; none at 0) then 1..n, and chain from 0 to
+    # the live balance, whatever their CDR times: the movements add up to the balance.
     chains: dict[str, list[tuple[int, int, int]]] = {}
     for account, seq, amount, after in moves:
         chains.setdefault(account, []).append((seq, amount, after))
     assert chains, "no movements in ClickHouse"
+    opened = {a for a, acc in rater.accounts.items() if acc.balance != 0}
+    assert opened <= set(chains), "accounts without their opening movement"
     for account, chain in chains.items():
-        assert [seq for seq, _, _ in chain] == list(range(1, len(chain) + 1)), account
-        balance = rater.accounts[account].balance
+        opening = rater.accounts[account].balance
+        if opening != 0:
+            assert chain[0] == (0, opening, opening), account
+        first = 0 if opening != 0 else 1
+        assert [seq for seq, _, _ in chain] == list(range(first, first + len(chain))), account
+        balance = 0
         for _, amount, after in chain:
             balance += amount
             assert after == balance, account
@@ -703,10 +711,12 @@ def test_metrics_health_then_operator_credit_unblocks_and_lands_in_clickhouse(li
     client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
     try:
         moves = client.query("SELECT type, toInt64(amount * 1000000), reference FROM metering.wallet_movements FINAL "
-                             f"WHERE account_id = '{account}' AND type != 'debit'").result_rows
+                             f"WHERE account_id = '{account}' AND type != 'debit' ORDER BY seq").result_rows
     finally:
         client.close()
-    assert moves == [("credit", 1_000_000_000, "pay-1")]
+    opening = next(Decimal(a["balance"]) for a in yaml.safe_load(ACCOUNTS.read_text())["accounts"]
+                   if a["id"] == account)  # the import's movement
+    assert moves == [("adjustment", int(opening * 1_000_000), "opening"), ("credit", 1_000_000_000, "pay-1")]
     client = clickhouse_connect.get_client(dsn=env["METERING_CLICKHOUSE_DSN"])
     try:  # the credit's `unblocked` reached ClickHouse too (before: Kafka only, in run mode)
         unblocked = client.query("SELECT event_id FROM metering.wallet_events FINAL "

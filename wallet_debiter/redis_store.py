@@ -5,7 +5,8 @@ Redis Cluster slot and a Lua script may touch them together:
 
   w:{A}  hash  wallet: balance (micros), billing, blocked 0/1, topup_pending 0/1,
                topup_threshold, topup_amount, low_balance_alert, credit_limit (micros or ""),
-               plan, home_country, period_anchor_day  -- the dialer reads this in one HMGET
+               plan, home_country, period_anchor_day  -- the dialer reads this in one HMGET;
+               opening_balance, opened_at_ms (written once, when an import creates the wallet)
   u:{A}  hash  allowance used: "package|period_start" -> seconds
   d:{A}  hash  dedupe: event_id -> "fingerprint|source|balance_after|bits|covered|charge|fue|thr"
   h:{A}  hash  reservation holds (dialer): reservation_id -> JSON hold
@@ -175,11 +176,24 @@ class CreditRecord(NamedTuple):
     seq: int = 0  # the wallet's balance-change number (0: recorded by an older version)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Opening(NamedTuple):
+    """A wallet's opening balance, as its first import wrote it (Redis's clock)."""
+
+    account_id: str
+    balance: int  # micros
+    at: datetime  # to the millisecond
+
+
 @dataclasses.dataclass(slots=True)
 class ImportResult:
     new: int = 0
     updated: int = 0
     block_changes: list[BlockChange] = dataclasses.field(default_factory=list)
+    # every imported wallet's opening (new or not; none for wallets opened before it was kept)
+    openings: list[Opening] = dataclasses.field(default_factory=list)
 
 
 class RedisWalletStore:
@@ -515,7 +529,10 @@ class RedisWalletStore:
             replies = [script(keys=keys, args=[arg]) for keys, arg in calls]
         result = ImportResult()
         for chunk, reply in zip(chunks, replies, strict=True):
-            for a, (is_new, bits, balance) in zip(chunk, self._unpack(reply), strict=True):
+            for a, (is_new, bits, balance, opening, opened_ms) in zip(chunk, self._unpack(reply), strict=True):
+                if opening is not False:
+                    result.openings.append(Opening(a.account_id, int(opening),
+                                                   _EPOCH + timedelta(milliseconds=int(opened_ms))))
                 if is_new:
                     result.new += 1
                     continue
@@ -617,7 +634,7 @@ class RedisWalletStore:
             return None
         parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
         balance, bits, at_ms = int(parts[0]), int(parts[1]), int(parts[2])
-        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=at_ms)
+        at = _EPOCH + timedelta(milliseconds=at_ms)
         if len(parts) < 5:  # written before amount and type were recorded
             return CreditRecord(balance, bits, at, None, None)
         return CreditRecord(balance, bits, at, int(parts[3]), parts[4], int(parts[5]) if len(parts) > 5 else 0)
