@@ -119,6 +119,9 @@ def make_consumer(settings: Settings, group: str, topics: Sequence[str],
         "partition.assignment.strategy": "cooperative-sticky",
         "max.poll.interval.ms": 300000,
         "session.timeout.ms": 10000,  # a killed owner's partitions move on within ~10 s
+        # Partitions added to a topic are found on the next metadata refresh (librdkafka's
+        # default: every 5 min, and their records waited that long); one small request per 10 s
+        "topic.metadata.refresh.interval.ms": 10000,
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
         "enable.metrics.push": False,

@@ -23,6 +23,7 @@ import clickhouse_connect
 import pytest
 import yaml
 from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions
 from prometheus_client import REGISTRY
 
 from metering import kafka_io
@@ -131,13 +132,17 @@ def _read(settings: Settings, topic: str, done: Callable[[list[Message]], bool],
     return read_topic(settings.kafka_bootstrap, topic, done, timeout_s)
 
 
-def _offline(count: int, seed: int, dup: float, bad: float, now: datetime):  # noqa: ANN202
+def _offline(count: int, seed: int, dup: float, bad: float, now: datetime, *,  # noqa: ANN202
+             then: tuple[int, int] | None = None):
+    """`metering rate` of the seeded stream (and, with `then` = (count, seed), of a second one
+    produced after it) in one rater: (rater, rows)."""
     cat = load_catalog(CATALOG)
     accs = load_accounts(ACCOUNTS, cat)
     rater = Rater(cat, accs, MemoryWalletStore(accs))
-    events = list(generate_events(load_catalog_dict(CATALOG), load_accounts_list(ACCOUNTS), count=count,
-                                  seed=seed, start=now.replace(hour=0), duplicate_rate=dup,
-                                  malformed_rate=bad, now=now))
+    events = []
+    for n, s in [(count, seed), *([then] if then else [])]:
+        events += generate_events(load_catalog_dict(CATALOG), load_accounts_list(ACCOUNTS), count=n, seed=s,
+                                  start=now.replace(hour=0), duplicate_rate=dup, malformed_rate=bad, now=now)
     rows = []
     for i in range(0, len(events), 5000):
         rows += rater.rate_batch([(v, f"x:{i + n}") for n, (_, v) in enumerate(events[i:i + 5000])], now).rows
@@ -564,6 +569,41 @@ def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
     while _group_offsets(settings) < n:
         assert time.monotonic() < deadline, f"pipeline did not commit {n} messages in {timeout_s} s"
         time.sleep(0.5)
+
+
+def test_partitions_added_to_a_drained_topic_are_picked_up_by_the_running_pipeline(live: dict[str, str]) -> None:
+    """The README's way to add partitions (drained: lag 0, then `--alter --partitions`), done
+    under a running `metering run`: the events a fresh producer then sends to the new
+    partitions are settled within seconds, and the end state equals `metering rate` of both
+    streams in order (nothing lost, nothing charged twice)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    settings = Settings.from_env(live)
+    topic = settings.topics.events
+    start = now.replace(hour=0)
+    produce_traffic(settings, count=4_000, seed=61, duplicate_rate=0.05, malformed_rate=0.01, start=start)
+    rater, rows = _offline(4_000, 61, 0.05, 0.01, now, then=(4_000, 62))
+    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run"], env=live, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = sum(kafka_io.end_offsets(settings, topic).values())
+        _wait_committed(settings, first)
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        admin.create_partitions([NewPartitions(topic, 8)])[topic].result(timeout=30)
+        added = time.monotonic()
+        produce_traffic(settings, count=4_000, seed=62, duplicate_rate=0.05, malformed_rate=0.01, start=start)
+        ends = kafka_io.end_offsets(settings, topic)
+        assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends  # the new ones took events
+        _wait_committed(settings, sum(ends.values()), timeout_s=120)
+        took = time.monotonic() - added
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    print(f"events on the added partitions settled {took:.1f} s after they were added")
+    _check_equal(live, rater, rows)
 
 
 def test_catalog_reloaded_without_restart_and_a_bad_one_refused(live: dict[str, str], tmp_path: Path) -> None:
