@@ -84,16 +84,25 @@ def _run(env: dict[str, str], **extra: str) -> int:
 
 
 @contextlib.contextmanager
-def _running(env: dict[str, str], idle_s: str = "3") -> Iterator[subprocess.Popen[str]]:
-    """`metering run` in the background while the test acts on the stack; killed if left over."""
-    proc = subprocess.Popen([*RUN, idle_s], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _running(env: dict[str, str], idle_s: str | None = "3") -> Iterator[subprocess.Popen[str]]:
+    """`metering run` in the background while the test acts on the stack (idle_s None: no idle
+    exit, stopped by `_stopped`); killed if left over."""
+    cmd = [*RUN, idle_s] if idle_s is not None else RUN[:-1]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _stopped(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM a background run, which must stop cleanly; returns its stderr (JSON logs)."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    return err
 
 
 def _finished(proc: subprocess.Popen[str]) -> str:
@@ -582,9 +591,7 @@ def test_partitions_added_to_a_drained_topic_are_picked_up_by_the_running_pipeli
     start = now.replace(hour=0)
     produce_traffic(settings, count=4_000, seed=61, duplicate_rate=0.05, malformed_rate=0.01, start=start)
     rater, rows = _offline(4_000, 61, 0.05, 0.01, now, then=(4_000, 62))
-    proc = subprocess.Popen([sys.executable, "-m", "metering.cli", "run"], env=live, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _running(live, idle_s=None) as proc:
         first = sum(kafka_io.end_offsets(settings, topic).values())
         _wait_committed(settings, first)
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
@@ -595,13 +602,7 @@ def test_partitions_added_to_a_drained_topic_are_picked_up_by_the_running_pipeli
         assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends  # the new ones took events
         _wait_committed(settings, sum(ends.values()), timeout_s=120)
         took = time.monotonic() - added
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
+        _stopped(proc)
     print(f"events on the added partitions settled {took:.1f} s after they were added")
     _check_equal(live, rater, rows)
 
