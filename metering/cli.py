@@ -629,7 +629,8 @@ def movements_export(account_id: str, start: datetime, end: datetime, out_path: 
     order Redis applied them: each balance_after is the previous line's plus its amount where
     seq has no gap, also after a CDR that arrived late; a range selects rows by `at`, so a
     movement applied in between with its `at` outside the range leaves a gap in seq, and the
-    chain resumes there (rows written before seq existed, seq 0, come first).
+    chain resumes there (seq 0 rows come first: the opening balance from `accounts import`,
+    and rows written before seq existed).
     --from is inclusive and --to exclusive on `at`: --from 2026-11-01 --to 2026-12-01 is all
     of November (UTC). A debit's `at` is its usage event's own time, a credit's the time it
     was applied.

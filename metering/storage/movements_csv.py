@@ -15,7 +15,9 @@ without a gap, even when CDRs arrived late and their ``at`` is earlier. Rows are
 whose call falls outside the range, or a credit applied after the range's end while the CDRs
 before it arrived): ``seq`` then skips, and the chain resumes from that line's own
 ``balance_after - amount``. The whole history (a range covering every ``at``) chains end to end.
-Rows written before seq existed (seq 0) come first, by ``at`` then ``movement_id``.
+Rows of seq 0 come first, by ``at`` then ``movement_id``: the wallet's opening balance (an
+``adjustment`` with reference ``opening``, sent by ``accounts import``) and rows written before
+seq existed.
 """
 
 from __future__ import annotations
