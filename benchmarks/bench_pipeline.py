@@ -19,7 +19,11 @@ Produce-to-queryable latency of an event = the moment its batch's ClickHouse ins
 minus its Kafka CreateTime (stamped by librdkafka at produce()): `Progress.last_latencies`.
 If the producer could not keep up with `--rate`, the achieved rate says so.
 Both phases end with a check that ClickHouse holds exactly the expected rated rows (the
-generator's labels), so the benchmark never times a no-op.
+generator's labels), so the benchmark never times a no-op, and print a CPU budget
+(benchmarks/cpu_budget.py): microseconds of CPU per event of each component (this process's
+Python, librdkafka and chDB threads, Redis, the local broker, phase 2's producer process)
+from the phase's start to its last batch, their sum, and the events/s this box's cores could
+carry at that cost: the ceiling of any throughput target here.
 
 Isolation: fresh topics (unique METERING_TOPIC_PREFIX / METERING_GROUP_PREFIX, deleted at
 the end unless --keep-topics), Redis database `--redis-db` (default 15, which the tests
@@ -42,6 +46,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,11 +60,12 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench_pipeline.py` from anyw
     sys.path.insert(0, str(ROOT))
 
 from bench_rating import accounts_10k  # noqa: E402 - the same 10 k accounts as the rating benchmark
+from cpu_budget import Snapshot, local_kafka_pid, per_event_us, report_lines, snapshot  # noqa: E402
 
 from metering import kafka_io  # noqa: E402
 from metering.config import Settings  # noqa: E402
 from metering.gc_tuning import tune_for_batches  # noqa: E402
-from metering.local_services import ensure_started  # noqa: E402
+from metering.local_services import ensure_started, state_dir  # noqa: E402
 from metering.storage.clickhouse_sink import ClickHouseSink  # noqa: E402
 from metering.traffic import generate_labeled_events, load_accounts_list, load_catalog_dict  # noqa: E402
 from metering.workers.pipeline import Pipeline, Progress  # noqa: E402
@@ -195,12 +201,21 @@ class PipelineRun:
         self.latencies: list[float] = []
         self.error: BaseException | None = None
         self.cpu: tuple[float, float] = (0.0, 0.0)
+        # CPU snapshots (cpu_budget): before the phase starts (phase 1: before the pipeline joins
+        # its group; phase 2: when the producer is told to go) and at the batch that reaches
+        # `target`, while the pipeline's threads are alive (an ended thread's CPU is no longer
+        # listed per thread) and before the final ClickHouse checks
+        self.take_snapshot: Callable[[], Snapshot] | None = None
+        self.cpu_before: Snapshot | None = None
+        self.cpu_after: Snapshot | None = None
         self.thread = threading.Thread(target=self._run, name=f"pipeline-{label}", daemon=True)
 
     def _on_batch(self, p: Progress) -> None:
         self.marks.append((time.perf_counter(), p.consumed))
         self.latencies.extend(p.last_latencies)
         if self.target is not None and p.consumed >= self.target:
+            if self.take_snapshot is not None and self.cpu_after is None:
+                self.cpu_after = self.take_snapshot()
             self.pipeline.stop.set()
 
     def _run(self) -> None:
@@ -295,6 +310,7 @@ def paced_producer(conn: Any, settings: Settings, accounts_list: list[dict], cou
     conn.send(("ready", len(events)))
     conn.recv()  # go
     t0 = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     i, n = 0, len(events)
     worst_behind = 0.0
     while i < n:
@@ -312,7 +328,9 @@ def paced_producer(conn: Any, settings: Settings, accounts_list: list[dict], cou
     last = time.monotonic() - t0
     kafka_io.flush(producer)
     delivery.raise_if_failed()
-    conn.send(("done", {"produced": n, "produce_s": last, "acked_s": time.monotonic() - t0,
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    conn.send(("done", {"produced": n, "produce_s": last, "acked_s": time.monotonic() - t0, "cpu_s": cpu_s,
                         "worst_behind_s": worst_behind, "labels": dict(labels)}))
 
 
@@ -336,9 +354,15 @@ def phase1(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
     try:
         run = PipelineRun(settings, sink, "phase 1", profile=args.profile)
         run.target = args.count
+        redis = connect(settings.redis_url)
+        kafka_pid = local_kafka_pid(state_dir())
+        run.take_snapshot = lambda: snapshot(redis, kafka_pid)
+        run.cpu_before = run.take_snapshot()
         t0 = run.start()
         run.wait(timeout_s=args.timeout)
         p = run.pipeline.progress
+        budget = per_event_us(run.cpu_before, run.cpu_after or run.take_snapshot(), p.consumed)
+        redis.close()
         ch = clickhouse_counts(sink)
     finally:
         sink.close()
@@ -351,6 +375,7 @@ def phase1(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
                      "duplicates": p.duplicates, "batches": p.batches,
                      "events_per_s": sustained, "wall_s": marks[-1][0] - t0 if marks else 0.0,
                      "cpu_user_s": run.cpu[0], "cpu_sys_s": run.cpu[1]},
+        "cpu_budget": budget,
         "ratio": sustained / bare["events_per_s"] if bare["events_per_s"] else 0.0,
         "expected": want, "clickhouse": ch,
         "check_ok": ch["rated_rows"] == want["rated"] == p.rated and ch["rejected_rows"] == want["rejected"],
@@ -376,6 +401,10 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         kind, n = parent.recv()
         assert kind == "ready" and n == count, (kind, n)
         err(f"phase 2: pipeline assigned; producing {args.rate:,.0f} events/s for {args.seconds:g} s")
+        redis = connect(settings.redis_url)
+        kafka_pid = local_kafka_pid(state_dir())
+        run.take_snapshot = lambda: snapshot(redis, kafka_pid)
+        run.cpu_before = run.take_snapshot()
         parent.send("go")
         t_go = time.perf_counter()
         done: dict[str, Any] = {}
@@ -393,6 +422,9 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         watcher.join(30)
         proc.join(30)
         p = run.pipeline.progress
+        budget = per_event_us(run.cpu_before, run.cpu_after or run.take_snapshot(), p.consumed,
+                              extra={"load generator (producer process)": done.get("cpu_s", 0.0)})
+        redis.close()
         ch = clickhouse_counts(sink)
     finally:
         sink.close()
@@ -409,6 +441,7 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         "pipeline": {"consumed": p.consumed, "rated": p.rated, "batches": p.batches,
                      "mean_batch": p.consumed / max(p.batches, 1),
                      "cpu_user_s": run.cpu[0], "cpu_sys_s": run.cpu[1]},
+        "cpu_budget": budget,
         "latency_s": {"n": len(lat), "p50": pct(lat, 0.50), "p95": pct(lat, 0.95), "p99": pct(lat, 0.99),
                       "max": lat[-1] if lat else float("nan")},
         "expected": want, "clickhouse": ch,
@@ -440,6 +473,7 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, meta: dict[str,
             f"  ClickHouse rated / rejected rows             {r1['clickhouse']['rated_rows']:>10,} / "
             f"{r1['clickhouse']['rejected_rows']:,} (expected {r1['expected']['rated']:,} / "
             f"{r1['expected']['rejected']:,}) {'OK' if r1['check_ok'] else 'MISMATCH'}",
+            *report_lines(r1["cpu_budget"], "the pipeline ran"),
             "",
         ]
     if r2:
@@ -457,6 +491,7 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, meta: dict[str,
             f"  ClickHouse rated / rejected rows             {r2['clickhouse']['rated_rows']:>10,} / "
             f"{r2['clickhouse']['rejected_rows']:,} (expected {r2['expected']['rated']:,} / "
             f"{r2['expected']['rejected']:,}) {'OK' if r2['check_ok'] else 'MISMATCH'}",
+            *report_lines(r2["cpu_budget"], "the producer sent and the pipeline ran"),
             "",
         ]
     out.append("Targets (issue)")
