@@ -376,6 +376,31 @@ def update_lag(consumer: Consumer, stage: str, every_s: float, state: dict[str, 
     return lags
 
 
+def unassigned_backlog(consumer: Consumer, topics: Sequence[str], timeout_s: float = 5.0) -> dict[str, int]:
+    """Records waiting in partitions of `topics` that `consumer` is not assigned, counted from
+    its group's committed offsets (from the start where none is committed): partitions added to
+    a topic since the last metadata refresh (assigned only after the next one), or owned by
+    another member that has not read them yet. Asks the broker for fresh metadata, which also
+    lets librdkafka see added partitions now. {"topic:partition": records} of those with any."""
+    assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+    others: list[TopicPartition] = []
+    for topic in topics:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            continue
+        others += [TopicPartition(topic, p) for p in sorted(meta.partitions) if (topic, p) not in assigned]
+    if not others:
+        return {}
+    waiting: dict[str, int] = {}
+    for tp in consumer.committed(others, timeout=timeout_s):
+        lo, hi = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s,
+                                                cached=False)
+        start = tp.offset if tp.offset >= 0 else lo
+        if hi > start:
+            waiting[f"{tp.topic}:{tp.partition}"] = hi - start
+    return waiting
+
+
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Log-end offset per partition of `topic` (for progress and tests)."""
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "metering-probe",

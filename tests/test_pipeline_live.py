@@ -617,6 +617,33 @@ def test_partitions_added_to_a_drained_topic_are_picked_up_by_the_running_pipeli
     _check_equal(live, rater, rows)
 
 
+def test_until_idle_does_not_exit_while_added_partitions_wait_unassigned(live: dict[str, str]) -> None:
+    """`run --until-idle` on a drained topic: partitions are added and a fresh producer sends
+    to all 8. The running consumer learns of the new partitions only at a metadata refresh
+    (every 10 s), later than its idle exit (1 s after the last record of partitions 0-3): it
+    must not exit while records wait in partitions it is not assigned yet. It used to, leaving
+    them unread until the next run."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    settings = Settings.from_env(live)
+    topic = settings.topics.events
+    start = now.replace(hour=0)
+    produce_traffic(settings, count=4_000, seed=81, duplicate_rate=0.05, malformed_rate=0.01, start=start)
+    rater, rows = _offline(4_000, 81, 0.05, 0.01, now, then=(4_000, 82))
+    with _running(live, idle_s="1") as proc:
+        _wait_committed(settings, sum(kafka_io.end_offsets(settings, topic).values()))
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        admin.create_partitions([NewPartitions(topic, 8)])[topic].result(timeout=30)
+        produce_traffic(settings, count=4_000, seed=82, duplicate_rate=0.05, malformed_rate=0.01, start=start)
+        ends = kafka_io.end_offsets(settings, topic)
+        assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends
+        err = _finished(proc)  # exits on its own once idle
+    assert _group_offsets(settings) == sum(ends.values()), (_group_offsets(settings), ends)
+    _check_equal(live, rater, rows)
+    waited = [json.loads(line) for line in err.splitlines() if "not assigned here" in line]
+    print(f"idle exit waited {len(waited)} time(s) for unassigned partitions: "
+          f"{[w.get('partitions') for w in waited]}")
+
+
 def test_partitions_added_under_traffic_rate_every_event_once(live: dict[str, str]) -> None:
     """Partitions added while records still flow (not drained, against the README's advice):
     a producer started after it sends some accounts' records to the new partitions while their

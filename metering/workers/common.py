@@ -29,7 +29,7 @@ from tenacity.stop import stop_base
 
 from metering import metrics
 from metering.config import Settings
-from metering.kafka_io import next_offsets
+from metering.kafka_io import next_offsets, unassigned_backlog
 from metering.logs import log
 from rating.accounts import Account
 from rating.catalog import Catalog, CatalogError, load_catalog
@@ -356,6 +356,26 @@ def give_up_unassigned(assigned: bool, idle_s: float, max_idle_s: float, *, grou
             f"kafka {bootstrap}: no partition of {topic} assigned to group {group} for {idle_s:.0f} s "
             "(Kafka unreachable, topics not created by `metering setup`, or other members own them all); "
             "--until-idle gives up")
+
+
+def waiting_unassigned(consumer: Any, topics: Sequence[str], stage: str, shown: list[str]) -> bool:
+    """For an `--until-idle` exit, once this member's own partitions are caught up: whether
+    records still wait in partitions of `topics` it is not assigned (added to the topic since
+    the last metadata refresh, or another member's not read yet), so it must not exit yet.
+    Logs the partitions each time they change (`shown` keeps the last ones logged); a failed
+    check counts as waiting."""
+    try:
+        waiting = unassigned_backlog(consumer, topics)
+    except KafkaException as exc:
+        log(LOG, logging.WARNING, "idle check of unassigned partitions failed; not exiting yet", stage=stage,
+            error=str(exc))
+        return True
+    if waiting and sorted(waiting) != shown:
+        log(LOG, logging.INFO, "caught up, but records wait in partitions not assigned here (added to the "
+            "topic, assigned after the next metadata refresh, or another member's): not exiting yet",
+            stage=stage, partitions=waiting)
+    shown[:] = sorted(waiting)
+    return bool(waiting)
 
 
 class RedisLostWrites(RuntimeError):

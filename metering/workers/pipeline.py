@@ -61,6 +61,7 @@ from metering.workers.common import (
     produce_rejected,
     produce_wallet_events,
     rejected_rows_for_sink,
+    waiting_unassigned,
     warn_missing_plans,
     with_retry,
 )
@@ -311,6 +312,8 @@ class Pipeline:
             accounts=len(self.rater.accounts), kafka=s.kafka_bootstrap, redis=s.redis_url,
             clickhouse=s.clickhouse_dsn)
         reason = "signal"
+        shown: list[str] = []  # partitions not assigned here that the idle exit waits for (logged)
+        shown_movements: list[str] = []
         try:
             while not self.stop.is_set():
                 self.writer.check()
@@ -336,8 +339,11 @@ class Pipeline:
                     # operator movements too (credits, fees): read means handed to the writer,
                     # which drain() above has finished
                     moves = kafka_io.update_lag(self.movements, "movements", 0, self._movements_lag, cached=False)
-                    if lags and not any(lags.values()) and moves and not any(moves.values()):
-                        reason = "idle"  # both consumers assigned and caught up
+                    if (lags and not any(lags.values()) and moves and not any(moves.values())
+                            and not waiting_unassigned(self.consumer, [s.topics.events], "debit", shown)
+                            and not waiting_unassigned(self.movements, [s.topics.movements, s.topics.wallet_events],
+                                                       "movements", shown_movements)):
+                        reason = "idle"  # both consumers assigned and caught up, and nothing waits elsewhere
                         break
         except Stopping as exc:  # SIGTERM while Redis or ClickHouse was away
             log(LOG, logging.WARNING, "stopping with a batch not settled; it will be replayed", detail=str(exc))

@@ -47,6 +47,7 @@ from metering.workers.common import (
     give_up_unassigned,
     produce_rejected,
     produce_wallet_events,
+    waiting_unassigned,
     warn_missing_plans,
     with_retry,
 )
@@ -82,6 +83,7 @@ class _Worker:
             if on_revoke is not None:
                 on_revoke(consumer, partitions)
 
+        self.topics = list(topics)
         self.topics_read = ", ".join(topics)
         self.consumer = kafka_io.make_consumer(self.settings, self.stage, list(topics), on_assign=on_assign,
                                                on_revoke=revoked)
@@ -115,6 +117,7 @@ class _Worker:
     def run(self, *, max_idle_s: float | None = None) -> None:
         s = self.settings
         last = time.monotonic()
+        shown: list[str] = []  # partitions not assigned here that the idle exit waits for (logged)
         log(LOG, logging.INFO, "worker started", stage=self.stage)
         try:
             while not self.stop.is_set():
@@ -143,7 +146,8 @@ class _Worker:
                     give_up_unassigned(self.assigned, idle_s, max_idle_s, group=f"{s.group_prefix}-{self.stage}",
                                        topic=self.topics_read, bootstrap=s.kafka_bootstrap)
                     lags = kafka_io.update_lag(self.consumer, self.stage, 0, self._lag_state, cached=False)
-                    if lags and not any(lags.values()):  # assigned and caught up
+                    if lags and not any(lags.values()) and not waiting_unassigned(
+                            self.consumer, self.topics, self.stage, shown):  # assigned, caught up, nothing waits elsewhere
                         break
         except Stopping as exc:  # SIGTERM while Redis or ClickHouse was away
             log(LOG, logging.WARNING, "stopping with a batch not handled; it will be replayed",
