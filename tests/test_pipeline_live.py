@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import clickhouse_connect
 import pytest
@@ -590,31 +591,52 @@ def _wait_committed(settings: Settings, n: int, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
+class _Grown(NamedTuple):
+    settings: Settings
+    start: datetime
+    rater: Rater
+    rows: list[Any]  # metering rate's rows
+
+
+def _two_streams(live: dict[str, str], seed: int) -> _Grown:
+    """4 000 events (seed `seed`) on the 4-partition topic now, and `metering rate` of them
+    followed by the 4 000 of `seed + 1` that `_grow_to_8` sends later."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    settings = Settings.from_env(live)
+    start = now.replace(hour=0)
+    produce_traffic(settings, count=4_000, seed=seed, duplicate_rate=0.05, malformed_rate=0.01, start=start)
+    rater, rows = _offline(4_000, seed, 0.05, 0.01, now, then=(4_000, seed + 1))
+    return _Grown(settings, start, rater, rows)
+
+
+def _grow_to_8(g: _Grown, seed: int) -> tuple[dict[int, int], float]:
+    """Once the first stream is committed: usage.events 4 -> 8 partitions, then the second
+    stream from a fresh producer (which sees all 8). Returns the end offsets and when the
+    partitions were added (time.monotonic)."""
+    topic = g.settings.topics.events
+    _wait_committed(g.settings, sum(kafka_io.end_offsets(g.settings, topic).values()))
+    admin = AdminClient({"bootstrap.servers": g.settings.kafka_bootstrap})
+    admin.create_partitions([NewPartitions(topic, 8)])[topic].result(timeout=30)
+    added = time.monotonic()
+    produce_traffic(g.settings, count=4_000, seed=seed, duplicate_rate=0.05, malformed_rate=0.01, start=g.start)
+    ends = kafka_io.end_offsets(g.settings, topic)
+    assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends  # the new ones took events
+    return ends, added
+
+
 def test_partitions_added_to_a_drained_topic_are_picked_up_by_the_running_pipeline(live: dict[str, str]) -> None:
     """The README's way to add partitions (drained: lag 0, then `--alter --partitions`), done
     under a running `metering run`: the events a fresh producer then sends to the new
     partitions are settled within seconds, and the end state equals `metering rate` of both
     streams in order (nothing lost, nothing charged twice)."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    settings = Settings.from_env(live)
-    topic = settings.topics.events
-    start = now.replace(hour=0)
-    produce_traffic(settings, count=4_000, seed=61, duplicate_rate=0.05, malformed_rate=0.01, start=start)
-    rater, rows = _offline(4_000, 61, 0.05, 0.01, now, then=(4_000, 62))
+    g = _two_streams(live, 61)
     with _running(live, idle_s=None) as proc:
-        first = sum(kafka_io.end_offsets(settings, topic).values())
-        _wait_committed(settings, first)
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-        admin.create_partitions([NewPartitions(topic, 8)])[topic].result(timeout=30)
-        added = time.monotonic()
-        produce_traffic(settings, count=4_000, seed=62, duplicate_rate=0.05, malformed_rate=0.01, start=start)
-        ends = kafka_io.end_offsets(settings, topic)
-        assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends  # the new ones took events
-        _wait_committed(settings, sum(ends.values()), timeout_s=120)
+        ends, added = _grow_to_8(g, 62)
+        _wait_committed(g.settings, sum(ends.values()), timeout_s=120)
         took = time.monotonic() - added
         _stopped(proc)
     print(f"events on the added partitions settled {took:.1f} s after they were added")
-    _check_equal(live, rater, rows)
+    _check_equal(live, g.rater, g.rows)
 
 
 def test_until_idle_does_not_exit_while_added_partitions_wait_unassigned(live: dict[str, str]) -> None:
@@ -623,22 +645,12 @@ def test_until_idle_does_not_exit_while_added_partitions_wait_unassigned(live: d
     (every 10 s), later than its idle exit (1 s after the last record of partitions 0-3): it
     must not exit while records wait in partitions it is not assigned yet. It used to, leaving
     them unread until the next run."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    settings = Settings.from_env(live)
-    topic = settings.topics.events
-    start = now.replace(hour=0)
-    produce_traffic(settings, count=4_000, seed=81, duplicate_rate=0.05, malformed_rate=0.01, start=start)
-    rater, rows = _offline(4_000, 81, 0.05, 0.01, now, then=(4_000, 82))
+    g = _two_streams(live, 81)
     with _running(live, idle_s="1") as proc:
-        _wait_committed(settings, sum(kafka_io.end_offsets(settings, topic).values()))
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-        admin.create_partitions([NewPartitions(topic, 8)])[topic].result(timeout=30)
-        produce_traffic(settings, count=4_000, seed=82, duplicate_rate=0.05, malformed_rate=0.01, start=start)
-        ends = kafka_io.end_offsets(settings, topic)
-        assert len(ends) == 8 and sum(ends[p] for p in range(4, 8)) > 0, ends
+        ends, _ = _grow_to_8(g, 82)
         err = _finished(proc)  # exits on its own once idle
-    assert _group_offsets(settings) == sum(ends.values()), (_group_offsets(settings), ends)
-    _check_equal(live, rater, rows)
+    assert _group_offsets(g.settings) == sum(ends.values()), (_group_offsets(g.settings), ends)
+    _check_equal(live, g.rater, g.rows)
     waited = [json.loads(line) for line in err.splitlines() if "not assigned here" in line]
     print(f"idle exit waited {len(waited)} time(s) for unassigned partitions: "
           f"{[w.get('partitions') for w in waited]}")
