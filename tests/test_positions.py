@@ -161,6 +161,44 @@ def test_guard_replays_a_partition_whose_position_redis_lost_and_then_moves_on(c
     assert store.positions(TOPIC) == {0: 2, 1: 23} and guard.written == {0: 2, 1: 23}
 
 
+def test_guard_calls_a_wipe_a_wipe_when_the_batch_holds_only_partitions_it_has_not_written(
+        client: redis.Redis) -> None:
+    """Redis is wiped after this worker's first batch (partition 0 only). The next batch holds
+    only partition 1, which it has not written: no position to compare, so the apply meets
+    a missing wallet first. That is the wipe (exit 3, "restore it"), not a bare apply error;
+    nothing is written on top of the empty store. (Seen in CI when a wipe fell between such
+    batches: the worker exited 1 with "wallet apply failed: no wallet at w:{...}".)"""
+    from metering.workers.common import PositionGuard, RedisLostWrites
+
+    store = RedisWalletStore(client)
+    rater = _rater(store)
+    guard = PositionGuard(store, TOPIC)
+    first = guard.settle(_Seeks(), [_Msg(0, 0)], lambda: rater.rate_batch([(_call("e1"), "0:0")], NOW), "debit")
+    assert first is not None and first.rows[0][2] == "rated" and guard.written == {0: 1}
+
+    client.flushdb()
+    with pytest.raises(RedisLostWrites, match="it was wiped; restore it before restarting"):
+        guard.settle(_Seeks(), [_Msg(1, 0)], lambda: rater.rate_batch([(_call("e2"), "1:0")], NOW), "debit")
+    assert client.dbsize() == 0
+
+
+def test_a_missing_wallet_on_a_store_that_kept_its_positions_is_not_called_a_wipe(client: redis.Redis) -> None:
+    """The same missing wallet while Redis still holds this worker's positions (one wallet
+    deleted by hand): the apply's own error, naming the wallet, not "wiped"."""
+    from metering.workers.common import PositionGuard
+    from wallet_debiter.redis_store import WalletApplyFailed, wallet_key
+
+    store = RedisWalletStore(client)
+    rater = _rater(store)
+    guard = PositionGuard(store, TOPIC)
+    assert guard.settle(_Seeks(), [_Msg(0, 0)], lambda: rater.rate_batch([(_call("e1"), "0:0")], NOW), "debit")
+    client.delete(wallet_key("acc-000002"))
+    with pytest.raises(WalletApplyFailed, match=r"no wallet at w:\{acc-000002\}"):
+        guard.settle(_Seeks(), [_Msg(1, 0)],
+                     lambda: rater.rate_batch([(_call("e2", "acc-000002"), "1:0")], NOW), "debit")
+    assert store.positions(TOPIC) == {0: 1}
+
+
 def test_guard_on_the_cluster_converges_after_one_master_lost_its_copy() -> None:
     """Cluster: each master holds its own copy of the positions. One master goes back (its
     copy reads 2 while the others read 4); the guard re-reads from there until every copy

@@ -362,7 +362,7 @@ class RedisWalletStore:
         if status == "lost":
             raise PositionsLost({int(p): int(held) for p, held in result[1]})
         if status != "ok":
-            raise RuntimeError(f"wallet apply failed: {result[1]}")
+            raise WalletApplyFailed(f"wallet apply failed: {result[1]}")
         self.positions_applied = self._bound is not None
         self._bound = None  # written: a later apply without bind_positions must not carry them
         return [(int(b), int(bits), int(seq)) for b, bits, seq in result[1]]
@@ -481,7 +481,7 @@ class RedisWalletStore:
             else:
                 errors.append(str(result[1]))
         if errors:
-            raise RuntimeError(f"wallet apply failed: {errors[0]} ({len(errors)} of {len(calls)} slot groups)")
+            raise WalletApplyFailed(f"wallet apply failed: {errors[0]} ({len(errors)} of {len(calls)} slot groups)")
         if stale:
             raise StaleSnapshot(f"{stale[0]} ({len(stale)} of {len(calls)} slot groups stale; the others applied)")
         return out
@@ -662,6 +662,11 @@ class BalanceOutOfRange(ValueError):
         super().__init__(f"{account_id}: a change of {format_micros(amount)} would take the balance beyond "
                          f"+-{format_micros(MAX_CHARGE_MICROS)}, the most a wallet holds exactly; nothing applied")
         self.account_id = account_id
+
+
+class WalletApplyFailed(RuntimeError):
+    """The apply script refused the batch for a reason no retry mends (a wallet it debits is
+    missing: deleted, or Redis wiped); nothing of the slot group it names was written."""
 
 
 class PositionsLost(RuntimeError):

@@ -37,7 +37,7 @@ from rating.engine import COL, Row
 from rating.money import format_micros, parse_micros
 from schemas.messages import MovementOut, WalletEventOut
 from schemas.records import Movement, WalletEvent
-from wallet_debiter.redis_store import PositionsLost
+from wallet_debiter.redis_store import PositionsLost, WalletApplyFailed
 
 LOG = logging.getLogger("metering.worker")
 T = TypeVar("T")
@@ -431,16 +431,25 @@ class PositionGuard:
         except PositionsLost as exc:
             self._replay(consumer, msgs, exc.held, stage, before_replay)
             return None
+        except WalletApplyFailed:
+            # A batch of partitions this worker has not written yet carries no positions to
+            # check, so a wipe shows up as a missing wallet instead: say what it is.
+            if self.written:
+                self._raise_if_wiped()
+            raise
         self.written.update(new)
         return result
 
-    def _replay(self, consumer: Any, msgs: Sequence[Message], held: dict[int, int], stage: str,
-                before_replay: Callable[[], None]) -> None:
-        if all(h < 0 for h in held.values()) and not with_retry(
-                lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT, metrics.REDIS_ERRORS,
-                stop=self.stop, on_wait=self.on_wait):
+    def _raise_if_wiped(self) -> None:
+        if not with_retry(lambda: self.store.positions(self.topic), "redis positions", REDIS_TRANSIENT,
+                          metrics.REDIS_ERRORS, stop=self.stop, on_wait=self.on_wait):
             raise RedisLostWrites(f"Redis holds no positions for {self.topic} although this worker wrote "
                                   f"{self.written}: it was wiped; restore it before restarting")
+
+    def _replay(self, consumer: Any, msgs: Sequence[Message], held: dict[int, int], stage: str,
+                before_replay: Callable[[], None]) -> None:
+        if all(h < 0 for h in held.values()):
+            self._raise_if_wiped()
         before_replay()
         self._seek_back(consumer, msgs, {p: max(h, 0) for p, h in held.items()}, stage)
         for p, h in held.items():
