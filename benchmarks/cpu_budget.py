@@ -18,7 +18,7 @@ Components (read from /proc and Redis's INFO, before and after the phase):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class Snapshot:
     redis: float | None
     kafka: float | None
     box: tuple[float, float]
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def snapshot(redis_client: Any, kafka_pid: int | None) -> Snapshot:
