@@ -78,6 +78,7 @@ CATALOG = ROOT / "deploy/examples/catalog.yaml"
 ACCOUNTS = ROOT / "deploy/examples/accounts.yaml"
 DUPLICATE_RATE = 0.01
 MALFORMED_RATE = 0.005
+PACE_TICK_S = 0.005  # the paced load generator sends in ticks of this length (see paced_producer)
 
 
 def err(text: str) -> None:
@@ -322,9 +323,10 @@ def paced_producer(conn: Any, settings: Settings, accounts_list: list[dict], cou
             kafka_io.produce(producer, topic, value, key.encode(), delivery)
             i += 1
         producer.poll(0)
-        ahead = i / rate - (time.monotonic() - t0)
-        if ahead > 0:
-            time.sleep(ahead)
+        # Sleep at least a tick: waking up for every event or two cost the load generator
+        # ~14 us of CPU per event at 20 k/s (on the cores the pipeline is measured on), ~4 us
+        # with 5 ms ticks (100 events each at 20 k/s; each event still stamped when produced).
+        time.sleep(max(i / rate - (time.monotonic() - t0), PACE_TICK_S))
     last = time.monotonic() - t0
     kafka_io.flush(producer)
     delivery.raise_if_failed()

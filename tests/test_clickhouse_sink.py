@@ -650,6 +650,24 @@ def test_ensure_schema_is_idempotent_and_database_configurable(tmp_path: Path) -
         ClickHouseSink("chdb://memory", database="x; DROP TABLE y")
 
 
+def test_embedded_engine_merges_less_eagerly_and_a_server_keeps_its_own_settings(sink: ClickHouseSink) -> None:
+    """chDB merges on the pipeline's cores: ensure_schema sets merge_selector_base on the tables
+    written every batch (and on nothing else); through an http:// DSN the tables keep the
+    server's settings."""
+    tuned = {
+        name: "merge_selector_base = 10" in engine
+        for name, engine in sink.client.query(
+            f"SELECT name, engine_full FROM system.tables WHERE database = '{sink.database}' "
+            "AND engine LIKE '%MergeTree'").result_rows
+    }
+    embedded = sink.dsn.startswith("chdb://")
+    assert tuned == {"rated_usage": embedded, "wallet_movements": embedded, "rejected_events": embedded,
+                     "wallet_events": embedded, "package_allowances": False}
+    sink.ensure_schema()  # idempotent: re-applied on every start
+    write_all(sink)
+    assert categories(sink) == EXPECTED_CATEGORIES
+
+
 def test_insert_rated_checks_lineage_lengths_and_skips_empty(sink: ClickHouseSink) -> None:
     with pytest.raises(ValueError):
         sink.insert_rated(dataset(), topic=TOPIC, partitions=[0], offsets=[0])
