@@ -232,7 +232,7 @@ class PipelineRun:
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
         finally:
-            if prof is not None:
+            if prof is not None and self.profile:
                 prof.disable()
                 prof.dump_stats(self.profile)
             end = resource.getrusage(resource.RUSAGE_THREAD)
@@ -353,10 +353,10 @@ def phase1(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
     bare = bare_consume(settings, args.count, args.batch_size)
     err(f"phase 1: bare {bare['events_per_s']:,.0f}/s; running the pipeline")
     sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+    redis = connect(settings.redis_url)  # for the CPU snapshots (INFO cpu)
     try:
         run = PipelineRun(settings, sink, "phase 1", profile=args.profile)
         run.target = args.count
-        redis = connect(settings.redis_url)
         kafka_pid = local_kafka_pid(state_dir())
         run.take_snapshot = lambda: snapshot(redis, kafka_pid)
         run.cpu_before = run.take_snapshot()
@@ -364,9 +364,9 @@ def phase1(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         run.wait(timeout_s=args.timeout)
         p = run.pipeline.progress
         budget = per_event_us(run.cpu_before, run.cpu_after or run.take_snapshot(), p.consumed)
-        redis.close()
         ch = clickhouse_counts(sink)
     finally:
+        redis.close()
         sink.close()
     marks = run.marks
     sustained = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 1 else 0.0
@@ -396,6 +396,7 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
                        daemon=True)
     proc.start()
     sink = ClickHouseSink(settings.clickhouse_dsn, settings.clickhouse_database)
+    redis = connect(settings.redis_url)  # for the CPU snapshots (INFO cpu)
     try:
         run = PipelineRun(settings, sink, "phase 2")
         run.start()
@@ -403,7 +404,6 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         kind, n = parent.recv()
         assert kind == "ready" and n == count, (kind, n)
         err(f"phase 2: pipeline assigned; producing {args.rate:,.0f} events/s for {args.seconds:g} s")
-        redis = connect(settings.redis_url)
         kafka_pid = local_kafka_pid(state_dir())
         run.take_snapshot = lambda: snapshot(redis, kafka_pid)
         run.cpu_before = run.take_snapshot()
@@ -426,9 +426,9 @@ def phase2(args: argparse.Namespace, run_id: str, chdb_dir: str, accounts_list: 
         p = run.pipeline.progress
         budget = per_event_us(run.cpu_before, run.cpu_after or run.take_snapshot(), p.consumed,
                               extra={"load generator (producer process)": done.get("cpu_s", 0.0)})
-        redis.close()
         ch = clickhouse_counts(sink)
     finally:
+        redis.close()
         sink.close()
         if proc.is_alive():
             proc.kill()
